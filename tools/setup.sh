@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Prepare a machine for vlab: system packages, then a virtual environment with the package.
+# Usage: tools/setup.sh lab|test   (test also installs Chromium for the browser tier)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile=${1:-lab}
+
+apt_packages=(nasm python3-venv)
+[ "$profile" = test ] && apt_packages+=(chromium gcc libc6-dev linux-libc-dev)
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# A Python that is not Debian's (pyenv, conda) brings its own venv module.
+if python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  missing=("${missing[@]/python3-venv}")
+fi
+missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "vlab setup: installing system packages: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "vlab setup: creating .venv"
+  python3 -m venv .venv
+fi
+extra=$([ "$profile" = test ] && echo test || echo lab)
+echo "vlab setup: installing vlab[$extra] into .venv"
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[$extra]"

@@ -1,0 +1,43 @@
+"""The kvm accelerator: `vlab.kvm` behind the accelerator interface (QEMU's `kvm-accel`)."""
+from __future__ import annotations
+
+from ..kvm import Kvm, VmFd
+from ..kvm.abi import KVM_MEM_READONLY
+
+
+class KvmVm:
+    """A VM fd plus the memory-slot bookkeeping QEMU's `kvm_set_phys_mem` does."""
+
+    def __init__(self, vm: VmFd):
+        self.vm = vm
+
+    def map_memory(self, region) -> None:
+        flags = KVM_MEM_READONLY if region.readonly else 0
+        self.vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address,
+                                       flags)
+
+    def create_vcpu(self, vcpu_id: int = 0):
+        return self.vm.create_vcpu(vcpu_id)
+
+    def __getattr__(self, name):  # the rest of the VM fd's ioctls (irqchip, PIT, stats...)
+        return getattr(self.vm, name)
+
+    def close(self) -> None:
+        self.vm.close()
+
+
+class KvmAccelerator:
+    name = "kvm"
+
+    def __init__(self, reason: str = "asked for kvm", path: str = "/dev/kvm"):
+        self.kvm = Kvm(path)
+        self.reason = reason
+
+    def create_vm(self) -> KvmVm:
+        return KvmVm(self.kvm.create_vm())
+
+    def get_supported_cpuid(self):
+        return self.kvm.get_supported_cpuid()
+
+    def close(self) -> None:
+        self.kvm.close()

@@ -1,0 +1,73 @@
+"""Conversions between cffi structs and vlab's plain values (state.py, dicts)."""
+from __future__ import annotations
+
+from .abi import ffi
+from .state import DTable, Regs, Segment, Sregs, SEGMENT_NAMES, field_names
+
+_REG_FIELDS = field_names(Regs)
+_SEG_FIELDS = field_names(Segment)
+
+
+def regs_from_c(c) -> Regs:
+    return Regs(*(getattr(c, name) for name in _REG_FIELDS))
+
+
+def regs_to_c(regs: Regs, c) -> None:
+    for name in _REG_FIELDS:
+        setattr(c, name, getattr(regs, name))
+
+
+def _segment_from_c(c) -> Segment:
+    return Segment(*(getattr(c, name) for name in _SEG_FIELDS))
+
+
+def sregs_from_c(c) -> Sregs:
+    return Sregs(
+        *(_segment_from_c(getattr(c, name)) for name in SEGMENT_NAMES),
+        gdt=DTable(c.gdt.base, c.gdt.limit), idt=DTable(c.idt.base, c.idt.limit),
+        cr0=c.cr0, cr2=c.cr2, cr3=c.cr3, cr4=c.cr4, cr8=c.cr8, efer=c.efer,
+        apic_base=c.apic_base, interrupt_bitmap=tuple(c.interrupt_bitmap))
+
+
+def sregs_to_c(sregs: Sregs, c) -> None:
+    for name in SEGMENT_NAMES:
+        segment, target = getattr(sregs, name), getattr(c, name)
+        for field in _SEG_FIELDS:
+            setattr(target, field, getattr(segment, field))
+    for name in ("gdt", "idt"):
+        table = getattr(sregs, name)
+        getattr(c, name).base, getattr(c, name).limit = table.base, table.limit
+    for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        setattr(c, name, getattr(sregs, name))
+    c.interrupt_bitmap = list(sregs.interrupt_bitmap)
+
+
+def to_python(c):
+    """A struct, array or integer as dicts, lists, bytes (for u8 arrays) and ints."""
+    if not isinstance(c, ffi.CData):
+        return c
+    ctype = ffi.typeof(c)
+    if ctype.kind == "struct" or ctype.kind == "union":
+        return {name: to_python(getattr(c, name)) for name, _ in ctype.fields if name != "padding"}
+    if ctype.kind == "array":
+        if ctype.item.cname in ("uint8_t", "char"):
+            return bytes(ffi.buffer(c))
+        return [to_python(item) for item in c]
+    return int(c)
+
+
+def from_python(value):
+    """The inverse of `to_python`, as an initializer `ffi.new` accepts."""
+    if isinstance(value, dict):
+        return {key: from_python(item) for key, item in value.items()}
+    if isinstance(value, (bytes, bytearray)):
+        return list(value)
+    if isinstance(value, (list, tuple)):
+        return [from_python(item) for item in value]
+    return value
+
+
+def flexible(struct: str, entry: str, count: int):
+    """Allocate a struct ending in a flexible array of `count` entries; zeroed."""
+    size = ffi.sizeof(struct) + count * ffi.sizeof(entry)
+    return ffi.from_buffer(f"{struct} *", bytearray(size))  # the cdata keeps its buffer alive
