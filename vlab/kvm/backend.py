@@ -23,6 +23,9 @@ _CAVEATS = {
         "(vendor, 0x80000001 with LM, KVM's 0x40000000 leaves) but returns the host's raw "
         "feature bits for leaves 1 and 7, whatever the table says",
         "single-step (KVM_SET_GUEST_DEBUG) steps over HLT without a HLT exit",
+        "32-bit paging (plain, PSE or PAE) is not supported: a guest that runs with CR0.PG "
+        "set outside long mode triple-faults (SHUTDOWN) at its first instruction; real mode, "
+        "unpaged protected mode and long mode work",
         "the vCPU stat io_exits stays 0 even when every exit is port I/O; count in userspace",
         "hardware details (VMX exit reasons, VMCS, FAIL_ENTRY reason codes) are not visible",
     ],
@@ -38,6 +41,10 @@ class Backend:
     @property
     def emulates_kernel_mode(self) -> bool:
         return self.module == "kvm_pvm"
+
+    @property
+    def runs_32bit_paging(self) -> bool:
+        return self.module != "kvm_pvm"
 
     @property
     def hardware(self) -> str:

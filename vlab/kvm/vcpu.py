@@ -6,6 +6,7 @@ import fcntl
 import mmap
 import os
 import signal
+import struct
 import threading
 import weakref
 
@@ -21,6 +22,8 @@ from .system import cpuid_entries_from_c, cpuid_to_c
 from .trace import _listeners, ioctl
 
 _RUN = int(Ioctl.RUN)
+_RIP = struct.Struct("<Q")
+_RIP_OFFSET = ffi.offsetof("struct kvm_run", "s") + ffi.offsetof("struct kvm_regs", "rip")
 _INTERRUPTED = (errno.EINTR, errno.EAGAIN)
 MAX_HW_BREAKPOINTS = 4
 
@@ -159,7 +162,8 @@ class VcpuFd:
 
     @property
     def synced_rip(self) -> int:
-        return self.kvm_run.s.regs.regs.rip
+        """RIP at the last exit, from kvm_run.s (valid after enable_sync_regs)."""
+        return _RIP.unpack_from(self._mapping, _RIP_OFFSET)[0]
 
     def synced_regs(self) -> Regs:
         return regs_from_c(self.kvm_run.s.regs.regs)
