@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..kvm import Kvm, VmFd
-from ..kvm.abi import KVM_MEM_READONLY
+from ..kvm.abi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 
 class KvmVm:
@@ -11,13 +11,19 @@ class KvmVm:
     def __init__(self, vm: VmFd):
         self.vm = vm
 
-    def map_memory(self, region) -> None:
-        flags = KVM_MEM_READONLY if region.readonly else 0
+    def map_memory(self, region, log_dirty: bool = False) -> None:
+        flags = (KVM_MEM_READONLY if region.readonly else 0) | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
         self.vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_address,
                                        flags)
 
     def create_vcpu(self, vcpu_id: int = 0):
         return self.vm.create_vcpu(vcpu_id)
+
+    def dirty_pages(self, region) -> list[int]:
+        """Guest-physical addresses of the pages of `region` written since the last call."""
+        bitmap = self.vm.get_dirty_log(region.slot, region.size)
+        return [region.gpa + (i * 8 + b) * 4096 for i, byte in enumerate(bitmap) if byte
+                for b in range(8) if byte >> b & 1]
 
     def __getattr__(self, name):  # the rest of the VM fd's ioctls (irqchip, PIT, stats...)
         return getattr(self.vm, name)

@@ -66,6 +66,7 @@ struct kvm_debugregs { uint64_t db[4]; uint64_t dr6, dr7, flags; uint64_t reserv
 struct kvm_xcr { uint32_t xcr; uint32_t reserved; uint64_t value; };
 struct kvm_xcrs { uint32_t nr_xcrs; uint32_t flags; struct kvm_xcr xcrs[16]; uint64_t padding[16]; };
 struct kvm_lapic_state { char regs[1024]; };
+struct kvm_dirty_log { uint32_t slot; uint32_t padding1; union { void *dirty_bitmap; uint64_t padding2; }; };
 struct kvm_irq_level { uint32_t irq; uint32_t level; };
 struct kvm_pit_config { uint32_t flags; uint32_t pad[15]; };
 struct kvm_enable_cap { uint32_t cap; uint32_t flags; uint64_t args[4]; uint8_t pad[64]; };
@@ -145,6 +146,7 @@ class Ioctl(enum.IntEnum):
     GET_MSR_FEATURE_INDEX_LIST = _iowr(0x0A, "struct kvm_msr_list")  # KVM_CAP_GET_MSR_FEATURES
     # VM fd
     CREATE_VCPU = _io(0x41)
+    GET_DIRTY_LOG = _iow(0x42, "struct kvm_dirty_log")
     SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
     SET_TSS_ADDR = _io(0x47)                                         # KVM_CAP_SET_TSS_ADDR
     SET_IDENTITY_MAP_ADDR = _iow(0x48, "uint64_t")                   # KVM_CAP_SET_IDENTITY_MAP_ADDR
@@ -203,6 +205,9 @@ KVM_SYNC_X86_EVENTS = 1 << 2
 KVM_MSR_EXIT_REASON_INVAL = 1 << 0
 KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
 KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+
+KVM_MSR_FILTER_READ = 1 << 0   # a kvm_msr_filter_range's flags: the bitmap filters reads
+KVM_MSR_FILTER_WRITE = 1 << 1  # ... and/or writes
 
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1

@@ -40,6 +40,15 @@ class VmFd:
                     f"slot={slot} gpa={guest_phys_addr:#x} size={memory_size:#x}"
                     f" hva={userspace_addr:#x}{ro}")
 
+    def get_dirty_log(self, slot: int, memory_size: int) -> bytes:
+        """Pages of `slot` the guest wrote since the last call, one bit per 4 KiB page (the
+        slot needs KVM_MEM_LOG_DIRTY_PAGES); what live migration copies, round by round."""
+        pages = (memory_size + 4095) // 4096
+        bitmap = ffi.new("uint8_t[]", ((pages + 63) // 64) * 8)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
+        self._ioctl("GET_DIRTY_LOG", log, f"slot={slot}")
+        return bytes(ffi.buffer(bitmap))
+
     def set_tss_addr(self, address: int) -> None:
         """Three pages KVM needs for real-mode emulation on Intel (QEMU: kvm_arch_init)."""
         self._ioctl("SET_TSS_ADDR", address, f"{address:#x}")

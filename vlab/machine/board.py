@@ -86,7 +86,7 @@ class Machine:
         self.devices: dict[str, object] = {}
 
     # -- pc_memory_init -------------------------------------------------------------------------
-    def init_memory(self) -> list:
+    def init_memory(self, log_dirty: bool = False) -> list:
         """Guest RAM from 0, mapped into the VM slot by slot (QEMU: pc_memory_init and
         kvm_set_user_memory_region)."""
         if not self.memory.regions:
@@ -94,7 +94,10 @@ class Machine:
             self.memory.add_mmio(TESTDEV_BASE, 0x1000, "testdev")
         for region in self.memory.regions:
             if region.slot is not None:
-                self.vm.map_memory(region)
+                if log_dirty:
+                    self.vm.map_memory(region, log_dirty=True)
+                else:
+                    self.vm.map_memory(region)
         return list(self.memory.regions)
 
     # -- pc_basic_device_init -------------------------------------------------------------------
@@ -119,20 +122,23 @@ class Machine:
             runner.stop(f"isa-debug-exit: the guest asked to exit with status {status}")
 
     # -- vCPUs ---------------------------------------------------------------------------------
-    def add_vcpu(self, vcpu, *, steps_over_hlt: bool = False) -> VcpuRunner:
+    def add_vcpu(self, vcpu, *, steps_over_hlt: bool = False, log: ExitLog | None = None) -> VcpuRunner:
+        """A runner for `vcpu`; its exits go to `log` (the machine's shared log by default)."""
         runner = VcpuRunner(vcpu, self.pio, self.mmio, read_code=self.read_physical,
-                            log=self.log, backend_steps_over_hlt=steps_over_hlt)
+                            log=self.log if log is None else log,
+                            backend_steps_over_hlt=steps_over_hlt)
         self.runners.append(runner)
         return runner
 
     def read_physical(self, gpa: int, size: int) -> bytes:
         return self.memory.read(gpa, size)
 
-    def setup_cpu(self, vcpu, mode: CpuMode | str, entry: int, stack: int = 0x8000):
-        """Put `vcpu` in `mode` (GDT and page tables written to RAM) at `entry`."""
+    def setup_cpu(self, vcpu, mode: CpuMode | str, entry: int, stack: int = 0x8000, **regs):
+        """Put `vcpu` in `mode` (GDT and page tables written to RAM) at `entry`; `regs`
+        sets general-purpose registers too (e.g. rbx=vcpu index)."""
         setup = setup_mode(mode, vcpu.get_sregs(), self.memory, ram_size=self.ram_size)
         vcpu.set_sregs(setup.sregs)
-        vcpu.set_regs(initial_regs(mode, entry, stack))
+        vcpu.set_regs(initial_regs(mode, entry, stack).replace(**regs))
         return setup
 
     def close(self) -> None:

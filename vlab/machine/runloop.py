@@ -21,6 +21,7 @@ from ..kvm.abi import KVM_SYNC_X86_REGS, ExitReason
 from ..kvm.exits import (Debug, Exit, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut,
                          MmioRead, MmioWrite, Shutdown, SystemEvent, X86Rdmsr, X86Wrmsr)
 from .exitlog import ExitLog, ExitRecord
+from .snapshot import RegisterSnapshot
 
 # KVM's vCPU counters worth showing next to each userspace exit (names from the stats fd).
 KERNEL_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits",
@@ -105,11 +106,19 @@ class RunResult:
 @dataclass
 class StepResult:
     """One instruction: the register snapshots before and after, and what changed."""
-    rip_before: int
-    rip_after: int
+    before: "RegisterSnapshot"
+    after: "RegisterSnapshot"
     exit: Exit
     outcome: Outcome
     changed: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def rip_before(self) -> int:
+        return self.before.regs.rip
+
+    @property
+    def rip_after(self) -> int:
+        return self.after.regs.rip
 
     def __str__(self) -> str:
         changes = ", ".join(f"{k} {a:#x}->{b:#x}" for k, a, b in
@@ -274,7 +283,6 @@ class VcpuRunner:
 
         Some backends (kvm_pvm) step over HLT without a HLT exit; there the instruction is
         looked at first and a HLT is run without single-step, so it exits as HLT."""
-        from .snapshot import RegisterSnapshot
         before = RegisterSnapshot.capture(self.vcpu)
         steps_over_hlt = (self.backend_steps_over_hlt
                           and self._next_opcode(before.regs, before.sregs) == _HLT_OPCODE)
@@ -295,7 +303,7 @@ class VcpuRunner:
         if exit.__class__ is Hlt:
             self.halted = True
         after = RegisterSnapshot.capture(self.vcpu)
-        return StepResult(before.regs.rip, after.regs.rip, exit, outcome, before.diff(after))
+        return StepResult(before, after, exit, outcome, before.diff(after))
 
     def _step_off_breakpoint(self) -> None:
         """Resuming at a breakpoint would hit it again at once: step over it first, as

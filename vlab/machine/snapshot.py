@@ -37,3 +37,48 @@ class RegisterSnapshot:
         """Registers whose value differs in `other`: name -> (before, after)."""
         mine, theirs = self.flat(), other.flat()
         return {name: (mine[name], theirs[name]) for name in mine if mine[name] != theirs[name]}
+
+
+_OPTIONAL_STATE = ("fpu", "xcrs", "vcpu_events", "mp_state", "debugregs")
+
+
+@dataclass
+class VcpuState:
+    """Everything QEMU saves of a vCPU for migration (kvm_arch_get_registers): registers,
+    FPU, XCRs, MSRs, pending events, MP state and debug registers. Parts an accelerator
+    does not offer are left out (None)."""
+    regs: Regs
+    sregs: Sregs
+    msrs: dict[int, int]
+    fpu: dict | None = None
+    xcrs: dict | None = None
+    vcpu_events: dict | None = None
+    mp_state: int | None = None
+    debugregs: object | None = None
+
+    @classmethod
+    def capture(cls, vcpu, msr_indices: list[int] = ()) -> "VcpuState":
+        optional = {}
+        for name in _OPTIONAL_STATE:
+            getter = getattr(vcpu, f"get_{name}", None)
+            optional[name] = getter() if getter else None
+        msrs = vcpu.get_msrs(list(msr_indices)) if msr_indices else {}
+        return cls(vcpu.get_regs(), vcpu.get_sregs(), msrs, **optional)
+
+    def restore(self, vcpu) -> None:
+        """In kvm_arch_put_registers' order: regs, FPU, XCRs, sregs, MSRs, MP state,
+        events, debug registers."""
+        vcpu.set_regs(self.regs)
+        if self.fpu is not None:
+            vcpu.set_fpu(self.fpu)
+        if self.xcrs is not None:
+            vcpu.set_xcrs(self.xcrs)
+        vcpu.set_sregs(self.sregs)
+        if self.msrs:
+            vcpu.set_msrs(self.msrs)
+        if self.mp_state is not None:
+            vcpu.set_mp_state(self.mp_state)
+        if self.vcpu_events is not None:
+            vcpu.set_vcpu_events(self.vcpu_events)
+        if self.debugregs is not None:
+            vcpu.set_debugregs(self.debugregs)

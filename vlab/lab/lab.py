@@ -1,0 +1,566 @@
+"""`vlab.Lab`: bring up a VM the way QEMU does, one stage per call, with a record of each.
+
+    lab = vlab.Lab()            # accel="auto": kvm when /dev/kvm is usable, else tcg
+    lab.next_stage()            # kvm_init, x86_cpu_realizefn, kvm_init_vcpu, ...
+    lab.step(); lab.run()       # kvm_cpu_exec: one instruction, or until the guest stops
+
+Every stage returns a `StageRecord`; calling one before what it needs exists raises
+`StageError` naming the stage to run first.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from ..accel import select
+from ..kvm import Cap, detect_backend
+from ..kvm.trace import IoctlRecord, subscribe
+from ..machine.assembler import assemble
+from ..machine.board import Machine, parse_size
+from ..machine.cpu_modes import CpuMode
+from ..machine.examples import EXAMPLES
+from ..machine.exitlog import ExitLog
+from ..machine.loaders import load_elf, read_image
+from ..machine.runloop import RunResult, StepResult
+from ..machine.snapshot import RegisterSnapshot, VcpuState
+from .cpuid import CpuidTable
+from .records import StageRecord
+from .registers import RegisterModel
+from .stages import STAGE_BY_NAME, STAGES, StageError
+
+# QEMU's kvm_arch_init: the identity-map page and, right above it, the three TSS pages that
+# Intel's real-mode emulation (vm86) needs, just below the 4 GiB BIOS area.
+IDENTITY_MAP_ADDR = 0xFEFFC000
+TSS_ADDR = IDENTITY_MAP_ADDR + 0x1000
+# Capabilities QEMU refuses to run without (kvm_required_capabilites in kvm-all.c).
+REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.DESTROY_MEMORY_REGION_WORKS, Cap.JOIN_MEMORY_REGIONS_WORKS,
+                 Cap.INTERNAL_ERROR_DATA, Cap.IOEVENTFD, Cap.IOEVENTFD_ANY_LENGTH)
+# MSRs kvm_init_msrs copies from KVM's feature MSRs into the vCPU.
+FEATURE_MSRS_TO_SET = {0x10A: "IA32_ARCH_CAPABILITIES", 0x8B: "IA32_UCODE_REV"}
+BITS = {CpuMode.REAL: 16, CpuMode.PROTECTED: 32, CpuMode.PAGED: 32, CpuMode.LONG: 64}
+GUEST_ORG = 0x8000
+RUN_RECORD_LIMIT = 64   # ioctls kept in the kvm_cpu_exec record (the rest are counted)
+
+
+@dataclass
+class Guest:
+    """What pc_memory_init loads: code at an address, entered at `entry`."""
+    name: str
+    code: bytes
+    load_address: int
+    entry: int
+    source: str | None = None
+    assembly: object | None = None
+
+
+@dataclass
+class Snapshot:
+    vcpus: list[VcpuState]
+    memory: dict[str, bytes]
+    exits: int
+
+
+class Lab:
+    """A VM brought up stage by stage, as QEMU's main thread and vCPU threads do."""
+
+    def __init__(self, accel: str = "auto", memory: int | str = "16M", cpu: str = "host",
+                 vcpus: int = 1, mode: CpuMode | str = "real", irqchip: bool = False):
+        if vcpus < 1:
+            raise ValueError(f"vcpus={vcpus}: a VM needs at least one vCPU")
+        self.accel_choice = accel
+        self.memory_size = parse_size(memory)
+        self.cpu_model = cpu
+        self.nr_vcpus = vcpus
+        self.mode = CpuMode(mode)
+        self.irqchip = irqchip
+        self.records: dict[str, StageRecord] = {}
+        self.provided: set[str] = set()
+        self.accel = None
+        self.vm = None
+        self.machine: Machine | None = None
+        self.cpuid: CpuidTable | None = None
+        self.vcpus: list = []
+        self.runners: list = []
+        self.registers: list[RegisterModel] = []
+        self.exit_logs: list[ExitLog] = []
+        self.guest: Guest | None = None
+        self.backend = None
+        self._msr_indices: list[int] = []
+        self._history: list[tuple[VcpuState, dict[int, bytes]]] = []
+        self._shadow: bytearray | None = None
+
+    # -- stage machinery ------------------------------------------------------------------------
+    @property
+    def stages(self) -> list[dict]:
+        """Every stage with its status: done, next (what `next_stage()` runs) or waiting."""
+        rows, nxt = [], self._next_name()
+        for stage in STAGES:
+            status = "done" if stage.name in self.records else ("next" if stage.name == nxt else "waiting")
+            rows.append({"stage": stage.name, "title": stage.title, "status": status})
+        return rows
+
+    def _next_name(self) -> str | None:
+        return next((s.name for s in STAGES if s.name not in self.records), None)
+
+    def next_stage(self) -> StageRecord:
+        """Perform the next stage in QEMU's order."""
+        name = self._next_name()
+        if name is None:
+            raise StageError("every stage is done: use lab.run() or lab.step() to go on")
+        return getattr(self, name)()
+
+    def bring_up(self) -> list[StageRecord]:
+        """Every stage up to (not including) kvm_cpu_exec."""
+        return [self.next_stage() for s in STAGES[:-1] if s.name not in self.records]
+
+    def _check(self, name: str) -> None:
+        stage = STAGE_BY_NAME[name]
+        if name in self.records and name != "kvm_cpu_exec":
+            raise StageError(f"{name} is already done; create a new Lab to start over")
+        missing = [need for need in stage.needs if need not in self.provided]
+        if missing:
+            first = next(s.name for s in STAGES if set(s.provides) & set(missing))
+            raise StageError(f"{name} needs {', '.join(missing)}, which {first} provides: "
+                             f"call lab.{first}() first (or lab.next_stage())")
+
+    def _stage(self, name: str, body, ioctl_limit: int | None = None) -> StageRecord:
+        self._check(name)
+        record = StageRecord(STAGE_BY_NAME[name], self.accel.name if self.accel else "?")
+        record.before = self._state()
+        calls: list[IoctlRecord] = []
+        counted = [0]
+
+        def keep(call: IoctlRecord) -> None:
+            counted[0] += 1
+            if ioctl_limit is None or len(calls) < ioctl_limit:
+                calls.append(call)
+
+        unsubscribe = subscribe(keep)
+        started = time.perf_counter()
+        try:
+            body(record)
+        finally:
+            unsubscribe()
+        record.seconds = time.perf_counter() - started
+        own = self._fds()
+        record.ioctls = [c for c in calls if c.fd in own]
+        if ioctl_limit is not None and counted[0] > len(calls):
+            record.notes.append(f"{counted[0]} ioctls in all; the first {len(calls)} are listed")
+        record.accel = self.accel.name if self.accel else "?"
+        record.after = self._state()
+        self.records[name] = record
+        self.provided.update(record.stage.provides)
+        return record
+
+    def _fds(self) -> set[int]:
+        fds = set()
+        if self.accel is not None and self.accel.name == "kvm":
+            fds.add(self.accel.kvm.fd)
+        if self.vm is not None and hasattr(self.vm, "vm"):
+            fds.add(self.vm.vm.fd)
+        fds.update(v.fd for v in self.vcpus if hasattr(v, "fd"))
+        return fds
+
+    def _state(self) -> dict:
+        state: dict = {}
+        if self.accel is not None:
+            state["accelerator"] = self.accel.name
+        if self.accel is not None and self.accel.name == "kvm":
+            state["/dev/kvm fd"] = self.accel.kvm.fd
+        if self.vm is not None and hasattr(self.vm, "vm"):
+            state["VM fd"] = self.vm.vm.fd
+        if self.cpuid is not None:
+            state["CPUID entries"] = len(self.cpuid.entries)
+        if self.vcpus:
+            state["vCPUs"] = [f"vcpu{v.id}" + (f" fd={v.fd}" if hasattr(v, "fd") else "") for v in self.vcpus]
+        if self.machine is not None and self.machine.memory.regions:
+            state["memory slots"] = [f"slot {r.slot}: {r.gpa:#x}+{r.size:#x} {r.kind}"
+                                     for r in self.machine.memory.regions if r.slot is not None]
+            state["devices"] = sorted(self.machine.devices)
+        if "registers" in self.provided and self.vcpus:
+            regs = self.vcpus[0].get_regs()
+            state["vcpu0 rip"] = hex(regs.rip)
+        return state
+
+    def _kvm(self) -> bool:
+        return self.accel is not None and self.accel.name == "kvm"
+
+    # -- 1. kvm_init ---------------------------------------------------------------------------------
+    def kvm_init(self) -> StageRecord:
+        """Open the accelerator and create the VM (QEMU: kvm_init, then kvm_arch_init)."""
+        def body(record: StageRecord) -> None:
+            self.accel = select(self.accel_choice)
+            record.notes.append(f"accelerator: {self.accel.reason}")
+            if self._kvm():
+                kvm = self.accel.kvm
+                record.actions.append(f"open('/dev/kvm', O_RDWR|O_CLOEXEC) = fd {kvm.fd}")
+                version = kvm.get_api_version()
+                if version != 12:
+                    raise StageError(f"KVM_GET_API_VERSION returned {version}; QEMU and vlab need 12")
+                missing = [cap.name for cap in REQUIRED_CAPS if not kvm.check_extension(cap)]
+                if missing:
+                    raise StageError(f"this kernel lacks {', '.join(missing)}, which QEMU requires")
+                record.notes.append(
+                    f"vCPUs: recommended {kvm.check_extension(Cap.NR_VCPUS)}, "
+                    f"maximum {kvm.check_extension(Cap.MAX_VCPUS)}")
+                self.backend = detect_backend()
+                record.notes.append(self.backend.describe())
+            else:
+                record.actions.append("no /dev/kvm to open: Unicorn (QEMU's TCG role) will "
+                                      "translate and run the guest's instructions in software")
+            self.vm = self.accel.create_vm()
+            if self._kvm():
+                self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+                self.vm.set_tss_addr(TSS_ADDR)
+                if self.irqchip:
+                    self.vm.create_irqchip()
+                    self.vm.create_pit2()
+                    record.notes.append("in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT created "
+                                        "(kvm_irqchip_create): HLT now waits in the kernel")
+            else:
+                record.actions.append("uc_open(UC_ARCH_X86, UC_MODE_64) in place of KVM_CREATE_VM")
+            self.machine = Machine(self.accel, self.vm, ram_size=self.memory_size)
+        return self._stage("kvm_init", body)
+
+    # -- 2. x86_cpu_realizefn ----------------------------------------------------------------------
+    def x86_cpu_realizefn(self) -> StageRecord:
+        """Build the CPU model's CPUID table in userspace."""
+        def body(record: StageRecord) -> None:
+            host = self.accel.get_supported_cpuid()
+            self.cpuid = CpuidTable.for_model(self.cpu_model, host)
+            changed = self.cpuid.diff_host()
+            record.notes.append(
+                f"CPU model {self.cpu_model}: {len(self.cpuid.entries)} CPUID entries, vendor "
+                f"{self.cpuid.vendor}, {len(self.cpuid.features())} named features"
+                + (f"; {len(changed)} registers masked from the host's" if changed else ""))
+            if not self._kvm():
+                record.actions.append("the CPUID table comes from the software accelerator's "
+                                      "own model (no KVM_GET_SUPPORTED_CPUID)")
+            if self.backend is not None and self.backend.module == "kvm_pvm":
+                record.notes.append("on this kvm_pvm host the guest's CPUID instruction returns "
+                                    "the host's raw bits for leaves 1 and 7, whatever this table "
+                                    "says; other leaves follow it (see lab.guest_cpuid())")
+        return self._stage("x86_cpu_realizefn", body)
+
+    # -- 3. kvm_init_vcpu ----------------------------------------------------------------------------
+    def kvm_init_vcpu(self) -> StageRecord:
+        """KVM_CREATE_VCPU and the kvm_run mapping, for every vCPU."""
+        def body(record: StageRecord) -> None:
+            if self._kvm():
+                size = self.accel.kvm.get_vcpu_mmap_size()
+                record.notes.append(f"struct kvm_run mapping: {size} bytes per vCPU (kvm_run, "
+                                    f"the PIO data page, the coalesced MMIO ring)")
+            steps_over_hlt = self.backend is not None and self.backend.module == "kvm_pvm"
+            for i in range(self.nr_vcpus):
+                vcpu = self.vm.create_vcpu(i)
+                log = ExitLog()
+                self.vcpus.append(vcpu)
+                self.exit_logs.append(log)
+                self.runners.append(self.machine.add_vcpu(vcpu, steps_over_hlt=steps_over_hlt, log=log))
+                self.registers.append(RegisterModel(i))
+                if self._kvm():
+                    record.actions.append(f"mmap(vcpu{i} fd {vcpu.fd}, {vcpu.mmap_size}, "
+                                          f"MAP_SHARED) = struct kvm_run *")
+                else:
+                    record.actions.append(f"vCPU {i}: a Unicorn engine context in place of "
+                                          f"KVM_CREATE_VCPU; no kvm_run to map")
+            if self.nr_vcpus > 1:
+                record.notes.append(f"{self.nr_vcpus} vCPUs: each runs in its own thread when "
+                                    f"the guest runs, as QEMU's 'CPU n/KVM' threads")
+        return self._stage("kvm_init_vcpu", body)
+
+    # -- 4. kvm_arch_init_vcpu -------------------------------------------------------------------------
+    def kvm_arch_init_vcpu(self) -> StageRecord:
+        """TSC frequency, KVM_SET_CPUID2, feature MSRs."""
+        def body(record: StageRecord) -> None:
+            if self._kvm():
+                self._msr_indices = self.accel.kvm.get_msr_index_list()
+                features = self.accel.kvm.get_msr_feature_index_list()
+                wanted = [m for m in FEATURE_MSRS_TO_SET if m in features]
+                feature_values = self.accel.kvm.get_msrs(wanted) if wanted else {}
+            for vcpu in self.vcpus:
+                if self._kvm():
+                    khz = vcpu.get_tsc_khz()
+                    record.notes.append(f"vcpu{vcpu.id}: TSC {khz / 1000:.1f} MHz")
+                vcpu.set_cpuid2(self.cpuid.entries)
+                if self._kvm() and feature_values:
+                    vcpu.set_msrs(feature_values)
+            self.cpuid.frozen = True
+            self.cpuid.notify(frozen=True)
+            if self._kvm():
+                record.notes.append(
+                    f"KVM saves and restores {len(self._msr_indices)} MSRs per vCPU "
+                    f"(KVM_GET_MSR_INDEX_LIST); feature MSRs set: "
+                    + (", ".join(f"{FEATURE_MSRS_TO_SET[m]}={v:#x}" for m, v in feature_values.items())
+                       or "none offered"))
+            else:
+                record.actions.append("CPUID table kept by the software vCPU: its CPUID "
+                                      "instruction answers from it, every leaf")
+        return self._stage("kvm_arch_init_vcpu", body)
+
+    # -- 5. pc_memory_init ----------------------------------------------------------------------------
+    def pc_memory_init(self) -> StageRecord:
+        """Guest RAM into memory slots, the guest loaded, the board's devices."""
+        def body(record: StageRecord) -> None:
+            regions = self.machine.init_memory(log_dirty=self._kvm())
+            for region in regions:
+                record.notes.append(f"{region.name}: {region.gpa:#x}-{region.end - 1:#x} "
+                                    f"{region.kind}" + (f" slot {region.slot}" if region.slot is not None else " (hole: exits to userspace)"))
+            if self.guest is None:
+                self.load_example()
+            self._write_guest()
+            record.notes.append(f"guest {self.guest.name}: {len(self.guest.code)} bytes at "
+                                f"{self.guest.load_address:#x}, entry {self.guest.entry:#x}")
+            devices = self.machine.add_standard_devices(self.nr_vcpus)
+            record.notes.append("devices: " + ", ".join(
+                f"{name}" for name in devices) + " (pc_basic_device_init's COM1, debug ports, fw_cfg)")
+            if not self._kvm():
+                record.actions.append("uc_mem_map_ptr() of the same host memory in place of "
+                                      "KVM_SET_USER_MEMORY_REGION")
+        return self._stage("pc_memory_init", body)
+
+    # -- 6. kvm_arch_put_registers -------------------------------------------------------------------
+    def kvm_arch_put_registers(self) -> StageRecord:
+        """The reset state of the chosen CPU mode, into every vCPU."""
+        def body(record: StageRecord) -> None:
+            for i, vcpu in enumerate(self.vcpus):
+                setup = self.machine.setup_cpu(vcpu, self.mode, self.guest.entry,
+                                               stack=GUEST_ORG - 0x200 * i, rbx=i)
+                if i == 0:
+                    record.notes.append(setup.description)
+                    record.notes += [f"wrote {what} at {gpa:#x} ({length} bytes)"
+                                     for gpa, length, what in setup.writes]
+                self.registers[i].refresh(vcpu)
+            if self.nr_vcpus > 1:
+                record.notes.append("each vCPU starts at the same entry with RBX = its index")
+            if self.mode is CpuMode.PAGED and self.backend is not None \
+                    and not self.backend.runs_32bit_paging:
+                record.notes.append("this kvm_pvm host does not run 32-bit paging: the guest "
+                                    "will stop with SHUTDOWN at its first instruction")
+        return self._stage("kvm_arch_put_registers", body)
+
+    # -- guests -------------------------------------------------------------------------------------
+    def load_example(self, name: str | None = None) -> Guest:
+        """One of the shipped self-checking guests (default: the one for this Lab's mode)."""
+        example = EXAMPLES[name or self.mode.value]
+        if example.mode != self.mode.value and CpuMode(example.mode) is not self.mode:
+            raise ValueError(f"example {example.name!r} needs mode {example.mode!r}; "
+                             f"this Lab is in {self.mode.value!r}")
+        return self.load_assembly(example.source(), org=example.org, name=f"example {example.name}")
+
+    def load_assembly(self, source: str, org: int = GUEST_ORG, name: str = "assembly") -> Guest:
+        """Assemble `source` with nasm for this Lab's mode and load it at `org`."""
+        assembly = assemble(source, bits=BITS[self.mode], org=org)
+        self.guest = Guest(name, assembly.code, org, org, source, assembly)
+        self._write_guest_if_ready()
+        return self.guest
+
+    def load_elf(self, image) -> Guest:
+        """An ELF executable: its PT_LOAD segments at their physical addresses."""
+        data = read_image(image)
+        self.guest = Guest("elf", data, 0, 0)
+        self._write_guest_if_ready()
+        return self.guest
+
+    def _write_guest_if_ready(self) -> None:
+        if "memory" in self.provided:
+            self._write_guest()
+
+    def _write_guest(self) -> None:
+        guest = self.guest
+        if guest.name == "elf":
+            loaded = load_elf(self.machine.memory, guest.code)
+            guest.entry = loaded.entry
+            guest.load_address = loaded.segments[0][0] if loaded.segments else 0
+        else:
+            self.machine.memory.write(guest.load_address, guest.code)
+
+    # -- 7. kvm_cpu_exec ------------------------------------------------------------------------------
+    def kvm_cpu_exec(self, **run_options) -> StageRecord:
+        """Run the guest (the first `run()`), recording the loop's ioctls."""
+        result = []
+        record = self._stage("kvm_cpu_exec", lambda record: result.append(self._run(**run_options)),
+                             ioctl_limit=RUN_RECORD_LIMIT)
+        record.notes.append(str(result[0]) if not isinstance(result[0], list)
+                            else "; ".join(f"vcpu{i}: {r}" for i, r in enumerate(result[0])))
+        return record
+
+    def run(self, vcpu: int | None = None, **options) -> RunResult | list[RunResult]:
+        """Run until the guest stops (HLT, fatal exit, breakpoint) or `until`, `predicate`,
+        `max_exits`, `timeout` says so; Ctrl-C / the stop button stops it cleanly. With
+        several vCPUs and no `vcpu`, each runs in its own thread."""
+        if "kvm_cpu_exec" not in self.records:
+            self.kvm_cpu_exec(vcpu=vcpu, **options)
+            return self.last_run
+        return self._run(vcpu=vcpu, **options)
+
+    def _run(self, vcpu: int | None = None, **options):
+        self._check_ready()
+        self._forget_history()
+        if vcpu is not None or self.nr_vcpus == 1:
+            index = vcpu or 0
+            result = self.runners[index].run(**options)
+            self.registers[index].refresh(self.vcpus[index])
+        else:
+            result = self._run_threads(options)
+        self.last_run = result
+        return result
+
+    def _run_threads(self, options) -> list[RunResult]:
+        results: list = [None] * self.nr_vcpus
+
+        def worker(i: int) -> None:
+            results[i] = self.runners[i].run(**options)
+
+        threads = [threading.Thread(target=worker, args=(i,), name=f"CPU {i}/{self.accel.name.upper()}")
+                   for i in range(self.nr_vcpus)]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        except KeyboardInterrupt:
+            self.stop("interrupted by Ctrl-C")
+            for t in threads:
+                t.join()
+        for i, vcpu in enumerate(self.vcpus):
+            self.registers[i].refresh(vcpu)
+        return results
+
+    def stop(self, cause: str = "stopped") -> None:
+        """Stop every running vCPU (from any thread)."""
+        for runner in self.runners:
+            runner.stop(cause)
+
+    def _check_ready(self) -> None:
+        if "registers" not in self.provided:
+            missing = [s.name for s in STAGES[:-1] if s.name not in self.records]
+            raise StageError(f"the guest cannot run yet: do {', '.join(missing)} first "
+                             f"(lab.bring_up() does them all)")
+
+    # -- stepping ----------------------------------------------------------------------------------
+    def step(self, vcpu: int = 0) -> StepResult:
+        """Execute one instruction and show what changed (undo with `step_back()`)."""
+        self._check_ready()
+        entry = self._history_entry(vcpu)
+        result = self.runners[vcpu].step()
+        self._history.append((entry, self._dirty_page_undo()))
+        self.registers[vcpu].update(result.after)
+        return result
+
+    def break_at(self, *addresses: int, vcpu: int = 0) -> None:
+        """Hardware breakpoints (up to four) at guest linear addresses; none clears them."""
+        self._check_ready()
+        self.runners[vcpu].set_breakpoints(addresses)
+
+    def _history_entry(self, vcpu: int) -> tuple[int, VcpuState]:
+        if self._shadow is None:
+            self._shadow = bytearray(self._ram().view)
+            self._dirty_pages()  # start a fresh dirty log
+        return vcpu, VcpuState.capture(self.vcpus[vcpu])
+
+    def _ram(self):
+        return next(r for r in self.machine.memory.regions if r.slot is not None)
+
+    def _dirty_pages(self) -> list[int] | None:
+        pages = getattr(self.vm, "dirty_pages", None)
+        return pages(self._ram()) if pages else None
+
+    def _dirty_page_undo(self) -> dict[int, bytes] | None:
+        """The previous contents of the pages the step wrote, from the shadow copy."""
+        ram = self._ram()
+        pages = self._dirty_pages()
+        if pages is None:
+            return None
+        undo = {}
+        for gpa in pages:
+            offset = gpa - ram.gpa
+            undo[gpa] = bytes(self._shadow[offset:offset + 4096])
+            self._shadow[offset:offset + 4096] = ram.view[offset:offset + 4096]
+        return undo
+
+    def step_back(self) -> RegisterSnapshot:
+        """Undo the last `step()`: registers and the memory it wrote."""
+        if not self._history:
+            raise StageError("nothing to step back: no step() since the last run() or restore()")
+        (vcpu, state), undo = self._history.pop()
+        state.restore(self.vcpus[vcpu])
+        if undo is not None:
+            ram = self._ram()
+            for gpa, page in undo.items():
+                offset = gpa - ram.gpa
+                ram.view[offset:offset + 4096] = page
+                self._shadow[offset:offset + 4096] = page
+        self.runners[vcpu].halted = False
+        snapshot = RegisterSnapshot.capture(self.vcpus[vcpu])
+        self.registers[vcpu].update(snapshot)
+        return snapshot
+
+    def _forget_history(self) -> None:
+        self._history.clear()
+        self._shadow = None
+
+    # -- snapshot / restore ----------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """Save every vCPU's state and guest memory."""
+        self._check_ready()
+        return Snapshot([VcpuState.capture(v, self._msr_indices) for v in self.vcpus],
+                        self.machine.memory.snapshot(),
+                        sum(log.total for log in self.exit_logs))
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Put the VM back exactly as `snapshot` found it (registers and memory)."""
+        self.machine.memory.restore(snapshot.memory)
+        for vcpu, state in zip(self.vcpus, snapshot.vcpus):
+            state.restore(vcpu)
+        for runner in self.runners:
+            runner.halted = False
+        self._forget_history()
+        for model, vcpu in zip(self.registers, self.vcpus):
+            model.refresh(vcpu)
+
+    # -- what the guest sees ----------------------------------------------------------------------
+    def guest_cpuid(self, leaf: int, subleaf: int = 0) -> dict[str, int]:
+        """What the guest's CPUID instruction returns for this Lab's table, measured by
+        running it in a throwaway VM on the same accelerator (the table says one thing; on
+        some backends the hardware answers another)."""
+        from .probe import probe_cpuid
+        if self.cpuid is None:
+            raise StageError("no CPU model yet: call lab.x86_cpu_realizefn() first")
+        return probe_cpuid(self.accel, self.cpuid.entries, [(leaf, subleaf)])[0]
+
+    # -- conveniences ------------------------------------------------------------------------------
+    @property
+    def console(self) -> str:
+        return self.machine.console.text if self.machine else ""
+
+    def exits(self, vcpu: int = 0) -> ExitLog:
+        return self.exit_logs[vcpu]
+
+    def memory(self, gpa: int, size: int) -> bytes:
+        return self.machine.memory.read(gpa, size)
+
+    def close(self) -> None:
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+        if self.accel is not None:
+            self.accel.close()
+            self.accel = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __str__(self) -> str:
+        lines = [f"vlab.Lab(accel={self.accel_choice!r}, memory={self.memory_size >> 20}M, "
+                 f"cpu={self.cpu_model!r}, vcpus={self.nr_vcpus}, mode={self.mode.value!r})"]
+        for row in self.stages:
+            mark = {"done": "x", "next": ">", "waiting": " "}[row["status"]]
+            lines.append(f"  [{mark}] {row['stage']:<24} {row['title']}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
