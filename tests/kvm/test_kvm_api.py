@@ -3,22 +3,32 @@ themselves (kvm-hello-world style): what the guest did is asserted, not just tha
 failed."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from vlab.kvm import (Cap, CpuidEntry, Debug, DebugRegs, DTable, Hlt, IoIn, IoOut, KvmError,
-                      MmioRead, MmioWrite, MpState, Regs, VcpuFd, VmFd, X86Rdmsr)
+from vlab.kvm import (Cap, CpuidEntry, Debug, DebugRegs, DTable, Hlt, Interrupted, Ioctl, IoIn,
+                      IoOut, Kvm, KvmError, KvmUnavailable, MmioRead, MmioWrite, MpState, Regs,
+                      VcpuFd, VmFd, X86Rdmsr, kvm_usable, recording, subscribe)
 from vlab.kvm.abi import (KVM_API_VERSION, KVM_MEM_READONLY, KVM_MSR_EXIT_REASON_FILTER,
                           KVM_MSR_FILTER_READ, ffi)
 
 from guestlib import ORG, host_address
 
+REPO = str(Path(__file__).resolve().parents[2])
 IA32_TSC = 0x10
 IA32_SYSENTER_CS = 0x174
 IA32_TSC_AUX = 0xC0000103
 DB_VECTOR = 1  # #DB, the exception single-step and hardware breakpoints raise
+CR0_PE, CR0_PG = 1 << 0, 1 << 31
 
 
 def u32(buffer, offset: int) -> int:
@@ -432,3 +442,263 @@ def test_mmio_to_unbacked_memory_answered_with_complete_mmio_read(make_guest):
     guest.vcpu.complete_mmio_read(read, b"\x01\x02\x03\x04")
     assert guest.run_until(Hlt) == [Hlt()]
     assert u32(guest.memory, 0x700) == 0x04030201 == guest.vcpu.get_regs().rax
+
+
+# --- tracing: every ioctl through one choke point ------------------------------------------------
+def test_recording_captures_a_vm_bring_up(kvm):
+    memory = mmap.mmap(-1, 0x10000)
+    with recording() as calls:
+        vm = kvm.create_vm()
+        vm.set_user_memory_region(0, 0, 0x10000, host_address(memory))
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_regs(Regs(rip=ORG))
+    try:
+        assert [(c.fd_kind, c.name) for c in calls] == [
+            ("system", "CREATE_VM"), ("vm", "SET_USER_MEMORY_REGION"), ("vm", "CREATE_VCPU"),
+            ("system", "GET_VCPU_MMAP_SIZE"), ("vcpu", "SET_REGS")]
+        assert [c.fd for c in calls] == [kvm.fd, vm.fd, vm.fd, kvm.fd, vcpu.fd]
+        assert [c.request for c in calls] == [getattr(Ioctl, c.name) for c in calls]
+        assert [c.trace_event for c in calls] == ["kvm_ioctl", "kvm_vm_ioctl", "kvm_vm_ioctl",
+                                                  "kvm_ioctl", "kvm_vcpu_ioctl"]
+        create_vm, region, create_vcpu, mmap_size, set_regs = calls
+        assert (create_vm.result, create_vcpu.result) == (vm.fd, vcpu.fd)
+        assert mmap_size.result == vcpu.mmap_size and set_regs.vcpu_id == 0
+        assert f"slot=0 gpa=0x0 size=0x10000 hva={host_address(memory):#x}" == region.args
+        assert create_vcpu.args == "id=0" and set_regs.args.startswith(f"rip={ORG:#x}")
+        assert all(c.errno is None and 0 < c.duration_s < 1 for c in calls)
+        assert str(region).startswith("     vm KVM_SET_USER_MEMORY_REGION(slot=0 ")
+        assert str(set_regs).startswith("  vcpu0 KVM_SET_REGS(")
+        vm.check_extension(Cap.USER_MEMORY)
+        assert len(calls) == 5  # nothing is recorded after the block
+    finally:
+        vm.close()
+        memory.close()
+
+
+def test_a_failing_ioctl_is_recorded_with_its_errno(kvm):
+    with kvm.create_vm() as vm, recording() as calls:
+        with pytest.raises(KvmError):
+            vm.set_user_memory_region(0, 0x1001, 0x1000, 0)
+    (record,) = calls
+    assert (record.name, record.result, record.errno) == ("SET_USER_MEMORY_REGION", None, errno.EINVAL)
+    assert ") -> EINVAL " in str(record)
+
+
+def test_kvm_run_is_recorded_when_someone_listens(make_guest):
+    guest = make_guest(HELLO)
+    with recording() as calls:
+        exits = guest.run_until(Hlt)
+    runs = [c for c in calls if c.name == "RUN"]
+    assert len(runs) == len(calls) == len(exits) == 6
+    assert all((c.fd_kind, c.vcpu_id, c.result, c.fd) == ("vcpu", 0, 0, guest.vcpu.fd) for c in runs)
+
+
+def test_subscribe_until_unsubscribed(kvm):
+    seen = []
+    unsubscribe = subscribe(seen.append)
+    try:
+        kvm.get_api_version()
+    finally:
+        unsubscribe()
+    kvm.get_api_version()
+    assert [(r.name, r.result) for r in seen] == [("GET_API_VERSION", 12)]
+
+
+# --- stopping a running vCPU --------------------------------------------------------------------
+SPIN_UNTIL_FLAG = """
+    spin:
+        cmp byte [0x500], 0
+        je spin
+        out 0xe9, al
+        hlt
+"""
+
+
+def test_kick_stops_a_runaway_guest_in_another_thread_and_it_resumes(make_guest):
+    guest = make_guest(SPIN_UNTIL_FLAG)
+    spin_end = ORG + guest.assembly.code.index(0xE6)  # the OUT after the loop
+    outcome = {}
+
+    def vcpu_thread():
+        outcome["exit"] = guest.vcpu.run()
+        outcome["returned"] = time.perf_counter()
+
+    thread = threading.Thread(target=vcpu_thread, daemon=True)
+    thread.start()
+    time.sleep(0.2)  # well inside KVM_RUN by now, and no exit comes on its own
+    assert thread.is_alive()
+    kicked = time.perf_counter()
+    guest.vcpu.kick(thread.ident)
+    thread.join(5)
+    assert not thread.is_alive(), "KVM_RUN did not return after kick()"
+    latency = outcome["returned"] - kicked
+    print(f"kick latency: {latency * 1e3:.3f} ms")
+    assert outcome["exit"] == Interrupted() and latency < 1.0
+    assert ORG <= guest.vcpu.get_regs().rip < spin_end
+    assert not guest.vcpu.immediate_exit  # cleared, so the next run really runs
+    guest.memory[0x500] = 1
+    exits = guest.run_until(Hlt)
+    assert [type(e) for e in exits] == [IoOut, Hlt] and exits[0].port == 0xE9
+
+
+def test_kick_before_run_makes_the_next_run_return_at_once(make_guest):
+    guest = make_guest("out 0xe9, al\nhlt")
+    guest.vcpu.kick()
+    assert guest.vcpu.immediate_exit
+    assert guest.vcpu.run() == Interrupted()
+    assert guest.vcpu.get_regs().rip == ORG
+    assert [type(e) for e in guest.run_until(Hlt)] == [IoOut, Hlt]
+
+
+# --- error paths --------------------------------------------------------------------------------
+def closed_fds():
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    vm.close()  # closes the vCPU too
+    kvm.close()
+    return kvm, vm, vcpu
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("listening", [False, True], ids=["untraced", "traced"])
+def test_every_fd_kind_after_close_raises_ebadf_naming_the_ioctl(listening):
+    kvm, vm, vcpu = closed_fds()
+    assert kvm.closed and vm.closed and vcpu.closed
+    calls = [(kvm.get_api_version, "GET_API_VERSION"), (kvm.create_vm, "CREATE_VM"),
+             (kvm.get_supported_cpuid, "GET_SUPPORTED_CPUID"),
+             (lambda: vm.create_vcpu(1), "CREATE_VCPU"), (vm.create_irqchip, "CREATE_IRQCHIP"),
+             (vm.get_stats_fd, "GET_STATS_FD"), (vcpu.get_regs, "GET_REGS"),
+             (lambda: vcpu.set_regs(Regs()), "SET_REGS"), (vcpu.get_fpu, "GET_FPU"),
+             (vcpu.run, "RUN")]
+    with recording() if listening else contextlib.nullcontext():
+        for call, name in calls:
+            with pytest.raises(KvmError) as caught:
+                call()
+            assert (caught.value.errno, caught.value.ioctl) == (errno.EBADF, name)
+            assert "closed" in caught.value.hint
+
+
+@pytest.mark.kvm
+def test_closed_fds_never_reach_a_reused_fd_number():
+    """The kernel hands a closed fd's number to the next open: a closed object must not
+    send its ioctls to whatever now owns that number."""
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        old_vcpu = vm.create_vcpu(0)
+        number = old_vcpu.fd
+        old_vcpu.close()
+        new_vcpu = vm.create_vcpu(1)
+        assert new_vcpu.fd == number  # POSIX: the lowest free number
+        with pytest.raises(KvmError) as caught:
+            old_vcpu.get_regs()
+        assert caught.value.errno == errno.EBADF
+        number = vm.fd
+        vm.close()
+        other_vm = kvm.create_vm()
+        assert other_vm.fd == number
+        with pytest.raises(KvmError) as caught:
+            vm.create_vcpu(0)
+        assert caught.value.errno == errno.EBADF and other_vm.vcpus == []
+        other_vm.close()
+
+
+CLOSED_KVM_RUN = """
+from vlab.kvm import Kvm, KvmError, IoIn, MmioRead, X86Rdmsr
+kvm = Kvm()
+vm = kvm.create_vm()
+vcpu = vm.create_vcpu(0)
+vm.close()
+touches = {
+    "exit_reason": lambda: vcpu.exit_reason,
+    "kvm_run.exit_reason": lambda: vcpu.kvm_run.exit_reason,
+    "kvm_run.io.port": lambda: vcpu.kvm_run.io.port,
+    "immediate_exit": lambda: vcpu.immediate_exit,
+    "immediate_exit=": lambda: setattr(vcpu, "immediate_exit", True),
+    "kick": lambda: vcpu.kick(),
+    "synced_rip": lambda: vcpu.synced_rip,
+    "complete_io_in": lambda: vcpu.complete_io_in(IoIn(0x60, 1, 1, 4096), b"x"),
+    "complete_mmio_read": lambda: vcpu.complete_mmio_read(MmioRead(0x1000, 1), b"x"),
+    "complete_rdmsr": lambda: vcpu.complete_rdmsr(X86Rdmsr(0x10), 1),
+    "run": lambda: vcpu.run(),
+}
+for name, touch in touches.items():
+    try:
+        touch()
+        print(name, "no error")
+    except KvmError as e:
+        print(name, e.ioctl, e.errno)
+"""
+
+
+@pytest.mark.kvm
+def test_touching_kvm_run_after_close_raises_and_never_crashes():
+    proc = subprocess.run([sys.executable, "-c", CLOSED_KVM_RUN], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr  # a touch of unmapped memory would be SIGSEGV
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 11
+    assert all(line.split()[1:] == ["RUN", str(errno.EBADF)] for line in lines), proc.stdout
+
+
+def test_misaligned_memory_slot_is_einval_with_hint(kvm):
+    with kvm.create_vm() as vm, pytest.raises(KvmError) as caught:
+        vm.set_user_memory_region(0, 0x1001, 0x1000, 0)
+    assert (caught.value.errno, caught.value.ioctl) == (errno.EINVAL, "SET_USER_MEMORY_REGION")
+    assert "page aligned" in str(caught.value)
+
+
+def test_cr0_pg_without_pe_is_refused_with_hint(vcpu):
+    sregs = vcpu.get_sregs()
+    with pytest.raises(KvmError) as caught:
+        vcpu.set_sregs(sregs.replace(cr0=(sregs.cr0 & ~CR0_PE) | CR0_PG))
+    assert (caught.value.errno, caught.value.ioctl) == (errno.EINVAL, "SET_SREGS")
+    assert "CR0.PG without PE" in caught.value.hint and "KVM_SET_SREGS" in str(caught.value)
+    assert vcpu.get_sregs() == sregs
+
+
+def test_missing_device_is_kvm_unavailable_with_the_enoent_hint(tmp_path):
+    missing = tmp_path / "kvm"
+    with pytest.raises(KvmUnavailable) as caught:
+        Kvm(str(missing))
+    assert (caught.value.errno, caught.value.ioctl) == (errno.ENOENT, "open")
+    assert str(missing) in str(caught.value) and "modprobe" in caught.value.hint
+    usable, why = kvm_usable(str(missing))
+    assert not usable and caught.value.hint in why
+
+
+def test_a_file_that_is_not_kvm_opens_but_its_ioctls_are_enotty(tmp_path):
+    impostor = tmp_path / "kvm"
+    impostor.write_bytes(b"")
+    with Kvm(str(impostor)) as kvm, pytest.raises(KvmError) as caught:
+        kvm.get_api_version()
+    assert (caught.value.errno, caught.value.ioctl) == (errno.ENOTTY, "GET_API_VERSION")
+    assert "wrong fd kind" in caught.value.hint
+    assert kvm_usable(str(impostor))[0] is False
+
+
+AS_NOBODY = """
+import os, sys
+from vlab.kvm import Kvm, KvmUnavailable
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+try:
+    Kvm(sys.argv[1])
+except KvmUnavailable as e:
+    print(e.errno, e.ioctl)
+    print(e.hint)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another user")
+def test_no_permission_is_kvm_unavailable_with_the_eacces_hint(tmp_path):
+    device = tmp_path / "kvm"
+    device.write_bytes(b"")
+    device.chmod(0)
+    proc = subprocess.run([sys.executable, "-c", AS_NOBODY, str(device)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr
+    status, hint = proc.stdout.splitlines()
+    assert status == f"{errno.EACCES} open"
+    assert "usermod -aG kvm" in hint

@@ -35,7 +35,7 @@ class KvmVm:
 class KvmAccelerator:
     name = "kvm"
 
-    def __init__(self, reason: str = "asked for kvm", path: str = "/dev/kvm"):
+    def __init__(self, reason: str = "asked for kvm", path: str | None = None):
         self.kvm = Kvm(path)
         self.reason = reason
 

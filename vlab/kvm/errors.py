@@ -47,16 +47,19 @@ _HINTS = {
 
 
 class KvmError(OSError):
-    """An ioctl (or /dev/kvm open) failed; `ioctl` names it, `hint` says what to do."""
+    """An ioctl (or /dev/kvm open) failed; `ioctl` names it, `hint` says what to do.
+    `detail` adds context; for "open" it is the path."""
 
     def __init__(self, err: int, ioctl: str, hint: str | None = None, detail: str = ""):
         self.ioctl = ioctl
         self.hint = hint if hint is not None else hint_for(ioctl, err)
         name = _errno.errorcode.get(err, str(err))
-        message = f"KVM_{ioctl} failed: {name} ({_os_strerror(err)})" if ioctl != "open" \
-            else f"cannot open /dev/kvm: {name} ({_os_strerror(err)})"
-        if detail:
-            message += f" [{detail}]"
+        if ioctl == "open":
+            message = f"cannot open {detail or '/dev/kvm'}: {name} ({_os_strerror(err)})"
+        else:
+            message = f"KVM_{ioctl} failed: {name} ({_os_strerror(err)})"
+            if detail:
+                message += f" [{detail}]"
         if self.hint:
             message += f"\n  hint: {self.hint}"
         super().__init__(err, message)

@@ -73,7 +73,7 @@ class IoIn(Exit):
 
     def describe(self) -> str:
         rep = f" x{self.count}" if self.count > 1 else ""
-        return f"IO in  port {self.port:#x} size {self.size}{rep}"
+        return f"IO in port {self.port:#x} size {self.size}{rep}"
 
 
 @dataclass(slots=True)

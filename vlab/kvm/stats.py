@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 from dataclasses import dataclass
 
 from .abi import StatType, StatUnit, ffi
@@ -33,10 +34,11 @@ class StatDescriptor:
 
 
 class StatsFd:
-    """Reader for one stats fd; owns the fd."""
+    """Reader for one stats fd; owns the fd (closed by close(), or when collected)."""
 
     def __init__(self, fd: int, owner: str):
         self.fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
         self.owner = owner
         raw = os.pread(fd, _HEADER, 0)
         header = ffi.from_buffer("struct kvm_stats_header *", bytearray(raw))
@@ -85,9 +87,8 @@ class StatsFd:
                 if after[i] != before[i]}
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._finalizer()
+        self.fd = -1
 
     def __enter__(self):
         return self

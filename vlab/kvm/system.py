@@ -12,6 +12,13 @@ from .state import CpuidEntry
 from .trace import ioctl
 
 DEV_KVM = "/dev/kvm"
+DEVICE_ENV = "VLAB_KVM_DEVICE"
+
+
+def device_path() -> str:
+    """The KVM device to open: $VLAB_KVM_DEVICE when set, else /dev/kvm. Pointing it at a
+    missing file shows what the lab does on a machine without KVM."""
+    return os.environ.get(DEVICE_ENV) or DEV_KVM
 
 
 def _close(fd: int) -> None:
@@ -40,11 +47,12 @@ class Kvm:
 
     fd_kind = "system"
 
-    def __init__(self, path: str = DEV_KVM):
+    def __init__(self, path: str | None = None):
+        path = path or device_path()
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            raise KvmUnavailable(e.errno, "open") from None
+            raise KvmUnavailable(e.errno, "open", detail=path) from None
         self.path = path
         self._finalizer = weakref.finalize(self, _close, self.fd)
         self._vcpu_mmap_size: int | None = None
@@ -111,6 +119,7 @@ class Kvm:
 
     def close(self) -> None:
         self._finalizer()
+        self.fd = -1
 
     @property
     def closed(self) -> bool:
@@ -126,8 +135,10 @@ class Kvm:
         return f"<Kvm fd={self.fd}{' closed' if self.closed else ''}>"
 
 
-def kvm_usable(path: str = DEV_KVM) -> tuple[bool, str]:
-    """Can this process use KVM? (True, why) or (False, why not)."""
+def kvm_usable(path: str | None = None) -> tuple[bool, str]:
+    """Can this process use KVM (at `path`, by default `device_path()`)? (True, why) or
+    (False, why not)."""
+    path = path or device_path()
     try:
         with Kvm(path) as kvm:
             version = kvm.get_api_version()
@@ -138,4 +149,4 @@ def kvm_usable(path: str = DEV_KVM) -> tuple[bool, str]:
     return True, f"{path} opened, API version {version}"
 
 
-__all__ = ["Kvm", "kvm_usable", "DEV_KVM"]
+__all__ = ["Kvm", "kvm_usable", "device_path", "DEV_KVM", "DEVICE_ENV"]

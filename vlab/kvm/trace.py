@@ -67,6 +67,8 @@ def _call(fd: int, request: int, arg) -> int:
     """Integer (or no) argument: Python's own ioctl, the cheapest call on the KVM_RUN path.
     A pointer argument: libc's ioctl through cffi, so the kernel reads and writes the
     struct in place whatever its size. Returns the result or -errno."""
+    if fd < 0:  # closed (see `ioctl`)
+        return -_errno.EBADF
     if isinstance(arg, int) and not 0 <= arg < 2**31:  # fcntl.ioctl takes a C int
         arg = ffi.cast("void *", arg)
     if arg is None or isinstance(arg, int):
@@ -82,13 +84,18 @@ def _call(fd: int, request: int, arg) -> int:
 
 def ioctl(fd_kind: str, fd: int, name: str, request: int, arg=None,
           describe: str | Callable[[], str] = "", vcpu_id: int | None = None) -> int:
-    """Issue one ioctl; record it for listeners; raise KvmError naming it on failure."""
+    """Issue one ioctl; record it for listeners; raise KvmError naming it on failure.
+
+    A closed Kvm, VmFd or VcpuFd holds fd -1: its number may already belong to a newer file
+    (another VM's vCPU, say), so the call fails with EBADF instead of reaching it."""
     if not _listeners:
         if arg is None:  # KVM_RUN and the other argument-less ioctls: the hot path
             try:
                 return fcntl.ioctl(fd, request)
             except OSError as e:
                 raise KvmError(e.errno, name) from None
+            except ValueError:  # fcntl refuses fd -1
+                raise KvmError(_errno.EBADF, name) from None
         result = _call(fd, request, arg)
         if result < 0:
             raise KvmError(-result, name)

@@ -58,6 +58,10 @@ def read_msrs(fd_owner, indices: list[int]) -> dict[int, int]:
     return {msrs.entries[i].index: msrs.entries[i].data for i in range(count)}
 
 
+def _unmapped(vcpu_id: int, field: str) -> KvmError:
+    return KvmError(errno.EBADF, "RUN", detail=f"vCPU {vcpu_id} is closed; kvm_run.{field} is unmapped")
+
+
 class _ClosedRun:
     """Stands in for the unmapped kvm_run of a closed vCPU."""
 
@@ -65,7 +69,7 @@ class _ClosedRun:
         self._vcpu_id = vcpu_id
 
     def __getattr__(self, name):
-        raise KvmError(errno.EBADF, "RUN", detail=f"vCPU {self._vcpu_id} is closed; kvm_run.{name} is unmapped")
+        raise _unmapped(self._vcpu_id, name)
 
     def __setattr__(self, name, value):
         if name.startswith("_"):
@@ -87,6 +91,7 @@ class VcpuFd:
         self._view = ffi.from_buffer(self._mapping)
         self.kvm_run = ffi.cast("struct kvm_run *", self._view)
         self._finalizer = weakref.finalize(self, _release, fd, self._mapping, self._view)
+        install_kick_handler()  # now, while (typically) in the main thread: kicks need it
 
     def _ioctl(self, name: str, arg=None, describe="") -> int:
         request = getattr(Ioctl, name)
@@ -109,6 +114,8 @@ class VcpuFd:
                 self.kvm_run.immediate_exit = 0
                 return Interrupted()
             raise e if isinstance(e, KvmError) else KvmError(e.errno, "RUN") from None
+        except ValueError:  # fcntl refuses fd -1: closed
+            raise KvmError(errno.EBADF, "RUN", detail=f"vCPU {self.id} is closed") from None
         return decode(self.kvm_run, self.mmap_size, self._mapping)
 
     @property
@@ -142,7 +149,10 @@ class VcpuFd:
             raise ValueError(f"IN from port {exit.port:#x} needs {length} bytes, got {len(data)}")
         if exit.data_offset + length > self.mmap_size:
             raise ExitDecodeError(f"io.data_offset {exit.data_offset:#x} + {length} is outside kvm_run")
-        self._mapping[exit.data_offset:exit.data_offset + length] = data
+        try:
+            self._mapping[exit.data_offset:exit.data_offset + length] = data
+        except ValueError:  # the mapping is closed
+            raise _unmapped(self.id, "io data") from None
 
     def complete_mmio_read(self, exit: MmioRead, data: bytes) -> None:
         """Answer an MMIO load: `length` bytes into kvm_run.mmio.data."""
@@ -163,7 +173,10 @@ class VcpuFd:
     @property
     def synced_rip(self) -> int:
         """RIP at the last exit, from kvm_run.s (valid after enable_sync_regs)."""
-        return _RIP.unpack_from(self._mapping, _RIP_OFFSET)[0]
+        try:
+            return _RIP.unpack_from(self._mapping, _RIP_OFFSET)[0]
+        except ValueError:  # the mapping is closed
+            raise _unmapped(self.id, "s.regs.rip") from None
 
     def synced_regs(self) -> Regs:
         return regs_from_c(self.kvm_run.s.regs.regs)
@@ -294,6 +307,7 @@ class VcpuFd:
         touching unmapped memory."""
         self.kvm_run = _ClosedRun(self.id)
         self._finalizer()
+        self.fd = -1  # its number may be reused: see trace.ioctl
 
     @property
     def closed(self) -> bool:

@@ -118,6 +118,7 @@ class VmFd:
             vcpu.close()
         self.vcpus.clear()
         self._finalizer()
+        self.fd = -1
 
     @property
     def closed(self) -> bool:

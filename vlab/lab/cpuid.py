@@ -7,6 +7,7 @@ KVM_GET_SUPPORTED_CPUID; a named model such as `qemu64` masks it to a documented
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from ..kvm.state import CpuidEntry
@@ -166,7 +167,10 @@ class CpuidTable(Observable):
         try:
             return FEATURES[feature]
         except KeyError:
-            close = [n for n in FEATURES if feature.lower() in n][:5]
+            wanted = feature.lower()
+            close = list(dict.fromkeys(
+                [n for n in FEATURES if wanted in n]
+                + difflib.get_close_matches(wanted, FEATURES, n=5, cutoff=0.6)))[:5]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise KeyError(f"unknown CPUID feature {feature!r}{hint}") from None
 

@@ -13,12 +13,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..accel import select
-from ..kvm import Cap, detect_backend
+from ..accel import explain_auto, select
+from ..kvm import Cap, Shutdown, detect_backend
 from ..kvm.trace import IoctlRecord, subscribe
 from ..machine.assembler import assemble
 from ..machine.board import Machine, parse_size
-from ..machine.cpu_modes import CpuMode
+from ..machine.cpu_modes import EFER_LME, CpuMode
 from ..machine.examples import EXAMPLES
 from ..machine.exitlog import ExitLog
 from ..machine.loaders import load_elf, read_image
@@ -26,7 +26,7 @@ from ..machine.runloop import RunResult, StepResult
 from ..machine.snapshot import RegisterSnapshot, VcpuState
 from .cpuid import CpuidTable
 from .records import StageRecord
-from .registers import RegisterModel
+from .registers import RegisterModel, cpu_mode
 from .stages import STAGE_BY_NAME, STAGES, StageError
 
 # QEMU's kvm_arch_init: the identity-map page and, right above it, the three TSS pages that
@@ -40,6 +40,8 @@ REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.DESTROY_MEMORY_REGION_WORKS, Cap.JOIN_MEMO
 FEATURE_MSRS_TO_SET = {0x10A: "IA32_ARCH_CAPABILITIES", 0x8B: "IA32_UCODE_REV"}
 BITS = {CpuMode.REAL: 16, CpuMode.PROTECTED: 32, CpuMode.PAGED: 32, CpuMode.LONG: 64}
 GUEST_ORG = 0x8000
+MSR_EFER = 0xC0000080
+WRMSR = b"\x0f\x30"
 RUN_RECORD_LIMIT = 64   # ioctls kept in the kvm_cpu_exec record (the rest are counted)
 
 
@@ -120,9 +122,15 @@ class Lab:
             raise StageError(f"{name} is already done; create a new Lab to start over")
         missing = [need for need in stage.needs if need not in self.provided]
         if missing:
-            first = next(s.name for s in STAGES if set(s.provides) & set(missing))
-            raise StageError(f"{name} needs {', '.join(missing)}, which {first} provides: "
-                             f"call lab.{first}() first (or lab.next_stage())")
+            needed = set(missing)  # and, transitively, what their stages need
+            for earlier in reversed(STAGES):
+                if needed & set(earlier.provides):
+                    needed.update(n for n in earlier.needs if n not in self.provided)
+            first = next(s.name for s in STAGES if needed & set(s.provides))
+            sources = ", ".join(f"{need} (from {next(s.name for s in STAGES if need in s.provides)})"
+                                for need in missing)
+            raise StageError(f"{name} needs {sources}: call lab.{first}() first "
+                             f"(or lab.next_stage())")
 
     def _stage(self, name: str, body, ioctl_limit: int | None = None) -> StageRecord:
         self._check(name)
@@ -178,9 +186,12 @@ class Lab:
             state["memory slots"] = [f"slot {r.slot}: {r.gpa:#x}+{r.size:#x} {r.kind}"
                                      for r in self.machine.memory.regions if r.slot is not None]
             state["devices"] = sorted(self.machine.devices)
-        if "registers" in self.provided and self.vcpus:
-            regs = self.vcpus[0].get_regs()
-            state["vcpu0 rip"] = hex(regs.rip)
+        for vcpu in self.vcpus:
+            snap = RegisterSnapshot.capture(vcpu)
+            regs, sregs = snap.regs, snap.sregs
+            state[f"vcpu{vcpu.id} registers"] = (
+                f"{cpu_mode(snap)} mode, rip={regs.rip:#x} rsp={regs.rsp:#x} rbx={regs.rbx:#x} "
+                f"cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} efer={sregs.efer:#x}")
         return state
 
     def _kvm(self) -> bool:
@@ -189,8 +200,15 @@ class Lab:
     # -- 1. kvm_init ---------------------------------------------------------------------------------
     def kvm_init(self) -> StageRecord:
         """Open the accelerator and create the VM (QEMU: kvm_init, then kvm_arch_init)."""
+        self._check("kvm_init")
+        # `auto` probes /dev/kvm on a throwaway fd first, as QEMU tries each accelerator in
+        # turn; that probe is not part of the chosen accelerator's bring-up.
+        choice, reason = explain_auto() if self.accel_choice == "auto" else (self.accel_choice, None)
+
         def body(record: StageRecord) -> None:
-            self.accel = select(self.accel_choice)
+            self.accel = select(choice)
+            if reason:
+                self.accel.reason = reason
             record.notes.append(f"accelerator: {self.accel.reason}")
             if self._kvm():
                 kvm = self.accel.kvm
@@ -238,9 +256,11 @@ class Lab:
                 record.actions.append("the CPUID table comes from the software accelerator's "
                                       "own model (no KVM_GET_SUPPORTED_CPUID)")
             if self.backend is not None and self.backend.module == "kvm_pvm":
-                record.notes.append("on this kvm_pvm host the guest's CPUID instruction returns "
-                                    "the host's raw bits for leaves 1 and 7, whatever this table "
-                                    "says; other leaves follow it (see lab.guest_cpuid())")
+                record.notes.append("on this kvm_pvm host the guest's CPUID instruction (and "
+                                    "KVM_GET_CPUID2) returns the host's raw bits for most of "
+                                    "leaves 1 and 7, whatever this table says; the bits KVM "
+                                    "emulates (x2apic, hypervisor, ...) and the other leaves "
+                                    "follow it (see lab.guest_cpuid())")
         return self._stage("x86_cpu_realizefn", body)
 
     # -- 3. kvm_init_vcpu ----------------------------------------------------------------------------
@@ -251,13 +271,12 @@ class Lab:
                 size = self.accel.kvm.get_vcpu_mmap_size()
                 record.notes.append(f"struct kvm_run mapping: {size} bytes per vCPU (kvm_run, "
                                     f"the PIO data page, the coalesced MMIO ring)")
-            steps_over_hlt = self.backend is not None and self.backend.module == "kvm_pvm"
             for i in range(self.nr_vcpus):
                 vcpu = self.vm.create_vcpu(i)
                 log = ExitLog()
                 self.vcpus.append(vcpu)
                 self.exit_logs.append(log)
-                self.runners.append(self.machine.add_vcpu(vcpu, steps_over_hlt=steps_over_hlt, log=log))
+                self.runners.append(self.machine.add_vcpu(vcpu, log=log))
                 self.registers.append(RegisterModel(i))
                 if self._kvm():
                     record.actions.append(f"mmap(vcpu{i} fd {vcpu.fd}, {vcpu.mmap_size}, "
@@ -324,6 +343,13 @@ class Lab:
     def kvm_arch_put_registers(self) -> StageRecord:
         """The reset state of the chosen CPU mode, into every vCPU."""
         def body(record: StageRecord) -> None:
+            if self.mode is CpuMode.LONG and not self.cpuid.has("lm"):
+                raise StageError(
+                    "this CPU model has no lm (CPUID 0x80000001 EDX bit 29 is clear), so the "
+                    "vCPU cannot be reset into long mode. KVM would not stop it: it takes the "
+                    "VMM's KVM_SET_SREGS as given and checks CPUID only when the guest itself "
+                    "sets EFER.LME with WRMSR, which then raises #GP. Create a Lab with "
+                    "mode='protected' and let the guest try.")
             for i, vcpu in enumerate(self.vcpus):
                 setup = self.machine.setup_cpu(vcpu, self.mode, self.guest.entry,
                                                stack=GUEST_ORG - 0x200 * i, rbx=i)
@@ -401,6 +427,7 @@ class Lab:
         if vcpu is not None or self.nr_vcpus == 1:
             index = vcpu or 0
             result = self.runners[index].run(**options)
+            self._explain_lme_refused(index, result)
             self.registers[index].refresh(self.vcpus[index])
         else:
             result = self._run_threads(options)
@@ -409,9 +436,14 @@ class Lab:
 
     def _run_threads(self, options) -> list[RunResult]:
         results: list = [None] * self.nr_vcpus
+        errors: list[BaseException] = []
 
         def worker(i: int) -> None:
-            results[i] = self.runners[i].run(**options)
+            try:
+                results[i] = self.runners[i].run(**options)
+            except BaseException as e:  # raised in the caller's thread once all have stopped
+                errors.append(e)
+                self.stop(f"vCPU {i} failed: {e}")
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"CPU {i}/{self.accel.name.upper()}")
                    for i in range(self.nr_vcpus)]
@@ -424,9 +456,30 @@ class Lab:
             self.stop("interrupted by Ctrl-C")
             for t in threads:
                 t.join()
+        if errors:
+            raise errors[0]
         for i, vcpu in enumerate(self.vcpus):
+            self._explain_lme_refused(i, results[i])
             self.registers[i].refresh(vcpu)
         return results
+
+    def _explain_lme_refused(self, index: int, result: RunResult) -> None:
+        """A SHUTDOWN at a WRMSR setting EFER.LME on a CPU model without lm: KVM refused the
+        write with #GP, which escalated. The stop reason says so."""
+        if result.last_exit.__class__ is not Shutdown or self.cpuid.has("lm"):
+            return
+        regs, sregs = self.vcpus[index].get_regs(), self.vcpus[index].get_sregs()
+        try:
+            code = self.machine.memory.read(sregs.cs.base + regs.rip, len(WRMSR))
+        except ValueError:
+            return
+        if code != WRMSR or regs.rcx & 0xFFFFFFFF != MSR_EFER or not regs.rax & EFER_LME:
+            return
+        why = (f"the guest's WRMSR at {regs.rip:#x} sets EFER.LME, but this CPU model has no lm "
+               f"(CPUID 0x80000001 EDX bit 29 is clear): KVM refused the write with #GP "
+               f"(kvm_valid_efer, arch/x86/kvm/x86.c), so the guest cannot enter long mode; "
+               f"with no usable IDT the #GP became this triple fault")
+        result.stop_reason = f"SHUTDOWN: {why}"
 
     def stop(self, cause: str = "stopped") -> None:
         """Stop every running vCPU (from any thread)."""
@@ -510,7 +563,8 @@ class Lab:
                         sum(log.total for log in self.exit_logs))
 
     def restore(self, snapshot: Snapshot) -> None:
-        """Put the VM back exactly as `snapshot` found it (registers and memory)."""
+        """Put the VM back exactly as `snapshot` found it (registers and memory). IA32_TSC is
+        written back too, but KVM may take that as a TSC synchronisation and keep counting."""
         self.machine.memory.restore(snapshot.memory)
         for vcpu, state in zip(self.vcpus, snapshot.vcpus):
             state.restore(vcpu)

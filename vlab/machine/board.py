@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..devices import DebugConsole, FwCfg, IsaDebugExit, MmioTestDevice, Uart16550
 from ..devices.bus import Bus
+from ..kvm.backend import detect as detect_backend
 from .cpu_modes import CpuMode, initial_regs, setup_mode
 from .memory import GuestMemory
 from .runloop import VcpuRunner
@@ -84,6 +85,8 @@ class Machine:
         self.runners: list[VcpuRunner] = []
         self.exit_request: ExitRequest | None = None
         self.devices: dict[str, object] = {}
+        # Which KVM backend runs the guest shapes how fatal exits are explained.
+        self.backend = detect_backend() if accel.name == "kvm" else None
 
     # -- pc_memory_init -------------------------------------------------------------------------
     def init_memory(self, log_dirty: bool = False) -> list:
@@ -122,11 +125,10 @@ class Machine:
             runner.stop(f"isa-debug-exit: the guest asked to exit with status {status}")
 
     # -- vCPUs ---------------------------------------------------------------------------------
-    def add_vcpu(self, vcpu, *, steps_over_hlt: bool = False, log: ExitLog | None = None) -> VcpuRunner:
+    def add_vcpu(self, vcpu, *, log: ExitLog | None = None) -> VcpuRunner:
         """A runner for `vcpu`; its exits go to `log` (the machine's shared log by default)."""
         runner = VcpuRunner(vcpu, self.pio, self.mmio, read_code=self.read_physical,
-                            log=self.log if log is None else log,
-                            backend_steps_over_hlt=steps_over_hlt)
+                            log=self.log if log is None else log, backend=self.backend)
         self.runners.append(runner)
         return runner
 

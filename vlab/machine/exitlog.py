@@ -51,13 +51,15 @@ class ExitLog:
         self._listeners: list = []
 
     def append(self, record: ExitRecord) -> None:
-        self.total += 1
-        record.seq = self.total
+        self.total = record.seq = self.total + 1
         self.records.append(record)
         cls = record.exit.__class__
-        self._by_class[cls if cls is not OtherExit else record.exit.reason] += 1
-        for listener in self._listeners:
-            listener(record)
+        key = cls if cls is not OtherExit else record.exit.reason
+        counts = self._by_class
+        counts[key] = counts.get(key, 0) + 1
+        if self._listeners:
+            for listener in self._listeners:
+                listener(record)
 
     def subscribe(self, listener) -> None:
         """Call `listener(record)` on every new exit (views throttle their own redraws)."""
@@ -80,25 +82,34 @@ class ExitLog:
     def histogram(self) -> dict[str, int]:
         """Userspace exits by reason, most frequent first (over every exit, not just kept ones)."""
         counts: Counter = Counter()
-        for cls, n in self._by_class.items():
+        for cls, n in list(self._by_class.items()):
             counts[cls.name if isinstance(cls, ExitReason) else _LABELS.get(cls) or cls.reason.name] += n
         return dict(counts.most_common())
 
-    def kernel_delta(self, record: ExitRecord) -> dict[str, int]:
-        """KVM's counters that moved between the previous userspace exit and this one."""
+    def _deltas(self, record: ExitRecord) -> tuple[int, ...] | None:
         before, after = record.counters_before, record.counters_after
         if before is None or after is None:
+            return None
+        return tuple(b - a for a, b in zip(before, after))
+
+    def kernel_delta(self, record: ExitRecord) -> dict[str, int]:
+        """KVM's counters that moved between the previous userspace exit and this one."""
+        deltas = self._deltas(record)
+        if deltas is None:
             return {}
-        return {name: b - a for name, a, b in zip(self.counter_names, before, after) if b != a}
+        return {name: d for name, d in zip(self.counter_names, deltas) if d}
 
     def kernel_totals(self) -> dict[str, int]:
-        """KVM's counters summed over the kept records: what the kernel did meanwhile."""
-        first = next((r for r in self.records if r.counters_before is not None), None)
-        last = self.last
-        if first is None or last is None or last.counters_after is None:
-            return {}
-        return {name: b - a for name, a, b in
-                zip(self.counter_names, first.counters_before, last.counters_after)}
+        """KVM's counters summed over the kept records: what the kernel did meanwhile.
+        Summing each record's own delta stays right when several vCPUs share the log."""
+        totals = [0] * len(self.counter_names)
+        seen = False
+        for record in self.records:
+            deltas = self._deltas(record)
+            if deltas is not None:
+                seen = True
+                totals = [t + d for t, d in zip(totals, deltas)]
+        return dict(zip(self.counter_names, totals)) if seen else {}
 
     def clear(self) -> None:
         self.records.clear()
@@ -106,16 +117,18 @@ class ExitLog:
         self._by_class.clear()
 
     def to_dataframe(self):
-        """The kept records as a pandas DataFrame, one row per exit, kernel deltas as columns."""
+        """The kept records as a pandas DataFrame, one row per exit, with a `kvm.NAME` column
+        per kernel counter holding its delta since the previous exit."""
         import pandas as pd
+        kernel = [f"kvm.{name}" for name in self.counter_names]
         rows = []
         for r in self.records:
-            row = {"seq": r.seq, "vcpu": r.vcpu, "reason": r.reason, "rip": r.rip,
-                   "detail": r.exit.describe(), "device": r.device, "claimed": r.claimed,
-                   "kvm_run_us": r.duration_s * 1e6}
-            row.update({f"kvm.{k}": v for k, v in self.kernel_delta(r).items()})
-            rows.append(row)
-        return pd.DataFrame(rows).fillna(0) if rows else pd.DataFrame()
+            row = [r.seq, r.vcpu, r.reason, r.rip, r.exit.describe(), r.device, r.claimed,
+                   r.duration_s * 1e6]
+            deltas = self._deltas(r)
+            rows.append(row + list(deltas if deltas is not None else [None] * len(kernel)))
+        return pd.DataFrame(rows, columns=["seq", "vcpu", "reason", "rip", "detail", "device",
+                                           "claimed", "kvm_run_us", *kernel])
 
     def __str__(self) -> str:
         hist = self.histogram()

@@ -15,9 +15,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from vlab.machine.memory import GuestMemory, GuestMemoryError, span
 
 _X86_MACHINES = ("EM_386", "EM_X86_64")
@@ -110,6 +107,8 @@ def _elf_header(data: bytes) -> None:
 
 def parse_elf(image: bytes | str | os.PathLike) -> ElfImage:
     """Read an x86 ELF executable's entry point and PT_LOAD segments, checking each."""
+    from elftools.common.exceptions import ELFError  # imported here: `vlab run` of a flat
+    from elftools.elf.elffile import ELFFile         # image should not pay for pyelftools
     data = read_image(image)
     _elf_header(data)
     try:

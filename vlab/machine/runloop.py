@@ -18,9 +18,11 @@ from typing import Callable
 
 from ..devices.bus import Bus, BusError
 from ..kvm.abi import KVM_SYNC_X86_REGS, ExitReason
-from ..kvm.exits import (Debug, Exit, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut,
-                         MmioRead, MmioWrite, Shutdown, SystemEvent, X86Rdmsr, X86Wrmsr)
+from ..kvm.exits import (Debug, Exit, ExitDecodeError, FailEntry, Hlt, InternalError, Interrupted,
+                         IoIn, IoOut, MmioRead, MmioWrite, Shutdown, SystemEvent, X86Rdmsr,
+                         X86Wrmsr)
 from .exitlog import ExitLog, ExitRecord
+from .explain import explain
 from .snapshot import RegisterSnapshot
 
 # KVM's vCPU counters worth showing next to each userspace exit (names from the stats fd).
@@ -31,7 +33,7 @@ KERNEL_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits",
 RESUME, STOP = "resume", "stop"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Outcome:
     """What the loop does with one exit."""
     action: str                      # RESUME or STOP
@@ -42,30 +44,48 @@ class Outcome:
 
 
 _HLT = Outcome(STOP, stop_reason="HLT: the guest halted")
+_INTERRUPTED = Outcome(RESUME, stop_reason="interrupted")
+_UNCLAIMED = Outcome(RESUME, claimed=False)
+# A write a device took needs no reply, so its outcome depends on the device's name alone:
+# one shared object per name keeps the most frequent exits from allocating.
+_TAKEN: dict[str, Outcome] = {}
+
+
+def _taken(name: str) -> Outcome:
+    return _TAKEN.setdefault(name, Outcome(RESUME, name))
 
 
 def handle_exit(exit: Exit, pio: Bus, mmio: Bus) -> Outcome:
     """Route one exit to the device that owns the port or address (QEMU: kvm_handle_io,
-    address_space_rw) and say whether the guest may go on."""
+    address_space_rw) and say whether the guest may go on. Accesses the guest could not
+    have made (sizes, counts, lengths) raise `BusError`."""
     cls = exit.__class__
     if cls is IoOut:
         device = pio.pio_out(exit.port, exit.size, exit.count, exit.data)
-        return Outcome(RESUME, device.name, None) if device else Outcome(RESUME, claimed=False)
+        if device is None:
+            return _UNCLAIMED
+        return _TAKEN.get(device.name) or _taken(device.name)
     if cls is IoIn:
         data, device = pio.pio_in(exit.port, exit.size, exit.count)
-        return Outcome(RESUME, device.name if device else None, data, claimed=device is not None)
+        if device is None:
+            return Outcome(RESUME, None, data, claimed=False)
+        return Outcome(RESUME, device.name, data)
     if cls is MmioWrite:
         device = mmio.dispatch_write(exit.address, exit.value, _mmio_size(exit.length))
-        return Outcome(RESUME, device.name if device else None, claimed=device is not None)
+        if device is None:
+            return _UNCLAIMED
+        return _TAKEN.get(device.name) or _taken(device.name)
     if cls is MmioRead:
         size = _mmio_size(exit.length)
         value, device = mmio.dispatch_read(exit.address, size)
-        return Outcome(RESUME, device.name if device else None,
-                       value.to_bytes(size, "little")[:exit.length], claimed=device is not None)
+        reply = value.to_bytes(size, "little")[:exit.length]
+        if device is None:
+            return Outcome(RESUME, None, reply, claimed=False)
+        return Outcome(RESUME, device.name, reply)
     if cls is Hlt:
         return _HLT
     if cls is Interrupted:
-        return Outcome(RESUME, stop_reason="interrupted")
+        return _INTERRUPTED
     if cls is Debug:
         return Outcome(STOP, stop_reason="debug exception")
     if cls is Shutdown:
@@ -78,14 +98,18 @@ def handle_exit(exit: Exit, pio: Bus, mmio: Bus) -> Outcome:
     if cls is SystemEvent:
         return Outcome(STOP, stop_reason=f"SYSTEM_EVENT {exit.type_name}")
     if cls is X86Rdmsr:
-        return Outcome(RESUME, reply=(0).to_bytes(8, "little"), claimed=False)
+        # No MSR is emulated in userspace: the loop answers with an error, so the guest
+        # takes #GP as it would for an MSR the CPU lacks.
+        return Outcome(RESUME, reply=bytes(8), claimed=False)
     if cls is X86Wrmsr:
-        return Outcome(RESUME, claimed=False)
+        return _UNCLAIMED
     return Outcome(STOP, stop_reason=f"unhandled exit {exit.reason.name}")
 
 
 def _mmio_size(length: int) -> int:
     """Devices take 1, 2, 4 or 8-byte accesses; an odd-length MMIO access is widened."""
+    if not 1 <= length <= 8:
+        raise BusError(f"MMIO access of {length} bytes: the CPU moves 1 to 8")
     return length if length in (1, 2, 4, 8) else (4 if length < 4 else 8)
 
 
@@ -97,10 +121,12 @@ class RunResult:
     seconds: float
     last_exit: Exit | None
     rip: int
+    explanation: str | None = None    # what a fatal exit (SHUTDOWN, FAIL_ENTRY...) means
 
     def __str__(self) -> str:
-        return (f"stopped: {self.stop_reason} after {self.exits} exits in {self.seconds:.3f} s, "
+        text = (f"stopped: {self.stop_reason} after {self.exits} exits in {self.seconds:.3f} s, "
                 f"RIP={self.rip:#x}")
+        return f"{text}\n{self.explanation}" if self.explanation else text
 
 
 @dataclass
@@ -127,20 +153,25 @@ class StepResult:
 
 
 _HLT_OPCODE = 0xF4
+_clock = time.perf_counter
+_TRANSFERS = (IoIn, IoOut, MmioRead, MmioWrite)  # completed by the KVM_RUN after their exit
 
 
 class VcpuRunner:
-    """Runs one vCPU against the machine's buses and records every exit."""
+    """Runs one vCPU against the machine's buses and records every exit.
+
+    `read_code(address, size)` reads guest code by linear address (identity-mapped guests:
+    physical memory); `backend` (a `vlab.kvm.Backend`) tunes the explanations of fatal exits.
+    """
 
     def __init__(self, vcpu, pio: Bus, mmio: Bus, *, read_code: Callable[[int, int], bytes] | None = None,
-                 log: ExitLog | None = None, kernel_counters: bool = True,
-                 backend_steps_over_hlt: bool = False):
+                 log: ExitLog | None = None, kernel_counters: bool = True, backend=None):
         self.vcpu = vcpu
         self.pio, self.mmio = pio, mmio
         self.log = log if log is not None else ExitLog()
         self.read_code = read_code
+        self.backend = backend
         self.breakpoints: tuple[int, ...] = ()
-        self.backend_steps_over_hlt = backend_steps_over_hlt
         self.stop_requested = threading.Event()
         self._stop_cause = "stopped"
         vcpu.enable_sync_regs(KVM_SYNC_X86_REGS)  # RIP per exit without a GET_REGS ioctl
@@ -158,7 +189,9 @@ class VcpuRunner:
             present = [n for n in KERNEL_COUNTERS if n in names]
             index = {d.name: d.offset // 8 for d in self._stats.descriptors}
             self.counter_names = tuple(present)
-            self._counters = itemgetter(*(index[n] for n in present)) if len(present) > 1 else None
+            if present:
+                pick = itemgetter(*(index[n] for n in present))
+                self._counters = pick if len(present) > 1 else lambda words: (pick(words),)
         else:
             self.counter_names = ()
         if not self.log.counter_names:
@@ -179,13 +212,13 @@ class VcpuRunner:
     def _enter(self) -> tuple[Exit, Outcome]:
         """KVM_RUN once, handle the exit, record it: the body of kvm_cpu_exec's loop."""
         vcpu = self.vcpu
-        start = time.perf_counter()
+        start = _clock()
         exit = vcpu.run()
-        duration = time.perf_counter() - start
+        duration = _clock() - start
         try:
             outcome = handle_exit(exit, self.pio, self.mmio)
         except BusError as e:
-            outcome = Outcome(STOP, stop_reason=f"bad access from the guest: {e}")
+            outcome = Outcome(STOP, stop_reason=f"bad access from the guest ({exit.describe()}): {e}")
         if outcome.reply is not None:
             cls = exit.__class__
             if cls is IoIn:
@@ -209,6 +242,7 @@ class VcpuRunner:
         self.stop_requested.clear()
         self._thread = threading.get_ident()
         self._stop_cause = "stopped"
+        self.halted = False
         timer = (threading.Timer(timeout, self.stop, (f"timeout after {timeout} s",))
                  if timeout is not None else None)
         exits = 0
@@ -219,19 +253,24 @@ class VcpuRunner:
             if timer:
                 timer.start()
             try:
-                if self.breakpoints and self.read_code is not None:
-                    self._step_off_breakpoint()
+                if self.breakpoints and self.vcpu.get_regs().rip in self.breakpoints:
+                    # Resuming at a breakpoint would hit it again at once: step over it
+                    # first, as QEMU's gdbstub does.
+                    stepped = self.step()
+                    exit, exits = stepped.exit, 1
+                    if exit.__class__ is not Debug and stepped.outcome.action is STOP:
+                        stop_reason = self._stop_reason(exit, stepped.outcome)
+                enter, stopping = self._enter, self.stop_requested.is_set
                 while stop_reason is None:
-                    if self.stop_requested.is_set():
+                    if stopping():
                         stop_reason = self._stop_cause
                         break
-                    exit, outcome = self._enter()
+                    exit, outcome = enter()
+                    if exit.__class__ is Interrupted:
+                        continue  # a kick, not an exit the guest caused
                     exits += 1
                     if outcome.action is STOP:
                         stop_reason = self._stop_reason(exit, outcome)
-                    elif exit.__class__ is Interrupted:
-                        exits -= 1  # not a userspace exit the guest caused
-                        continue
                     elif until is not None and (exit.reason == until if isinstance(until, int)
                                                 else isinstance(exit, until)):
                         stop_reason = f"reached {exit.describe()}"
@@ -239,12 +278,16 @@ class VcpuRunner:
                         stop_reason = "predicate matched"
                     elif max_exits is not None and exits >= max_exits:
                         stop_reason = f"max_exits={max_exits} reached"
+            except ExitDecodeError as e:
+                stop_reason = f"KVM reported an exit that cannot be decoded: {e}"
             finally:
                 if timer:
                     timer.cancel()
                 self._thread = None
+        explanation = (explain(exit, self.vcpu, self.read_code, self.backend)
+                       if exit is not None else None)
         return RunResult(stop_reason, exits, time.perf_counter() - started, exit,
-                         self.vcpu.get_regs().rip)
+                         self.vcpu.get_regs().rip, explanation)
 
     def _stop_reason(self, exit: Exit, outcome: Outcome) -> str:
         if exit.__class__ is Debug:
@@ -267,56 +310,52 @@ class VcpuRunner:
     def set_breakpoints(self, addresses) -> None:
         """Up to four hardware execution breakpoints (DR0-DR3), by linear address."""
         addresses = tuple(addresses)
+        if len(addresses) > 4:
+            raise ValueError(f"{len(addresses)} breakpoints; x86 has four debug address "
+                             "registers (DR0-DR3)")
         self.vcpu.set_guest_debug(enable=bool(addresses), hw_breakpoints=addresses)
         self.breakpoints = addresses
 
-    def _next_opcode(self, regs, sregs) -> int | None:
+    def _at_hlt(self, regs, sregs) -> bool:
         if self.read_code is None:
-            return None
+            return False
         try:
-            return self.read_code(sregs.cs.base + regs.rip, 1)[0]
+            return self.read_code(sregs.cs.base + regs.rip, 1)[0] == _HLT_OPCODE
         except (ValueError, IndexError):
-            return None
+            return False
+
+    def _guest_exit(self) -> tuple[Exit, Outcome]:
+        """The next exit the guest causes: a pending kick's `Interrupted` is no step."""
+        while True:
+            exit, outcome = self._enter()
+            if exit.__class__ is not Interrupted:
+                return exit, outcome
 
     def step(self) -> StepResult:
         """Execute one instruction (KVM_SET_GUEST_DEBUG single-step) and say what changed.
 
-        Some backends (kvm_pvm) step over HLT without a HLT exit; there the instruction is
-        looked at first and a HLT is run without single-step, so it exits as HLT."""
+        Under single-step KVM skips a HLT and reports the step, never the halt
+        (`kvm_skip_emulated_instruction` traps before `kvm_emulate_halt` halts, on VMX and SVM
+        as on kvm_pvm), so a HLT is run without single-step: it then exits as HLT, as in
+        `run()`. Code is read at CS.base + RIP, which assumes identity-mapped paging."""
         before = RegisterSnapshot.capture(self.vcpu)
-        steps_over_hlt = (self.backend_steps_over_hlt
-                          and self._next_opcode(before.regs, before.sregs) == _HLT_OPCODE)
-        self.vcpu.set_guest_debug(enable=True, single_step=not steps_over_hlt,
-                                  hw_breakpoints=self.breakpoints)
+        self.halted = False
+        at_hlt = self._at_hlt(before.regs, before.sregs)
+        self.vcpu.set_guest_debug(enable=not at_hlt, single_step=not at_hlt)
         try:
-            while True:
-                exit, outcome = self._enter()
-                if exit.__class__ is not Interrupted:
-                    break
-            if exit.__class__ in (IoIn, IoOut, MmioRead, MmioWrite) and not steps_over_hlt:
-                # The instruction completes on the next entry, which then reports the step.
-                exit2, outcome2 = self._enter()
-                if exit2.__class__ is not Debug:
-                    exit, outcome = exit2, outcome2
+            exit, outcome = self._guest_exit()
+            if exit.__class__ in _TRANSFERS and outcome.action is RESUME:
+                # The I/O completes on the next KVM_RUN. With immediate_exit set, KVM finishes
+                # it and returns before running anything else: kvm_pvm would otherwise run
+                # the following instruction too before reporting the step.
+                self.vcpu.kick()
+                self._enter()
         finally:
             self.vcpu.set_guest_debug(enable=bool(self.breakpoints), hw_breakpoints=self.breakpoints)
         if exit.__class__ is Hlt:
             self.halted = True
         after = RegisterSnapshot.capture(self.vcpu)
         return StepResult(before, after, exit, outcome, before.diff(after))
-
-    def _step_off_breakpoint(self) -> None:
-        """Resuming at a breakpoint would hit it again at once: step over it first, as
-        QEMU's gdbstub does."""
-        rip = self.vcpu.get_regs().rip
-        if rip in self.breakpoints:
-            self.vcpu.set_guest_debug(enable=True, single_step=True)
-            try:
-                exit, _ = self._enter()
-                if exit.__class__ in (IoIn, IoOut, MmioRead, MmioWrite):
-                    self._enter()
-            finally:
-                self.vcpu.set_guest_debug(enable=True, hw_breakpoints=self.breakpoints)
 
     def close(self) -> None:
         if self._stats is not None:

@@ -67,7 +67,7 @@ def _layout() -> _Layout:
     for name, selector in markers.items():  # the 64-bit engine stores the selector alone
         uc.reg_write(getattr(x86, f"UC_X86_REG_{name.upper()}"), selector)
     uc.reg_write(x86.UC_X86_REG_FS_BASE, 0xF5BA5E0F5BA5E0)
-    uc.msr_write(MSR_EFER, 0x801)  # SCE|NXE, on top of the engine's LME|LMA
+    uc.msr_write(MSR_EFER, 0x901)  # SCE|LME|NXE; the engine adds LMA: 0xD01
     blob = bytes(uc.context_save())
     segments = blob.find(_U32.pack(markers["es"]))
     efer = blob.find(_U64.pack(0xD01))

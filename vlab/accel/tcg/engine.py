@@ -5,35 +5,46 @@ whatever mode the guest switched to, where a 16- or 32-bit engine would read 0 a
 guest enters long mode. `cpustate` puts it in real or protected mode.
 
 Guest RAM and ROM are the host memory the loaders write (`uc_mem_map_ptr`, no copy); every
-guest-physical address no region backs is an MMIO hole (`uc_mmio_map` over the gaps), so a
+guest-physical page no region backs is an MMIO hole (`uc_mmio_map`, on first touch), so a
 guest access anywhere else reaches the vCPU's callbacks, as a KVM access outside every
 memory slot becomes KVM_EXIT_MMIO.
 
-Below the binding's documented API, and only here: the per-exit calls go to the C library
-through the binding's own `uclib` prototypes (the binding's `reg_read` dispatch costs more
-than the rest of an exit), and `uc_vmem_read`/`uc_vmem_write`/`uc_vmem_translate` (Unicorn
-2.1's MMU-translated access, which the binding does not wrap) are declared here.
+Below the binding's documented API, and only here: the per-exit calls (emu_start, reg_read,
+the IN, OUT and CPUID hooks) go straight to the C library through the binding's `uclib`
+prototypes, because the binding's per-call layers cost as much as the rest of an exit; the
+hooks are registered with the binding's `_Uc__do_hook_add` and report exceptions through
+its `_hook_exception`, as its own hooks do; `close` runs its finalizer; and
+`uc_vmem_read`/`uc_vmem_write` (MMU-translated access, new in Unicorn 2.1 and not wrapped
+by the binding) are declared here. This ties the module to Unicorn 2.1's Python binding.
 """
 from __future__ import annotations
 
 import ctypes
 
-from unicorn import (UC_ARCH_X86, UC_ERR_OK, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC,
+from unicorn import (UC_ARCH_X86, UC_ERR_OK, UC_HOOK_INSN, UC_HOOK_MEM_FETCH_UNMAPPED,
+                     UC_HOOK_MEM_READ_UNMAPPED, UC_HOOK_MEM_WRITE_UNMAPPED,
+                     UC_MEM_FETCH_UNMAPPED, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC,
                      UC_PROT_READ, Uc, UcError)
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uclib
 
-PHYSICAL_LIMIT = 1 << 52   # QEMU's TARGET_PHYS_ADDR_SPACE_BITS for x86-64
-UNTIL = (1 << 64) - 1      # `until` is an address emulation stops at; this one is never reached
+PAGE_SIZE = 0x1000
 MAX_INSN = 15              # longest x86 instruction
 
 uclib.uc_vmem_read.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                ctypes.c_void_p, ctypes.c_size_t)
 uclib.uc_vmem_write.argtypes = uclib.uc_vmem_read.argtypes
-uclib.uc_vmem_translate.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
-                                    ctypes.POINTER(ctypes.c_uint64))
-for _f in (uclib.uc_vmem_read, uclib.uc_vmem_write, uclib.uc_vmem_translate):
-    _f.restype = ctypes.c_int
+uclib.uc_vmem_read.restype = uclib.uc_vmem_write.restype = ctypes.c_int
+_emu_start, _emu_stop, _reg_read = uclib.uc_emu_start, uclib.uc_emu_stop, uclib.uc_reg_read
+_RIP = x86.UC_X86_REG_RIP
+# <unicorn/unicorn.h> uc_cb_insn_in_t, uc_cb_insn_out_t; <unicorn/x86.h> uc_cb_insn_cpuid_t
+_INSN_HOOKS = {
+    x86.UC_X86_INS_IN: ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32,
+                                        ctypes.c_int, ctypes.c_void_p),
+    x86.UC_X86_INS_OUT: ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                         ctypes.c_uint32, ctypes.c_void_p),
+    x86.UC_X86_INS_CPUID: ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p),
+}
 
 
 class Engine:
@@ -43,32 +54,55 @@ class Engine:
         """`mmio_read(address, size) -> int` and `mmio_write(address, size, value)` receive
         every access to a hole, with its guest-physical address."""
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        # No `until` address: Unicorn would stop at it, and after each run it translates it
+        # through the guest's page tables, which sets CR2 when it is not mapped. With
+        # Unicorn's list of exits enabled and empty, only a stop ends emulation.
+        self.uc.ctl_exits_enabled(True)
         self._handle = self.uc._uch
         self._word = ctypes.c_uint64()
         self._word_ref = ctypes.byref(self._word)
         self._mmio = (lambda uc, offset, size, base: mmio_read(base + offset, size),
                       lambda uc, offset, size, value, base: mmio_write(base + offset, size, value))
-        self._backed: set[int] = set()        # gpa of each region mapped
-        self._holes: list[tuple[int, int]] = []
+        self._backed: set[int] = set()   # gpa of each region mapped
+        self._holes: set[int] = set()    # hole pages mapped so far
+        self.uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED
+                         | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_unmapped)
 
-    # --- the per-exit path ---------------------------------------------------------------
-    def start(self, rip: int, count: int) -> int:
-        """`uc_emu_start` at `rip` for at most `count` instructions; returns the uc_err status.
+    # --- the per-exit path --------------------------------------------------------------------
+    def start(self, count: int) -> int:
+        """`uc_emu_start` at RIP for at most `count` instructions; returns the uc_err status.
         An exception raised in a hook stopped emulation and is re-raised here."""
-        uc = self.uc
+        uc, handle = self.uc, self._handle
         uc._hook_exception = None
-        status = uclib.uc_emu_start(self._handle, rip, UNTIL, 0, count)
+        _reg_read(handle, _RIP, self._word_ref)
+        status = _emu_start(handle, self._word.value, 0, 0, count)  # `until` unused
         if uc._hook_exception is not None:
             raise uc._hook_exception
         return status
 
+    def hook_insn(self, insn: int, callback) -> None:
+        """UC_HOOK_INSN for IN, OUT or CPUID, called as `callback(port, size)` (returns the
+        value read), `callback(port, size, value)` or `callback()` (True: the hook answered).
+        The binding's own hook layers would cost as much as the rest of an exit; like them,
+        an exception raised in the callback stops emulation and is re-raised by `start`."""
+        def hook(handle, *args):
+            try:
+                return callback(*args[:-1])  # the last argument is Unicorn's user data
+            except BaseException as error:
+                if self.uc._hook_exception is None:
+                    self.uc._hook_exception = error
+                self.stop()
+                return 0
+        function = _INSN_HOOKS[insn](hook)
+        self.uc._Uc__do_hook_add(UC_HOOK_INSN, function, 1, 0, ctypes.c_int(insn))
+
     def stop(self) -> None:
         """`uc_emu_stop`: safe from any thread and from hooks; ignored when not running."""
-        uclib.uc_emu_stop(self._handle)
+        _emu_stop(self._handle)
 
     def read(self, reg: int) -> int:
         """A 64-bit register (RAX..R15, RIP, RFLAGS)."""
-        uclib.uc_reg_read(self._handle, reg, self._word_ref)
+        _reg_read(self._handle, reg, self._word_ref)
         return self._word.value
 
     def write(self, reg: int, value: int) -> None:
@@ -76,9 +110,18 @@ class Engine:
         uclib.uc_reg_write(self._handle, reg, self._word_ref)
 
     def rip(self) -> int:
-        return self.read(x86.UC_X86_REG_RIP)
+        return self.read(_RIP)
 
-    # --- guest memory through the MMU ------------------------------------------------------
+    def read_many(self, regs: tuple[int, ...]) -> tuple[int, ...]:
+        """Several 64-bit registers in one `uc_reg_read_batch`."""
+        ids = (ctypes.c_int * len(regs))(*regs)
+        values = (ctypes.c_uint64 * len(regs))()
+        pointers = (ctypes.c_void_p * len(regs))(
+            *(ctypes.addressof(values) + 8 * i for i in range(len(regs))))
+        uclib.uc_reg_read_batch(self._handle, ids, pointers, len(regs))
+        return tuple(values)
+
+    # --- guest memory through the MMU ---------------------------------------------------------
     def read_linear(self, address: int, size: int, prot: int = UC_PROT_READ) -> bytes:
         """Up to `size` bytes at a linear address, as far as they are mapped (paging applies)."""
         buffer = ctypes.create_string_buffer(size)
@@ -99,38 +142,34 @@ class Engine:
         if status != UC_ERR_OK:
             raise UcError(status)
 
-    def physical(self, address: int) -> int:
-        """The guest-physical address a linear address maps to now."""
-        status = uclib.uc_vmem_translate(self._handle, address, UC_PROT_READ, self._word_ref)
-        if status != UC_ERR_OK:
-            raise UcError(status)
-        return self._word.value
-
-    # --- the memory map ----------------------------------------------------------------------
+    # --- the memory map -----------------------------------------------------------------------
     def set_memory(self, regions) -> None:
-        """Map `regions` (sorted, non-overlapping, page-aligned; each with gpa, size,
-        host_address, readonly) and make every gap between them an MMIO hole.
+        """Map `regions` (non-overlapping, page-aligned; each with gpa, size, host_address,
+        readonly) that are not mapped yet; a hole page in the way is unmapped first.
 
         ROM is mapped read+execute: a guest store to it reaches the UC_HOOK_MEM_WRITE_PROT
         hook, as KVM_MEM_READONLY turns it into an MMIO exit."""
-        for gpa, size in self._holes:
-            self.uc.mem_unmap(gpa, size)
-        self._holes = []
-        cursor = 0
         for region in regions:
-            if region.gpa not in self._backed:
-                perms = UC_PROT_READ | UC_PROT_EXEC if region.readonly else UC_PROT_ALL
-                self.uc.mem_map_ptr(region.gpa, region.size, perms, region.host_address)
-                self._backed.add(region.gpa)
-            self._map_hole(cursor, region.gpa)
-            cursor = region.gpa + region.size
-        self._map_hole(cursor, PHYSICAL_LIMIT)
+            if region.gpa in self._backed:
+                continue
+            for page in [p for p in self._holes if region.gpa <= p < region.gpa + region.size]:
+                self.uc.mem_unmap(page, PAGE_SIZE)
+                self._holes.remove(page)
+            perms = UC_PROT_READ | UC_PROT_EXEC if region.readonly else UC_PROT_ALL
+            self.uc.mem_map_ptr(region.gpa, region.size, perms, region.host_address)
+            self._backed.add(region.gpa)
         self.flush_translations()
 
-    def _map_hole(self, start: int, end: int) -> None:
-        if end > start:
-            self.uc.mmio_map(start, end - start, self._mmio[0], start, self._mmio[1], start)
-            self._holes.append((start, end - start))
+    def _on_unmapped(self, uc, access, address, size, value, _) -> bool:
+        """First touch of a page no region backs: make it a hole page (`uc_mmio_map`) and
+        let Unicorn retry the access there. Unicorn walks its mapping page by page to
+        unmap, so the holes are mapped as they are used, not as one huge region."""
+        if access == UC_MEM_FETCH_UNMAPPED:
+            return False  # code cannot run from MMIO: Unicorn stops with an error
+        page = address & ~(PAGE_SIZE - 1)
+        self.uc.mmio_map(page, PAGE_SIZE, self._mmio[0], page, self._mmio[1], page)
+        self._holes.add(page)
+        return True
 
     def flush_translations(self) -> None:
         """Drop translated code. TCG notices the guest rewriting its own code, but not the
@@ -138,7 +177,6 @@ class Engine:
         self.uc.ctl_flush_tb()
 
     def close(self) -> None:
-        """`uc_close` now (the binding would do it when the engine is garbage-collected)."""
-        if self.uc is not None:
-            self.uc._Uc__finalizer()
-            self.uc = None
+        """`uc_close` now, rather than when the binding's finalizer runs at garbage collection
+        (hooks make reference cycles, so that can be late); the engine is unusable after."""
+        self.uc._Uc__finalizer()

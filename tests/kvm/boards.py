@@ -1,0 +1,64 @@
+"""The board `vlab run` builds (RAM, standard devices, one vCPU), on real KVM, with a guest
+given as nasm source: what the machine and run-loop tests start from."""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from vlab.accel import select
+from vlab.machine.assembler import Assembly, assemble
+from vlab.machine.board import Machine
+from vlab.machine.boot import MODE_BITS, create_machine
+from vlab.machine.cpu_modes import CpuMode
+from vlab.machine.loaders import load_raw
+from vlab.machine.runloop import VcpuRunner
+
+ORG = 0x8000
+WATCHDOG = 30  # seconds: a run loop that fails to stop its guest fails the test, not hangs it
+
+
+@dataclass
+class Board:
+    machine: Machine
+    runner: VcpuRunner
+    assembly: Assembly
+
+    @property
+    def vcpu(self):
+        return self.runner.vcpu
+
+    def address(self, marker: str) -> int:
+        """Guest address of the first instruction from the source line containing `marker`
+        on (a label's line holds none)."""
+        lines = self.assembly.source.splitlines()
+        line = next(i for i, text in enumerate(lines, 1) if marker in text)
+        return min(address for address, number in self.assembly.lines.items() if number >= line)
+
+
+def _watchdog(signum, frame):
+    pytest.fail(f"the guest still ran after {WATCHDOG} s: nothing stopped it")
+
+
+@pytest.fixture
+def board(kvm):
+    """`board(source, mode="real", org=ORG)`: a machine about to run `source`."""
+    machines: list[Machine] = []
+    previous = signal.signal(signal.SIGALRM, _watchdog)
+    signal.alarm(WATCHDOG)
+
+    def make(source: str, mode: CpuMode | str = "real", org: int = ORG) -> Board:
+        machine, runner = create_machine(select("kvm"))
+        machines.append(machine)
+        assembly = assemble(source, bits=MODE_BITS[CpuMode(mode)], org=org)
+        load_raw(machine.memory, assembly.org, assembly.code)
+        machine.setup_cpu(runner.vcpu, mode, assembly.org)
+        return Board(machine, runner, assembly)
+
+    yield make
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+    for machine in machines:
+        machine.close()
+        machine.accel.close()

@@ -1,0 +1,104 @@
+; irqchip.asm - the legacy interrupt path QEMU's pc machine has, here in the kernel
+; (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2): programs the 8259 pair and the i8254 PIT, takes
+; PIT interrupts on IRQ 0 while sleeping in HLT, and reads the IOAPIC's version register.
+
+%include "defs.inc"
+%define IDT_VECTORS 0x30
+
+PIC1_CMD  equ 0x20
+PIC1_DATA equ 0x21
+PIC2_CMD  equ 0xA0
+PIC2_DATA equ 0xA1
+PIC_EOI   equ 0x20
+IRQ_BASE  equ 0x20                      ; IRQ 0-7 -> vectors 0x20-0x27, 8-15 -> 0x28-0x2f
+PIT_CH0   equ 0x40
+PIT_CMD   equ 0x43
+PIT_DIVISOR equ 1193                    ; 1.193182 MHz / 1193: about 1 kHz
+TICKS     equ 5
+IOAPIC_SEL equ 0xFEC00000
+IOAPIC_WIN equ 0xFEC00010
+IOAPIC_VER equ 1
+
+section .text
+MULTIBOOT_HEADER MB_PAGE_ALIGN | MB_MEMORY_INFO
+
+global _start
+_start:
+    KERNEL_ENTRY stack_top
+    call idt_init
+    SET_GATE IRQ_BASE, pit_interrupt
+    SET_GATE IRQ_BASE + 7, spurious_irq
+    SET_GATE IRQ_BASE + 15, spurious_irq
+
+    mov dword [IOAPIC_SEL], IOAPIC_VER
+    mov eax, [IOAPIC_WIN]
+    PRINT "IOAPIC version register 0x"
+    call puthex
+    PRINT 10
+    cmp al, 0x11
+    je .ioapic_ok
+    FAIL "IOAPIC version is not 0x11"
+.ioapic_ok:
+
+    ; 8259 initialization words (8259A datasheet): ICW1 edge/cascade/ICW4, ICW2 vector
+    ; base, ICW3 cascade on IRQ 2, ICW4 8086 mode. Then mask all but IRQ 0.
+    mov al, 0x11
+    out PIC1_CMD, al
+    out PIC2_CMD, al
+    mov al, IRQ_BASE
+    out PIC1_DATA, al
+    mov al, IRQ_BASE + 8
+    out PIC2_DATA, al
+    mov al, 1 << 2
+    out PIC1_DATA, al
+    mov al, 2
+    out PIC2_DATA, al
+    mov al, 1
+    out PIC1_DATA, al
+    out PIC2_DATA, al
+    mov al, 0xFE
+    out PIC1_DATA, al
+    mov al, 0xFF
+    out PIC2_DATA, al
+
+    mov al, 0x34                        ; channel 0, low then high byte, mode 2 (rate)
+    out PIT_CMD, al
+    mov ax, PIT_DIVISOR
+    out PIT_CH0, al
+    mov al, ah
+    out PIT_CH0, al
+.wait:
+    sti
+    hlt
+    cli
+    cmp dword [ticks], TICKS
+    jb .wait
+    mov al, 0xFF
+    out PIC1_DATA, al
+    PRINT "PIT: IRQ 0 interrupts through the 8259: "
+    mov eax, [ticks]
+    call putdec
+    PRINT 10, "PASS", 10
+    mov eax, EXIT_PASS
+    jmp exit
+
+pit_interrupt:
+    inc dword [ticks]
+    push eax
+    mov al, PIC_EOI
+    out PIC1_CMD, al
+    pop eax
+    IRETURN
+
+spurious_irq:                           ; IRQ 7 or 15 with nothing in service: no EOI
+    IRETURN
+
+%include "lib.inc"
+
+section .bss
+ticks: resd 1
+alignb 8
+idt: resb IDT_VECTORS * 8
+alignb 16
+    resb 4096
+stack_top:

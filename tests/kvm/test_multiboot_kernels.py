@@ -1,0 +1,251 @@
+"""The project's own Multiboot kernels (tests/kvm/kernels) booted on the PC of vlab.machine.pc.
+
+Each kernel checks itself and reports through isa-debug-exit: EXIT_PASS (0) gives status 1,
+EXIT_FAIL (1) gives status 3, and the console says what failed. The ELF kernels are built
+with `nasm -f elf32` and `ld -m elf_i386`; trivial.asm is a flat binary with the a.out
+kludge, built with `nasm -f bin`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlab.kvm import detect_backend
+from vlab.machine.multiboot import MultibootError
+from vlab.machine.pc import (BY_GUEST, BY_INTERRUPT, BY_TIMEOUT, BY_VCPU, EXIT_CODES,
+                             boot_multiboot)
+
+KERNELS = Path(__file__).parent / "kernels"
+REPO = Path(__file__).parents[2]
+PASS = 1  # the status of EXIT_PASS: (0 << 1) | 1
+TIMEOUT = 20.0  # seconds; ring-0 guest code may be emulated instruction by instruction
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(not (shutil.which("nasm") and shutil.which("ld")),
+                       reason="building the test kernels needs nasm and GNU ld (binutils)"),
+]
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory):
+    """`kernel(name, *defines)`: the path of tests/kvm/kernels/NAME.asm, built once."""
+    out = tmp_path_factory.mktemp("kernels")
+    built: dict[tuple, Path] = {}
+
+    def build(name: str, *defines: str) -> Path:
+        key = (name, defines)
+        if key not in built:
+            source = KERNELS / f"{name}.asm"
+            stem = out / "-".join((name, *defines))
+            flags = [f"-D{d}" for d in defines]
+            if name == "trivial":
+                image = stem.with_suffix(".bin")
+                _tool("nasm", "-f", "bin", *flags, f"-I{KERNELS}/", source, "-o", image)
+            else:
+                image = stem.with_suffix(".elf")
+                obj = stem.with_suffix(".o")
+                _tool("nasm", "-f", "elf32", *flags, f"-I{KERNELS}/", source, "-o", obj)
+                # -n: no page alignment, so the ELF header is not loaded below 1 MiB.
+                _tool("ld", "-m", "elf_i386", "-n", "-Ttext=0x100000", "-o", image, obj)
+            built[key] = image
+        return built[key]
+
+    return build
+
+
+def _tool(*argv) -> None:
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{argv[0]} failed:\n{result.stderr}"
+
+
+def boot(image, **kwargs):
+    kwargs.setdefault("timeout", TIMEOUT)
+    return boot_multiboot(image, **kwargs)
+
+
+def passed(result) -> None:
+    """The kernel's own checks passed: status 1 and its PASS line."""
+    assert (result.status, result.ended_by) == (PASS, BY_GUEST), result.console + result.summary()
+    assert result.console.endswith("PASS\n")
+
+
+def test_hello_sees_magic_memory_map_and_cmdline(kernel):
+    result = boot(kernel("hello"), memory="64M", append="console=ttyS0 quiet")
+    passed(result)
+    assert result.console.startswith("hello from a multiboot kernel\nA20 on\n")
+    upper = (64 << 10) - 1024
+    assert f"mem_lower=639 KiB mem_upper={upper} KiB\n" in result.console
+    assert "mmap base=0x00000000 length=0x0009fc00 type=1\n" in result.console
+    assert f"mmap base=0x00100000 length=0x{upper << 10:08x} type=1\n" in result.console
+    assert "cmdline='console=ttyS0 quiet'\n" in result.console
+    assert result.exit_code == 1
+
+
+def test_empty_command_line_is_still_a_string(kernel):
+    result = boot(kernel("hello"))
+    passed(result)
+    assert "cmdline=''\n" in result.console
+
+
+def test_the_guest_status_passes_through(kernel):
+    """exit=3 on the command line: the kernel writes 3, the status is (3 << 1) | 1."""
+    result = boot(kernel("hello"), append="exit=3")
+    assert (result.status, result.exit_code) == (7, 7)
+    assert "PASS" not in result.console
+
+
+def test_flat_binary_with_aout_kludge(kernel):
+    result = boot(kernel("trivial"))
+    assert result.status == PASS, result.summary()
+    assert result.console == "hello from a trivial multiboot kernel\n"
+    assert result.boot.header.kludge and result.boot.entry > 0x100000
+
+
+def test_fw_cfg_signature_ram_size_and_cpu_count(kernel):
+    result = boot(kernel("fwcfg"), memory="96M", smp=2)
+    passed(result)
+    assert "fw_cfg signature QEMU\nfw_cfg RAM size 96 MiB\nfw_cfg CPUs 2\n" in result.console
+
+
+def test_application_processor_sleeps_until_started(kernel):
+    """Nobody sends the AP INIT/SIPI: its KVM_RUN blocks in the kernel the whole run and
+    returns only when kicked at the end, still KVM_MP_STATE_UNINITIALIZED."""
+    result = boot(kernel("hello"), smp=2)
+    passed(result)
+    ap = result.vcpus[1]
+    assert (ap.exits, ap.mp_state, ap.rip) == (0, "UNINITIALIZED", 0xFFF0)
+    assert ap.stop_reason.startswith("isa-debug-exit")
+
+
+def test_local_apic_registers_and_timer_interrupts(kernel):
+    result = boot(kernel("lapic"))
+    passed(result)
+    assert "IA32_APIC_BASE 0xfee00900\nAPIC ID 0\n" in result.console
+    assert "one-shot interrupt taken\n" in result.console
+    assert "periodic interrupts taken\n" in result.console
+    # The local APIC's MMIO and the kernel's four HLTs never left the kernel: KVM slept
+    # the vCPU in each HLT and woke it with the timer interrupt.
+    bsp = result.vcpus[0]
+    assert set(bsp.histogram) == {"IO in", "IO out"}
+    assert bsp.kernel["halt_exits"] >= 4 and bsp.kernel["irq_injections"] >= 4
+
+
+def test_protected_mode_iret(kernel):
+    """KVM's instruction emulator has no protected-mode IRET; on kvm_pvm, which emulates
+    all ring-0 code, returning from the timer interrupt with IRET stops the vCPU."""
+    result = boot(kernel("lapic", "PLAIN_IRET"))
+    if detect_backend().emulates_kernel_mode:
+        assert result.ended_by == BY_VCPU
+        assert "INTERNAL_ERROR" in result.stop_reason
+        assert result.exit_code == EXIT_CODES[BY_VCPU]
+    else:
+        passed(result)
+
+
+def test_pic_pit_and_ioapic_in_the_kernel(kernel):
+    result = boot(kernel("irqchip"))
+    passed(result)
+    assert "IOAPIC version register 0x00170011\n" in result.console
+    assert "PIT: IRQ 0 interrupts through the 8259: 5\n" in result.console
+    assert result.vcpus[0].kernel["irq_injections"] >= 5
+
+
+@pytest.mark.parametrize("smp", [2, 4])
+def test_bsp_starts_aps_with_init_sipi_sipi(kernel, smp):
+    result = boot(kernel("smp"), smp=smp)
+    passed(result)
+    for apic_id in range(1, smp):
+        assert (f"BSP: INIT, SIPI, SIPI to APIC ID {apic_id}\n"
+                f"AP up: APIC ID {apic_id}\n") in result.console
+    for ap in result.vcpus[1:]:
+        assert ap.mp_state == "HALTED"  # its HLT sleeps in the kernel
+        # KVM_RUN returned (EAGAIN) once when INIT woke the AP, and once (EINTR) when the
+        # machine stopped and kicked it.
+        assert ap.histogram["INTR"] >= 2
+
+
+def test_modules_arrive_page_aligned_and_intact(kernel, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"vlab module: first line\nsecond line\n")
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(bytes(range(256)) * 40 + b"\n")
+    result = boot(kernel("module"), modules=[f"{text} answer=42", blob])
+    passed(result)
+    assert "modules: 2\n" in result.console
+    for spec, path in ((f"{text} answer=42", text), (str(blob), blob)):
+        data = path.read_bytes()
+        line = re.search(rf"module '{re.escape(spec)}' at 0x([0-9a-f]{{8}}) length (\d+) "
+                         rf"sum 0x([0-9a-f]{{8}})\n", result.console)
+        assert line, result.console
+        start, length, total = int(line[1], 16), int(line[2]), int(line[3], 16)
+        assert start % 4096 == 0 and length == len(data) and total == sum(data)
+        assert (spec, start, start + length) in result.boot.modules
+    assert "first line: vlab module: first line\n" in result.console
+
+
+def test_timeout_kicks_a_vcpu_asleep_in_hlt(kernel):
+    result = boot(kernel("stuck"), append="halt", timeout=0.5, smp=2)
+    assert (result.status, result.ended_by) == (None, BY_TIMEOUT)
+    assert result.exit_code == EXIT_CODES[BY_TIMEOUT]
+    assert [v.mp_state for v in result.vcpus] == ["HALTED", "UNINITIALIZED"]
+    assert result.seconds < 0.5 + 2.0
+
+
+def test_triple_fault_stops_the_machine(kernel):
+    result = boot(kernel("stuck"), append="fault", smp=2)
+    assert (result.status, result.ended_by) == (None, BY_VCPU)
+    assert result.exit_code == EXIT_CODES[BY_VCPU]
+    assert result.stop_reason.startswith("vCPU 0 stopped: SHUTDOWN")
+    assert result.vcpus[1].stop_reason.startswith("machine stopped: vCPU 0 stopped")
+
+
+def test_bad_kernel_is_refused_before_running(tmp_path):
+    image = tmp_path / "not-a-kernel"
+    image.write_bytes(b"\x7fELF" + bytes(100))
+    with pytest.raises(MultibootError, match="no Multiboot header"):
+        boot(image)
+
+
+def test_only_kvm_has_the_in_kernel_irqchip(kernel):
+    with pytest.raises(ValueError, match="needs the kvm accelerator"):
+        boot(kernel("trivial"), accel="tcg")
+
+
+# --- the command line: `vlab run --multiboot` ---------------------------------------------------
+def vlab(*args, **popen):
+    """`python -m vlab ARGS` from this checkout, as a subprocess."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
+    return subprocess.Popen([sys.executable, "-m", "vlab", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+@pytest.mark.parametrize("append, status", [("", PASS), ("exit=3", 7)])
+def test_cli_exits_with_the_guest_status(kernel, tmp_path, append, status):
+    module = tmp_path / "module.txt"
+    module.write_text("module line\n")
+    run = vlab("run", "--multiboot", kernel("hello"), "--append", append, "--module", module,
+               "--smp", 2, "--memory", "32M", "--accel", "kvm", "--timeout", TIMEOUT)
+    out, err = run.communicate(timeout=TIMEOUT + 30)
+    assert run.returncode == status, err.decode()
+    assert out.decode().startswith("hello from a multiboot kernel\nA20 on\nmem_lower=639 KiB "
+                                   f"mem_upper={31 * 1024} KiB\n")
+    assert f"cmdline='{append}'\n" in out.decode()
+
+
+def test_cli_ctrl_c_stops_every_vcpu(kernel):
+    run = vlab("run", "--multiboot", kernel("stuck"), "--append", "halt", "--smp", 2,
+               "--timeout", 60)
+    assert run.stdout.readline() == b"halting\n"  # the guest runs: stop it now
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=30)
+    assert run.returncode == EXIT_CODES[BY_INTERRUPT], err.decode()
+    assert b"interrupted by Ctrl-C" in out

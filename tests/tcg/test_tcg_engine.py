@@ -1,0 +1,97 @@
+"""The Unicorn engine wrapper on its own: memory map, hooks, linear access."""
+from __future__ import annotations
+
+import mmap
+
+import pytest
+from unicorn import UC_ERR_OK
+from unicorn import x86_const as x86
+
+from vlab.accel.tcg.cpustate import write_sregs
+from vlab.accel.tcg.engine import Engine
+from vlab.kvm.abi import ffi
+from vlab.kvm.state import Segment, Sregs
+
+REAL_MODE = Sregs(cs=Segment(type=11))
+
+
+class Region:
+    def __init__(self, gpa: int, size: int, readonly: bool = False):
+        self.gpa, self.size, self.readonly = gpa, size, readonly
+        self.memory = mmap.mmap(-1, size)
+        self.host_address = int(ffi.cast("uintptr_t", ffi.from_buffer(self.memory)))
+
+
+@pytest.fixture
+def engine():
+    accesses = []
+    made = Engine(lambda address, size: accesses.append(("read", address, size)) or 0x5A,
+                  lambda address, size, value: accesses.append(("write", address, size, value)))
+    made.accesses = accesses
+    write_sregs(made.uc, REAL_MODE)
+    yield made
+    made.close()
+
+
+def run(engine, ram, code: bytes) -> int:
+    ram.memory[0x8000:0x8000 + len(code)] = code
+    engine.flush_translations()
+    engine.write(x86.UC_X86_REG_RIP, 0x8000)
+    return engine.start(100)
+
+
+def test_a_hole_page_is_mapped_on_first_touch_and_gives_way_to_a_region(engine):
+    ram, rom = Region(0, 0x10000), Region(0x20000, 0x1000, readonly=True)
+    engine.set_memory([ram, rom])
+    assert sorted(engine.uc.mem_regions()) == [(0, 0xFFFF, 7), (0x20000, 0x20FFF, 5)]
+    # mov al, [0x1000] with DS base 0x30000: a hole
+    write_sregs(engine.uc, REAL_MODE.replace(ds=Segment(selector=0x3000, base=0x30000)))
+    assert run(engine, ram, bytes.fromhex("a0 0010 f4")) == UC_ERR_OK
+    assert engine.accesses == [("read", 0x31000, 1)]
+    assert (0x31000, 0x31FFF, 3) in engine.uc.mem_regions()
+    late = Region(0x30000, 0x4000)
+    late.memory[0x1000] = 0x77
+    engine.set_memory([ram, rom, late])
+    assert sorted(engine.uc.mem_regions())[2] == (0x30000, 0x33FFF, 7)
+    assert run(engine, ram, bytes.fromhex("a0 0010 f4")) == UC_ERR_OK
+    assert engine.read(x86.UC_X86_REG_RAX) & 0xFF == 0x77
+    assert len(engine.accesses) == 1
+
+
+def test_guest_ram_is_the_host_memory(engine):
+    ram = Region(0, 0x10000)
+    engine.set_memory([ram])
+    ram.memory[0x1000] = 0x42
+    assert run(engine, ram, bytes.fromhex("a0 0010 f4")) == UC_ERR_OK   # mov al, [0x1000]
+    assert engine.read(x86.UC_X86_REG_RAX) & 0xFF == 0x42
+    assert engine.read_linear(0x1000, 1) == b"\x42"
+    engine.write_linear(0x1001, b"\x43")
+    assert ram.memory[0x1001] == 0x43
+
+
+def test_hole_accesses_reach_the_callbacks_with_physical_addresses(engine):
+    ram = Region(0, 0x10000)
+    engine.set_memory([ram])
+    # mov al, [0]; mov [2], al with DS base 0x20000; hlt
+    write_sregs(engine.uc, REAL_MODE.replace(ds=Segment(selector=0x2000, base=0x20000)))
+    assert run(engine, ram, bytes.fromhex("a0 0000 a2 0200 f4")) == UC_ERR_OK
+    assert engine.accesses == [("read", 0x20000, 1), ("write", 0x20002, 1, 0x5A)]
+
+
+def test_an_exception_in_an_io_hook_is_raised_by_start(engine):
+    ram = Region(0, 0x10000)
+    engine.set_memory([ram])
+
+    def broken(port, size, value):
+        raise RuntimeError(f"port {port:#x}")
+
+    engine.hook_insn(x86.UC_X86_INS_OUT, broken)
+    with pytest.raises(RuntimeError, match="port 0x80"):
+        run(engine, ram, bytes.fromhex("e6 80 f4"))   # out 0x80, al; hlt
+
+
+def test_fetch_stops_where_memory_ends(engine):
+    ram = Region(0, 0x10000)
+    engine.set_memory([ram])
+    ram.memory[0xFFFC:0x10000] = b"\x90\x90\x90\x90"
+    assert engine.fetch(0xFFFC) == b"\x90" * 4

@@ -1,0 +1,57 @@
+"""The tcg accelerator: a software x86 CPU over Unicorn 2 (QEMU's TCG, as a library).
+
+Where /dev/kvm cannot be used, QEMU falls back to TCG, its own translator; vlab does the
+same with Unicorn, which is QEMU's TCG x86 CPU cut out as a library. The VM and vCPU have
+KVM's surface, `run()` returns KVM's exit types one at a time, and registers, memory and
+device output end up as on KVM (tests/tcg/test_tcg_differential.py). What differs:
+
+- IN: during an `IoIn` exit RIP is already past the IN and AL/AX/EAX holds 0 until
+  `complete_io_in` (KVM: RIP still at the IN). `IoIn.data_offset` is 0 (there is no
+  kvm_run). `rep ins`/`rep outs` exit once per element (`count` 1), where KVM batches.
+- MMIO reads and writes, and stores to ROM, behave as on KVM, by restarting the
+  instruction (`restart`); code cannot run from a hole: `InternalError`.
+- Exceptions are not delivered through a protected- or long-mode IDT: a vector the IDT
+  does not cover is a triple fault (`Shutdown`, as on KVM); one it covers is
+  `InternalError(DELIVERY_EV, data=(vector,))`. Real mode uses the IVT, as the CPU does.
+  An instruction Unicorn cannot execute is `InternalError(EMULATION)` with its bytes.
+- MSRs are QEMU's: no `X86Rdmsr`/`X86Wrmsr` exits; an MSR QEMU lacks reads 0 and ignores
+  writes in the guest (KVM: #GP), and stops `get_msrs`/`set_msrs` (`msrs`).
+- CPUID answers every leaf from the table (this host's KVM takes leaves 1 and 7 from the
+  host), but a masked feature is only hidden: without LM the CPU still enters long mode.
+- Single-stepping HLT gives `Hlt`, then `Debug` (this host's kvm_pvm steps over it).
+  Breakpoints set by the guest itself in DR0-DR7 are kept but not armed.
+- `kick()` needs no signal; `time_limit` (seconds) makes `run()` return `Interrupted`;
+  a signal reaches the main thread within a time slice (`watchdog`). A HLT finishing
+  within microseconds of a kick or slice end can be reported as `Interrupted`, or run past.
+- Stats are the vCPU's own counters (`stats`), not KVM's 47; no instruction count.
+- There is no APIC, PIT or interrupt injection; CR8 and the APIC base are only stored.
+- Undefined flags can differ from hardware (AF after SHLD). Code the host writes into
+  guest memory is seen after `set_regs`/`set_sregs` (translations are dropped there).
+"""
+from __future__ import annotations
+
+from .cpuid import supported_cpuid
+from .vcpu import TcgVcpu
+from .vm import TcgVm
+
+
+class TcgAccelerator:
+    """QEMU's `tcg-accel`: nothing to open; each VM is a set of Unicorn engines."""
+
+    name = "tcg"
+
+    def __init__(self, reason: str = "asked for tcg"):
+        self.reason = reason
+
+    def create_vm(self) -> TcgVm:
+        return TcgVm()
+
+    def get_supported_cpuid(self):
+        """The CPUID table of the emulated CPU, a "qemu64"-like model (see `cpuid`)."""
+        return supported_cpuid()
+
+    def close(self) -> None:
+        """Nothing to release: VMs close their own engines."""
+
+
+__all__ = ["TcgAccelerator", "TcgVm", "TcgVcpu", "supported_cpuid"]

@@ -1,0 +1,310 @@
+"""Boot a Multiboot kernel on a PC, as `qemu-system-x86_64 -accel kvm -kernel K -smp N` does.
+
+The board is put together in QEMU's order:
+
+1. `kvm_arch_init` (target/i386/kvm/kvm.c): KVM_SET_IDENTITY_MAP_ADDR at 0xfeffc000 and
+   KVM_SET_TSS_ADDR one page above: pages Intel's KVM needs to run real-mode and unpaged
+   code, placed below the 16 MiB BIOS window at 4 GiB, where no RAM is.
+2. `kvm_irqchip_create` (accel/kvm/kvm-all.c): KVM_CREATE_IRQCHIP, which KVM accepts only
+   before the first vCPU: the two 8259 PICs, the IOAPIC and a local APIC per vCPU, all
+   emulated in the kernel.
+3. `x86_cpus_init` (hw/i386/x86.c): `-smp N` vCPUs, each given KVM's CPUID table with its
+   own APIC ID. `kvm_arch_reset_vcpu` leaves vCPU 0 (the bootstrap processor) runnable
+   and every other one (an application processor) in KVM_MP_STATE_UNINITIALIZED: its
+   KVM_RUN sleeps in the kernel until its local APIC receives INIT and then a start-up
+   IPI from another CPU, and it wakes in real mode at the SIPI vector's page
+   (SDM Vol. 3A 8.4, "Multiple-Processor (MP) Initialization").
+4. `pc_memory_init` (hw/i386/pc.c): RAM from guest-physical 0.
+5. `pc_basic_device_init`: the i8254 PIT, in the kernel (KVM_CREATE_PIT2, hw/i386/kvm/
+   i8254.c), COM1, isa-debug-exit and fw_cfg (RAM size, CPU count).
+6. `load_multiboot` (hw/i386/multiboot.c): kernel, modules and information structure.
+   QEMU then runs an option ROM (pc-bios/optionrom/multiboot.S) that enters protected
+   mode and jumps to the kernel with EAX = 0x2BADB002 and EBX = the structure's address;
+   here the BSP's registers are set to that state directly (Multiboot spec 3.2).
+
+A20 needs no gate: KVM never masks guest-physical address bit 20, so A20 is always on, as
+Multiboot requires (QEMU's port 0x92 and keyboard-controller A20 bits only act under TCG).
+
+Each vCPU then runs in its own thread, as QEMU's "CPU n/KVM" threads do. With the
+irqchip in the kernel, HLT no longer exits to userspace (KVM sleeps the vCPU until an
+interrupt arrives), so the machine stops when the guest writes isa-debug-exit, when any
+vCPU stops for good (a triple fault: QEMU would reset, here the run ends as with
+`-no-reboot`), on timeout, or on Ctrl-C; every vCPU thread is then kicked out of KVM_RUN.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..kvm.abi import MpState
+from ..kvm.vcpu import install_kick_handler
+from .board import TESTDEV_BASE, Machine, parse_size
+from .cpu_modes import DEFAULT_LAYOUT, CpuMode, initial_regs, setup_mode
+from .exitlog import ExitLog
+from .multiboot import MultibootBoot, load_multiboot
+from .runloop import RunResult, VcpuRunner
+
+IDENTITY_MAP_ADDR = 0xFEFFC000  # QEMU's identity_base; the TSS takes the next three pages
+TSS_ADDR = IDENTITY_MAP_ADDR + 0x1000
+DEFAULT_MEMORY = "128M"  # QEMU's default -m
+MAX_CPUS = 255  # xAPIC IDs are 8 bits and 0xff is the broadcast address
+STOP_GRACE = 2.0  # seconds for kicked vCPU threads to leave KVM_RUN
+
+# How a run ended: the guest wrote isa-debug-exit, a vCPU stopped for good, time ran out,
+# Ctrl-C; the last three give the process exit codes below (guest statuses are odd).
+BY_GUEST, BY_VCPU, BY_TIMEOUT, BY_INTERRUPT = "isa-debug-exit", "vcpu", "timeout", "interrupt"
+EXIT_CODES = {BY_VCPU: 2, BY_TIMEOUT: 124, BY_INTERRUPT: 130}  # 124 as timeout(1), 130 as SIGINT
+
+
+@dataclass
+class VcpuReport:
+    """How one vCPU ended: its run's stop reason, its userspace exits by kind, its MP
+    state, and KVM's counters of what the kernel handled itself (halts, interrupts...)."""
+    index: int
+    stop_reason: str
+    exits: int
+    rip: int
+    mp_state: str
+    histogram: dict[str, int]
+    kernel: dict[str, int]
+
+    def __str__(self) -> str:
+        exits = ", ".join(f"{name} {n}" for name, n in self.histogram.items()) or "none"
+        kernel = ", ".join(f"{name}={n}" for name, n in self.kernel.items()) or "none"
+        return (f"vCPU {self.index}: {self.stop_reason}; KVM_MP_STATE_{self.mp_state}, "
+                f"RIP={self.rip:#x}\n    {self.exits} userspace exits ({exits})"
+                f"\n    in the kernel: {kernel}")
+
+
+@dataclass
+class MultibootResult:
+    """What `boot_multiboot` saw: the guest's exit status (None if it never wrote
+    isa-debug-exit), how and why the machine stopped, the console, each vCPU's end."""
+    status: int | None
+    ended_by: str
+    stop_reason: str
+    console: str
+    seconds: float
+    boot: MultibootBoot
+    vcpus: list[VcpuReport]
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit code: as QEMU's, the status's low 8 bits when the guest wrote
+        isa-debug-exit; an even code from EXIT_CODES otherwise."""
+        return self.status & 0xFF if self.status is not None else EXIT_CODES[self.ended_by]
+
+    def summary(self) -> str:
+        lines = [f"{self.stop_reason} ({self.seconds:.3f} s; exit code {self.exit_code})"]
+        lines += [f"  {report}" for report in self.vcpus]
+        return "\n".join(lines)
+
+
+def _open_kvm(accel: str):
+    """The kvm accelerator: the irqchip, the PIT and INIT/SIPI are KVM's in-kernel devices,
+    which the software accelerator does not have."""
+    if accel not in ("kvm", "auto"):
+        raise ValueError(f"a multiboot PC needs the kvm accelerator (the in-kernel irqchip "
+                         f"and PIT); {accel!r} has neither")
+    from ..accel.kvm import KvmAccelerator
+    return KvmAccelerator("a multiboot PC needs the in-kernel irqchip")
+
+
+def _cpuid_for(table: list, apic_id: int) -> list:
+    """KVM's CPUID table with this vCPU's APIC ID where QEMU's `cpu_x86_cpuid` puts it:
+    leaf 1 EBX[31:24] (initial APIC ID), leaves 0xb and 0x1f EDX (x2APIC ID)."""
+    out = []
+    for entry in table:
+        if entry.function == 1:
+            entry = entry.replace(ebx=entry.ebx & 0x00FFFFFF | apic_id << 24)
+        elif entry.function in (0xB, 0x1F):
+            entry = entry.replace(edx=apic_id)
+        out.append(entry)
+    return out
+
+
+def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1) -> Machine:
+    """Steps 1-5 above: a VM with the in-kernel irqchip and PIT, `smp` vCPUs (the APs
+    waiting for INIT/SIPI), RAM and the standard devices."""
+    ram_size = parse_size(memory)
+    if ram_size > TESTDEV_BASE:
+        raise ValueError(f"memory {ram_size:#x}: this board keeps RAM in one slot below "
+                         f"0x{TESTDEV_BASE:x} (QEMU would split it around the PCI hole)")
+    if not 1 <= smp <= MAX_CPUS:
+        raise ValueError(f"smp={smp}: give 1 to {MAX_CPUS} vCPUs")
+    vm = accel.create_vm()
+    machine = Machine(accel, vm, ram_size=ram_size)
+    try:
+        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vm.set_tss_addr(TSS_ADDR)
+        vm.create_irqchip()
+        cpuid = accel.get_supported_cpuid()
+        for index in range(smp):
+            vcpu = vm.create_vcpu(index)
+            vcpu.set_cpuid2(_cpuid_for(cpuid, index))
+            if index:
+                vcpu.set_mp_state(MpState.UNINITIALIZED)
+            machine.add_vcpu(vcpu, log=ExitLog())  # one log per thread: no shared counters
+        machine.init_memory()
+        vm.create_pit2()
+        machine.add_standard_devices(nb_cpus=smp)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def _module(spec: str | os.PathLike) -> tuple[str, bytes]:
+    """QEMU's `-initrd "FILE ARGS"`: the file's bytes, the whole text as the module's string."""
+    text = os.fspath(spec)
+    path = text if isinstance(spec, os.PathLike) else text.split(" ", 1)[0]
+    return text, Path(path).read_bytes()
+
+
+def load_kernel(machine: Machine, kernel: bytes | str | os.PathLike, *, append: str = "",
+                modules: Sequence[str | os.PathLike] = ()) -> MultibootBoot:
+    """Step 6: load the kernel and its modules, and put the BSP at the entry point in
+    32-bit protected mode, paging off, EAX = 0x2BADB002, EBX = the information structure.
+
+    The flat GDT goes into memory before the kernel, so a kernel loaded over it wins: the
+    BSP's segment caches hold the flat segments anyway, and the spec has the kernel load
+    its own GDT before it touches a segment register."""
+    bsp = machine.runners[0].vcpu
+    loaded = [_module(spec) for spec in modules]
+    setup = setup_mode(CpuMode.PROTECTED, bsp.get_sregs(), machine.memory,
+                       ram_size=machine.ram_size)
+    boot = load_multiboot(machine.memory, kernel, cmdline=append, modules=loaded,
+                          ram_size=machine.ram_size)
+    bsp.set_sregs(setup.sregs)
+    bsp.set_regs(initial_regs(CpuMode.PROTECTED, boot.entry, DEFAULT_LAYOUT.stack_top)
+                 .replace(rax=boot.eax, rbx=boot.ebx))
+    return boot
+
+
+class _VcpuThread(threading.Thread):
+    """One vCPU's `VcpuRunner.run()` in its own thread, named as QEMU names it."""
+
+    def __init__(self, runner: VcpuRunner, stopped: threading.Event):
+        super().__init__(name=f"CPU {runner.vcpu.id}/KVM", daemon=True)
+        self.runner = runner
+        self.stopped = stopped
+        self.result: RunResult | None = None
+        self.error: BaseException | None = None
+        self.finished = float("inf")  # monotonic time run() returned
+
+    def run(self) -> None:
+        try:
+            self.result = self.runner.run()
+        except BaseException as e:  # reported with the vCPU, re-raised by run_vcpus
+            self.error = e
+        finally:
+            self.finished = time.monotonic()
+            self.stopped.set()
+
+
+class VcpuStuckError(RuntimeError):
+    """A kicked vCPU thread did not leave KVM_RUN; its fds must stay open."""
+
+
+def _stop_all(threads: list[_VcpuThread], cause: str) -> None:
+    """Kick every vCPU until its thread has left `run()`. A runner already told to stop
+    (by isa-debug-exit) keeps that cause; one told before its thread entered `run()`,
+    which starts afresh, is told again."""
+    deadline = time.monotonic() + STOP_GRACE
+    while True:
+        alive = [t for t in threads if t.is_alive()]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(t.name for t in alive)
+            raise VcpuStuckError(f"{names} did not leave KVM_RUN within {STOP_GRACE} s of "
+                                 "being kicked")
+        for thread in alive:
+            if not thread.runner.stop_requested.is_set():
+                thread.runner.stop(cause)
+        alive[0].join(0.01)
+
+
+def run_vcpus(machine: Machine, *, timeout: float | None = None
+              ) -> tuple[str, str, list[VcpuReport]]:
+    """Run every vCPU in its own thread until the machine stops (see the module's
+    docstring); return how (BY_*) and why, and how each vCPU ended."""
+    if not install_kick_handler():
+        raise RuntimeError("run_vcpus must first be called from the main thread, which alone "
+                           "can install the signal handler that kicks vCPUs out of KVM_RUN")
+    stopped = threading.Event()
+    threads = [_VcpuThread(runner, stopped) for runner in machine.runners]
+    # The vCPU threads inherit a mask blocking SIGINT, as QEMU's threads start with signals
+    # blocked: Ctrl-C goes to the main thread, and one typed while threads are still being
+    # started waits until the main thread is ready for it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for thread in threads:
+            thread.start()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    ended_by, reason = BY_VCPU, None
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if not stopped.wait(timeout):
+            ended_by, reason = BY_TIMEOUT, f"timeout after {timeout} s"
+    except KeyboardInterrupt:
+        ended_by, reason = BY_INTERRUPT, "interrupted by Ctrl-C"
+    if ended_by == BY_VCPU:
+        first = min(threads, key=lambda t: t.finished)
+        why = first.result.stop_reason if first.result else repr(first.error)
+        reason = f"vCPU {first.runner.vcpu.id} stopped: {why}"
+    _stop_all(threads, f"machine stopped: {reason}")
+    for thread in threads:
+        if thread.error is not None:
+            raise thread.error
+    if machine.exit_request is not None:
+        ended_by = BY_GUEST
+        reason = f"the guest wrote isa-debug-exit: status {machine.exit_request.status}"
+    return ended_by, reason, [_report(t.runner, t.result) for t in threads]
+
+
+def _report(runner: VcpuRunner, result: RunResult) -> VcpuReport:
+    counters = runner.kernel_counters()
+    kernel = {name: counters[name] for name in runner.counter_names if counters[name]}
+    return VcpuReport(runner.vcpu.id, result.stop_reason, result.exits, result.rip,
+                      MpState(runner.vcpu.get_mp_state()).name, runner.log.histogram(), kernel)
+
+
+def boot_multiboot(kernel: bytes | str | os.PathLike, *, append: str = "",
+                   modules: Sequence[str | os.PathLike] = (), smp: int = 1,
+                   memory: int | str = DEFAULT_MEMORY, accel: str = "kvm",
+                   timeout: float | None = None,
+                   output: Callable[[bytes], None] | None = None) -> MultibootResult:
+    """Build the PC, load `kernel` with its command line `append` and `modules` (each
+    "FILE [ARGS]", as QEMU's -initrd), run until the guest exits, stops or `timeout`
+    seconds pass, and close the machine. `output` receives console bytes as they come."""
+    started = time.perf_counter()
+    kvm = _open_kvm(accel)
+    stuck = False
+    try:
+        machine = create_pc(kvm, memory=memory, smp=smp)
+    except BaseException:
+        kvm.close()
+        raise
+    try:
+        if output is not None:
+            machine.console.listeners.append(output)
+        boot = load_kernel(machine, kernel, append=append, modules=modules)
+        ended_by, reason, reports = run_vcpus(machine, timeout=timeout)
+        status = machine.exit_request.status if machine.exit_request else None
+        return MultibootResult(status, ended_by, reason, machine.console.text,
+                               time.perf_counter() - started, boot, reports)
+    except VcpuStuckError:
+        stuck = True  # closing would unmap kvm_run under a thread still inside KVM_RUN
+        raise
+    finally:
+        if not stuck:
+            machine.close()
+            kvm.close()

@@ -1,0 +1,128 @@
+"""What every view shares: a box over one Lab, lazy attachment to its models, and a text
+summary (nbval compares text, never a widget's view).
+
+A view may exist before the models it shows (a Dashboard made before `kvm_init`): it says
+what is missing and attaches on a later `refresh()`, which the Dashboard calls after every
+stepper action. Model callbacks may arrive on a vCPU thread, so views only read models and
+set widget values there.
+"""
+from __future__ import annotations
+
+import html
+import threading
+import time
+from typing import Callable
+
+import ipywidgets as widgets
+
+CHANGED_STYLE = "background:#ffe58f"
+MONO = "font-family:monospace;font-size:12px"
+TABLE_STYLE = f"border-collapse:collapse;{MONO}"
+CELL_STYLE = "padding:1px 6px;text-align:left;border-bottom:1px solid #eee"
+
+
+def escape(value: object) -> str:
+    return html.escape(str(value))
+
+
+def cell(text: object, *, tag: str = "td", changed: bool = False, attrs: str = "") -> str:
+    """One table cell; a changed one carries the class `vlab-changed` (tests and CSS find it)."""
+    style = CELL_STYLE + (";" + CHANGED_STYLE if changed else "")
+    klass = " class='vlab-changed'" if changed else ""
+    return f"<{tag}{klass} style='{style}'{attrs}>{escape(text)}</{tag}>"
+
+
+def table(rows: list[str], header: tuple[str, ...] = ()) -> str:
+    head = "<tr>" + "".join(cell(h, tag="th") for h in header) + "</tr>" if header else ""
+    return f"<table style='{TABLE_STYLE}'>{head}{''.join(rows)}</table>"
+
+
+def message(text: str, kind: str = "info") -> str:
+    """A one-line notice; errors in red so a refused click is not missed."""
+    color = {"info": "#555", "error": "#b00020", "busy": "#0b5394"}[kind]
+    return f"<div class='vlab-{kind}' style='color:{color};{MONO}'>{escape(text)}</div>"
+
+
+class Throttle:
+    """Calls `action` at most once per `interval` seconds: at once when due, otherwise once
+    when the interval is over, so the last change is never left unshown. Cheap enough to call
+    on every VM exit (no lock unless a deferred call has to be scheduled)."""
+
+    def __init__(self, interval: float, action: Callable[[], None]):
+        self.interval = interval
+        self.action = action
+        self._last = float("-inf")
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *_) -> None:
+        if self._timer is not None:          # the deferred call will show this change too
+            return
+        wait = self._last + self.interval - time.monotonic()
+        if wait <= 0:
+            self._last = time.monotonic()
+            self.action()
+            return
+        with self._lock:
+            if self._timer is None:
+                self._timer = threading.Timer(wait, self._deferred)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _deferred(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._last = time.monotonic()
+        self.action()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+
+class LabView(widgets.VBox):
+    """A view over one Lab. Subclasses implement `_attach` (subscribe to the models that
+    exist now; True once done), `render` and `summary`."""
+
+    def __init__(self, lab, **kwargs):
+        super().__init__(**kwargs)
+        self.add_class(f"vlab-{type(self).__name__.lower()}")   # for CSS and browser tests
+        self.lab = lab
+        self._detachers: list[Callable[[], None]] = []
+        self._attached = False
+
+    def refresh(self) -> None:
+        """Attach to models that appeared since (stages done meanwhile), then re-render."""
+        if not self._attached:
+            self._attached = bool(self._attach())
+        self.render()
+
+    def _attach(self) -> bool:
+        return True
+
+    def render(self) -> None:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def _on_registers(self, vcpu: int | None, callback: Callable[..., None]) -> bool:
+        """Call `callback` whenever a vCPU's register model changes (after every step and at
+        the end of every run); `vcpu=None` for all of them. False while there are none."""
+        models = self.lab.registers if vcpu is None else self.lab.registers[vcpu:vcpu + 1]
+        for model in models:
+            self._detachers.append(model.subscribe(lambda model, **change: callback()))
+        return bool(models)
+
+    def close(self) -> None:
+        """Stop listening to the models (a closed view must not redraw on every exit)."""
+        for detach in self._detachers:
+            detach()
+        self._detachers.clear()
+        super().close()
+
+    def __repr__(self) -> str:
+        # The text/plain of the widget's output: short and stable, so nbval can compare it.
+        return f"{type(self).__name__}()"

@@ -1,0 +1,56 @@
+"""Dashboard: every view of one Lab on one screen, refreshed after each stepper action."""
+from __future__ import annotations
+
+import ipywidgets as widgets
+
+from .base import LabView
+from .console import SerialConsole
+from .cpuid import CpuidExplorer
+from .disassembly import Disassembly
+from .histogram import ExitHistogram
+from .memory import MemoryView
+from .registers import RegisterView
+from .stats import KvmStatsView
+from .stepper import StageStepper
+
+
+class Dashboard(LabView):
+    """The stepper on top; registers beside disassembly, exit histogram and console; memory
+    at RIP, CPUID and KVM's counters in tabs. Stepper actions can make models appear (the
+    first vCPU, the CPUID table, guest memory), so after each one every view refreshes and
+    attaches to what is new."""
+
+    def __init__(self, lab, vcpu: int = 0):
+        super().__init__(lab)
+        self.stepper = StageStepper(lab, vcpu)
+        self.registers = RegisterView(lab, vcpu)
+        self.disassembly = Disassembly(lab, vcpu)
+        self.histogram = ExitHistogram(lab, vcpu)
+        self.console = SerialConsole(lab)
+        self.memory = MemoryView(lab, follow_rip=True, vcpu=vcpu)
+        self.cpuid = CpuidExplorer(lab)
+        self.stats = KvmStatsView(lab, vcpu)
+        self.views = (self.stepper, self.registers, self.disassembly, self.histogram, self.console,
+                      self.memory, self.cpuid, self.stats)
+        tabs = widgets.Tab(children=(self.memory, self.cpuid, self.stats),
+                           titles=("memory at RIP", "CPUID", "KVM stats"))
+        right = widgets.VBox((self.disassembly, self.histogram, self.console), layout=widgets.Layout(
+            flex="1 1 auto", min_width="0", margin="0 0 0 12px"))
+        self.registers.layout.flex = "0 0 560px"   # segment descriptions need the room
+        self.children = (self.stepper, widgets.HBox((self.registers, right)), tabs)
+        self.stepper.on_action(self.refresh)
+
+    def render(self) -> None:
+        for view in self.views:
+            view.refresh()
+
+    def close(self) -> None:
+        for view in self.views:
+            view.close()
+        super().close()
+
+    def summary(self) -> str:
+        return "\n\n".join(f"[{type(view).__name__}]\n{view.summary()}" for view in self.views)
+
+    def __repr__(self) -> str:
+        return "Dashboard()"

@@ -1,0 +1,139 @@
+"""Disassembly: the instructions around RIP, decoded in the mode the CPU is in now."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import cache
+
+import capstone
+import ipywidgets as widgets
+
+from ..machine.cpu_modes import CR0_PE, EFER_LMA
+from .base import CHANGED_STYLE, MONO, LabView, escape, message
+from .memory import linear_rip
+
+LOOKBEHIND = 32   # bytes before RIP searched for an instruction boundary that leads to RIP
+CAPSTONE_MODES = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
+
+
+def code_bits(sregs) -> int:
+    """The default operand size instructions are fetched with: 16 in real mode, 64 in long
+    mode with CS.L, else CS.D/B decides (a 16-bit code segment in protected mode is legal)."""
+    if not sregs.cr0 & CR0_PE:
+        return 16
+    if sregs.efer & EFER_LMA and sregs.cs.l:
+        return 64
+    return 32 if sregs.cs.db else 16
+
+
+@cache
+def _disassembler(bits: int) -> capstone.Cs:
+    return capstone.Cs(capstone.CS_ARCH_X86, CAPSTONE_MODES[bits])
+
+
+@dataclass(frozen=True)
+class Line:
+    address: int
+    code: bytes
+    text: str
+    source: str | None     # the assembly source line, when the Lab assembled the guest
+    current: bool
+
+
+class Disassembly(LabView):
+    """Up to `before` instructions before RIP and `after` from it (Capstone, 16/32/64-bit
+    from CR0.PE, EFER.LMA and CS.L/D), each with its assembly source line when the Lab
+    assembled the guest. x86 cannot be decoded backwards: the instructions before RIP are a
+    best guess (see `_behind`); the current one is always decoded from RIP itself."""
+
+    def __init__(self, lab, vcpu: int = 0, before: int = 4, after: int = 8):
+        super().__init__(lab)
+        self.vcpu = vcpu
+        self.before, self.after = before, after
+        self.html = widgets.HTML()
+        self.children = (self.html,)
+        self.bits: int | None = None
+        self.current: int | None = None
+        self.lines: list[Line] = []
+        self.refresh()
+
+    def _attach(self) -> bool:
+        return self._on_registers(self.vcpu, self.render)
+
+    def _decode(self) -> list[Line]:
+        model = self.lab.registers[self.vcpu] if len(self.lab.registers) > self.vcpu else None
+        if model is None or model.current is None or self.lab.machine is None:
+            raise ValueError(f"vCPU {self.vcpu} has no registers yet")
+        snapshot = model.current
+        bits, rip = code_bits(snapshot.sregs), linear_rip(snapshot)
+        memory = self.lab.machine.memory
+        region = memory.find(rip)
+        if region is None:
+            raise ValueError(f"RIP {rip:#x} is outside guest memory")
+        low = max(region.gpa, rip - LOOKBEHIND)
+        high = min(region.end, rip + 15 * self.after)   # 15: the longest x86 instruction
+        code = memory.read(low, high - low)
+        cs = _disassembler(bits)
+        assembly = getattr(self.lab.guest, "assembly", None)
+        decoded = _behind(cs, code, low, rip, assembly)[-self.before:] if self.before else []
+        decoded += list(cs.disasm_lite(code[rip - low:], rip, self.after))
+        self.bits = bits
+        self.current = rip
+        return [Line(address, code[address - low:address - low + size],
+                     f"{mnemonic} {operands}".strip(), _source(assembly, address), address == rip)
+                for address, size, mnemonic, operands in decoded]
+
+    def render(self) -> None:
+        try:
+            self.lines = self._decode()
+        except ValueError as e:   # no registers yet, or RIP outside guest memory
+            self.lines, self.current = [], None
+            self.html.value = message(str(e))
+            return
+        rows = []
+        for line in self.lines:
+            text = (f"{'=>' if line.current else '  '} {line.address:08x}  "
+                    f"{line.code.hex(' '):<18} {line.text:<28}"
+                    + (f" ; {line.source}" if line.source else ""))
+            rows.append(f"<span class='vlab-current' style='{CHANGED_STYLE}'>{escape(text)}</span>"
+                        if line.current else escape(text))
+        self.html.value = (
+            f"<div style='{MONO}'>{self.bits}-bit code, RIP at {self.current:#x}</div>"
+            f"<pre class='vlab-disassembly' style='{MONO};margin:0;white-space:pre;"
+            f"overflow-x:auto'>" + "\n".join(rows) + "</pre>")
+
+    def summary(self) -> str:
+        if not self.lines:
+            return f"vCPU {self.vcpu}: nothing to disassemble yet"
+        return "\n".join(f"{'=>' if line.current else '  '} {line.address:#x}: {line.text}"
+                         for line in self.lines)
+
+    def __repr__(self) -> str:
+        return f"Disassembly(vcpu={self.vcpu})"
+
+
+def _behind(cs, code: bytes, low: int, rip: int, assembly) -> list[tuple]:
+    """The instructions just before RIP. Where the Lab assembled the guest, its statement
+    addresses are known instruction starts; elsewhere every start in the window is decoded
+    and the instruction that most of those decodings end on, right before RIP, wins."""
+    def landing_on_rip(start: int) -> list[tuple] | None:
+        decoded = list(cs.disasm_lite(code[start - low:rip - low], start))
+        return decoded if decoded and decoded[-1][0] + decoded[-1][1] == rip else None
+
+    for start in sorted(a for a in assembly.lines if low <= a < rip) if assembly else ():
+        if decoded := landing_on_rip(start):
+            return decoded
+    longest: dict[int, list[tuple]] = {}
+    votes: Counter = Counter()
+    for start in range(low, rip):
+        if decoded := landing_on_rip(start):
+            longest.setdefault(decoded[-1][0], decoded)
+            votes[decoded[-1][0]] += 1
+    return longest[max(votes, key=lambda address: (votes[address], address))] if votes else []
+
+
+def _source(assembly, address: int) -> str | None:
+    """The source statement that starts at `address` in the Lab's assembled guest."""
+    if assembly is None or assembly.lines.get(address) is None:
+        return None
+    return " ".join(assembly.source_line(assembly.lines[address]).split())
