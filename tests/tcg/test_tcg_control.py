@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vlab.kvm.exits import Hlt, Interrupted, IoOut
+from vlab.kvm.exits import Hlt, Interrupted, IoOut, MmioRead
 from vlab.kvm.state import CpuidEntry
 
 SPIN = """
@@ -41,6 +41,20 @@ def test_kick_before_run_makes_the_next_run_return_at_once(guest):
     g.vcpu.kick()
     assert isinstance(g.run(), Interrupted)
     assert g.vcpu.get_regs().rip == g.assembly.org  # nothing ran
+    assert isinstance(g.run(), Hlt)
+
+
+def test_a_kicked_run_first_completes_the_mmio_load_it_was_answered(guest):
+    """As KVM completes the last exit's I/O (complete_userspace_io) before it honours
+    immediate_exit, so a stepping debugger can finish an MMIO load and stop right after."""
+    g = guest("mov ecx, [0xD0000000]\nhlt", mode="protected")
+    exit = g.run()
+    assert isinstance(exit, MmioRead) and g.vcpu.get_regs().rip == 0x8000
+    g.vcpu.complete_mmio_read(exit, b"\x78\x56\x34\x12")
+    g.vcpu.kick()
+    assert isinstance(g.run(), Interrupted)
+    regs = g.vcpu.get_regs()
+    assert regs.rcx == 0x12345678 and regs.rip == 0x8006
     assert isinstance(g.run(), Hlt)
 
 

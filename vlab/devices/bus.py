@@ -134,6 +134,14 @@ class Bus:
 
     def pio_out(self, port: int, size: int, count: int, data: bytes) -> Device | None:
         """`rep outs`: `count` writes of `size` bytes each, packed little-endian in `data`."""
+        if count == 1 and size in self.access_sizes and len(data) == size and self.kind == "pio":
+            # A plain OUT, the common case on the VM-exit path: one lookup, one write.
+            hit = self.find(port)
+            if hit is None:
+                return None
+            device, offset = hit
+            device.write(offset, int.from_bytes(data, "little"), size)
+            return device
         self._check_string_io(size, count)
         if len(data) != size * count:
             raise BusError(f"string I/O data is {len(data)} bytes, "

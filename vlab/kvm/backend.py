@@ -26,6 +26,8 @@ _CAVEATS = {
         "32-bit paging (plain, PSE or PAE) is not supported: a guest that runs with CR0.PG "
         "set outside long mode triple-faults (SHUTDOWN) at its first instruction; real mode, "
         "unpaged protected mode and long mode work",
+        "KVM's instruction emulator implements IRET only in real mode, so a protected-mode "
+        "interrupt handler that returns with IRET ends in INTERNAL_ERROR (emulation failure)",
         "the vCPU stat io_exits stays 0 even when every exit is port I/O; count in userspace",
         "hardware details (VMX exit reasons, VMCS, FAIL_ENTRY reason codes) are not visible",
     ],

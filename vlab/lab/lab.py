@@ -238,6 +238,10 @@ class Lab:
                                         "(kvm_irqchip_create): HLT now waits in the kernel")
             else:
                 record.actions.append("uc_open(UC_ARCH_X86, UC_MODE_64) in place of KVM_CREATE_VM")
+                if self.irqchip:
+                    record.actions.append("irqchip=True not honoured: the software accelerator "
+                                          "has no interrupt controller, so HLT still exits to "
+                                          "userspace")
             self.machine = Machine(self.accel, self.vm, ram_size=self.memory_size)
         return self._stage("kvm_init", body)
 
@@ -360,6 +364,11 @@ class Lab:
                 self.registers[i].refresh(vcpu)
             if self.nr_vcpus > 1:
                 record.notes.append("each vCPU starts at the same entry with RBX = its index")
+            if not self._kvm():
+                record.actions.append("uc_reg_write() of the segments, control registers, "
+                                      "EFER, GDTR and IDTR in place of KVM_SET_SREGS, and of "
+                                      "the general-purpose registers in place of KVM_SET_REGS; "
+                                      "translated code flushed (uc_ctl_flush_tb)")
             if self.mode is CpuMode.PAGED and self.backend is not None \
                     and not self.backend.runs_32bit_paging:
                 record.notes.append("this kvm_pvm host does not run 32-bit paging: the guest "
@@ -406,8 +415,19 @@ class Lab:
     def kvm_cpu_exec(self, **run_options) -> StageRecord:
         """Run the guest (the first `run()`), recording the loop's ioctls."""
         result = []
-        record = self._stage("kvm_cpu_exec", lambda record: result.append(self._run(**run_options)),
-                             ioctl_limit=RUN_RECORD_LIMIT)
+
+        def body(record: StageRecord) -> None:
+            before = [runner.kernel_counters() for runner in self.runners]
+            result.append(self._run(**run_options))
+            if not self._kvm():
+                starts = sum(runner.kernel_counters().get("emu_starts", 0) - b.get("emu_starts", 0)
+                             for runner, b in zip(self.runners, before))
+                record.actions.append(
+                    f"uc_emu_start() {starts} times in place of KVM_RUN: Unicorn translated and "
+                    f"ran the guest's code until a hook for port I/O, MMIO or CPUID, or a HLT, "
+                    f"stopped it (uc_emu_stop), and that became the exit")
+
+        record = self._stage("kvm_cpu_exec", body, ioctl_limit=RUN_RECORD_LIMIT)
         record.notes.append(str(result[0]) if not isinstance(result[0], list)
                             else "; ".join(f"vcpu{i}: {r}" for i, r in enumerate(result[0])))
         return record
@@ -516,18 +536,22 @@ class Lab:
     def _ram(self):
         return next(r for r in self.machine.memory.regions if r.slot is not None)
 
-    def _dirty_pages(self) -> list[int] | None:
-        pages = getattr(self.vm, "dirty_pages", None)
-        return pages(self._ram()) if pages else None
+    def _dirty_pages(self) -> list[int]:
+        """Pages of RAM written since the last call: KVM's dirty log, or, on an accelerator
+        without one (tcg), the pages that differ from the shadow copy."""
+        ram = self._ram()
+        log = getattr(self.vm, "dirty_pages", None)
+        if log is not None:
+            return log(ram)
+        view, shadow = ram.view, self._shadow
+        return [ram.gpa + offset for offset in range(0, ram.size, 4096)
+                if view[offset:offset + 4096].tobytes() != shadow[offset:offset + 4096]]
 
-    def _dirty_page_undo(self) -> dict[int, bytes] | None:
+    def _dirty_page_undo(self) -> dict[int, bytes]:
         """The previous contents of the pages the step wrote, from the shadow copy."""
         ram = self._ram()
-        pages = self._dirty_pages()
-        if pages is None:
-            return None
         undo = {}
-        for gpa in pages:
+        for gpa in self._dirty_pages():
             offset = gpa - ram.gpa
             undo[gpa] = bytes(self._shadow[offset:offset + 4096])
             self._shadow[offset:offset + 4096] = ram.view[offset:offset + 4096]
@@ -539,7 +563,7 @@ class Lab:
             raise StageError("nothing to step back: no step() since the last run() or restore()")
         (vcpu, state), undo = self._history.pop()
         state.restore(self.vcpus[vcpu])
-        if undo is not None:
+        if undo:
             ram = self._ram()
             for gpa, page in undo.items():
                 offset = gpa - ram.gpa

@@ -46,7 +46,7 @@ class Console:
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            self._chunks.append(bytes(data))
+            self._chunks.append(data if data.__class__ is bytes else bytes(data))
         for listener in self.listeners:
             listener(data)
 

@@ -9,11 +9,11 @@ so a learner sees how much the kernel handled between two exits that reached use
 """
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Callable
 
 from ..devices.bus import Bus, BusError
@@ -185,13 +185,8 @@ class VcpuRunner:
             except (OSError, NotImplementedError, AttributeError):
                 self._stats = None
         if self._stats is not None:
-            names = self._stats.names()
-            present = [n for n in KERNEL_COUNTERS if n in names]
-            index = {d.name: d.offset // 8 for d in self._stats.descriptors}
-            self.counter_names = tuple(present)
-            if present:
-                pick = itemgetter(*(index[n] for n in present))
-                self._counters = pick if len(present) > 1 else lambda words: (pick(words),)
+            self.counter_names, read = self._stats.selector(KERNEL_COUNTERS)
+            self._counters = read if self.counter_names else None
         else:
             self.counter_names = ()
         if not self.log.counter_names:
@@ -202,7 +197,7 @@ class VcpuRunner:
     def _read_counters(self) -> tuple[int, ...] | None:
         if self._counters is None:
             return None
-        return self._counters(self._stats.read_raw())
+        return self._counters()
 
     def kernel_counters(self) -> dict[str, int]:
         """KVM's counters for this vCPU now (all of them, by name)."""
@@ -227,7 +222,7 @@ class VcpuRunner:
                 vcpu.complete_mmio_read(exit, outcome.reply)
             elif cls is X86Rdmsr:
                 vcpu.complete_rdmsr(exit, int.from_bytes(outcome.reply, "little"), error=True)
-        counters = self._counters(self._stats.read_raw()) if self._counters is not None else None
+        counters = self._counters() if self._counters is not None else None
         self.log.append(ExitRecord(vcpu.id, exit, vcpu.synced_rip, outcome.device,
                                    outcome.claimed, duration, self._previous_counters, counters))
         self._previous_counters = counters
@@ -249,6 +244,10 @@ class VcpuRunner:
         exit: Exit | None = None
         stop_reason = None
         started = time.perf_counter()
+        # The exit path makes no reference cycles; without this the cyclic collector would
+        # rescan the log's live records over and over (about 1.8 us per exit at 100,000).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         with _stop_on_sigint(self):
             if timer:
                 timer.start()
@@ -284,6 +283,8 @@ class VcpuRunner:
                 if timer:
                     timer.cancel()
                 self._thread = None
+                if gc_was_enabled:
+                    gc.enable()
         explanation = (explain(exit, self.vcpu, self.read_code, self.backend)
                        if exit is not None else None)
         return RunResult(stop_reason, exits, time.perf_counter() - started, exit,

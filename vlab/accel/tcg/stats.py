@@ -33,6 +33,12 @@ class TcgStats:
     def read_raw(self) -> tuple[int, ...]:
         return tuple(self._counts)
 
+    def selector(self, names):
+        """`StatsFd.selector`: a reader of only these counters, in the order returned."""
+        chosen = tuple(n for n in NAMES if n in set(names))
+        counts, index = self._counts, [INDEX[n] for n in chosen]
+        return chosen, lambda: tuple(counts[i] for i in index)
+
     def read(self) -> dict[str, int]:
         return dict(zip(NAMES, self._counts))
 

@@ -215,6 +215,17 @@ class TcgVcpu:
         return exit
 
     def _next_exit(self) -> Exit:
+        # KVM completes the last exit's MMIO or string I/O before it looks at immediate_exit
+        # (complete_userspace_io); tcg too, by running the abandoned instruction again.
+        if self._log.pending and not self._pending:
+            exit = self._restart()
+            if exit is not None:
+                return self._finish(exit)
+            if self._log.pending:  # kicked before the instruction ran
+                self.immediate_exit = False
+                return Interrupted()
+            if self._single_step and not self.immediate_exit:
+                return self._stepped()
         if self.immediate_exit:
             self.immediate_exit = False
             return Interrupted()
@@ -222,15 +233,6 @@ class TcgVcpu:
             return self._pending.pop(0)
         if self._resume_at is not None and self._linear_rip() != self._resume_at:
             self._resume_at = None
-        if self._log.pending:
-            exit = self._restart()
-            if exit is not None:
-                return self._finish(exit)
-            if self._log.pending:  # kicked before the instruction ran
-                self.immediate_exit = False
-                return Interrupted()
-            if self._single_step:
-                return self._stepped()
         if self._single_step:
             return self._step()
         return self._run()
