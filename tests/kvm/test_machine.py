@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from boards import board  # noqa: F401 (fixture)
-from vlab.kvm import Hlt, IoIn, IoOut, MmioRead, MmioWrite, Shutdown, detect_backend
+from vlab.kvm import Hlt, IoIn, MmioRead, MmioWrite, Shutdown, detect_backend
 from vlab.machine.board import TESTDEV_BASE
 from vlab.machine.examples import EXAMPLES, RESULT_GPA
 

@@ -8,7 +8,7 @@ import pytest
 from vlab.kvm.exits import Hlt, IoOut, MmioRead, MmioWrite
 from vlab.machine.cpu_modes import (DEFAULT_LAYOUT, SEL_CODE32, SEL_DATA, CpuMode, build_gdt,
                                     setup_mode)
-from vlab.machine.examples import EXAMPLES, RESULT_GPA
+from vlab.machine.examples import EXAMPLES
 
 from tcglib import RAM_SIZE
 

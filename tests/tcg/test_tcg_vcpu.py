@@ -299,3 +299,13 @@ def test_ins_into_mmio_reads_the_port_then_stores_to_the_device(guest):
             g.vcpu.complete_io_in(exit, b"\x5a")
     assert exits == [MmioWrite(MMIO, 1, b"\x00"), IoIn(0x60, 1, 1, 0), MmioWrite(MMIO, 1, b"\x5a")]
     assert g.vcpu.get_regs().rdi == MMIO + 1
+
+
+def test_an_unaligned_mmio_store_exits_once_per_byte_and_completes(guest):
+    """Unicorn splits it; each byte is one exit, then the instruction is done (no byte is
+    reported twice, however the split pieces are ordered against the stop)."""
+    g = guest("mov eax, 0x11223344\nmov esp, 0xffffffff\npush eax\nhlt", mode="protected")
+    exits = g.run_until(Hlt)
+    assert [(e.address, e.data) for e in exits[:-1]] == [
+        (0xFFFFFFFB, b"\x44"), (0xFFFFFFFC, b"\x33"), (0xFFFFFFFD, b"\x22"), (0xFFFFFFFE, b"\x11")]
+    assert g.vcpu.get_regs().rsp == 0xFFFFFFFB

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import TYPE_CHECKING
 
 from . import backend as _backend
-from .abi import Cap, Ioctl, ffi
+from .abi import Cap
 from .convert import flexible
 from .errors import KvmError, KvmUnavailable
 from .state import CpuidEntry
-from .trace import ioctl
+from .fd import KvmFd
+
+if TYPE_CHECKING:
+    from .vm import VmFd
 
 DEV_KVM = "/dev/kvm"
 DEVICE_ENV = "VLAB_KVM_DEVICE"
@@ -42,7 +46,7 @@ def cpuid_to_c(entries: list[CpuidEntry]):
     return cpuid
 
 
-class Kvm:
+class Kvm(KvmFd):
     """The open `/dev/kvm` (QEMU's `KVMState.fd`, opened in `kvm_init`)."""
 
     fd_kind = "system"
@@ -56,10 +60,6 @@ class Kvm:
         self.path = path
         self._finalizer = weakref.finalize(self, _close, self.fd)
         self._vcpu_mmap_size: int | None = None
-
-    def _ioctl(self, name: str, arg=None, describe="") -> int:
-        request = getattr(Ioctl, name)
-        return ioctl(self.fd_kind, self.fd, name, request, arg, describe)
 
     # --- the ioctls -----------------------------------------------------------------------
     def get_api_version(self) -> int:
@@ -117,19 +117,6 @@ class Kvm:
     def backend() -> _backend.Backend:
         return _backend.detect()
 
-    def close(self) -> None:
-        self._finalizer()
-        self.fd = -1
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Kvm fd={self.fd}{' closed' if self.closed else ''}>"

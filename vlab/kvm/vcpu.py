@@ -19,6 +19,7 @@ from .exits import Exit, ExitDecodeError, Interrupted, IoIn, MmioRead, X86Rdmsr,
 from .stats import StatsFd
 from .state import DebugRegs, Regs, Sregs
 from .system import cpuid_entries_from_c, cpuid_to_c
+from .fd import KvmFd
 from .trace import _listeners, ioctl
 
 _RUN = int(Ioctl.RUN)
@@ -77,7 +78,7 @@ class _ClosedRun:
         self.__getattr__(name)
 
 
-class VcpuFd:
+class VcpuFd(KvmFd):
     """One virtual CPU (QEMU's `CPUState.kvm_fd` with `CPUState.kvm_run`)."""
 
     fd_kind = "vcpu"
@@ -85,17 +86,13 @@ class VcpuFd:
     def __init__(self, vm, fd: int, vcpu_id: int, mmap_size: int):
         self.vm = vm
         self.fd = fd
-        self.id = vcpu_id
+        self.id = self._vcpu_id = vcpu_id
         self.mmap_size = mmap_size
         self._mapping = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = ffi.from_buffer(self._mapping)
         self.kvm_run = ffi.cast("struct kvm_run *", self._view)
         self._finalizer = weakref.finalize(self, _release, fd, self._mapping, self._view)
         install_kick_handler()  # now, while (typically) in the main thread: kicks need it
-
-    def _ioctl(self, name: str, arg=None, describe="") -> int:
-        request = getattr(Ioctl, name)
-        return ioctl(self.fd_kind, self.fd, name, request, arg, describe, self.id)
 
     # --- KVM_RUN ------------------------------------------------------------------------------
     def run(self) -> Exit:
@@ -306,18 +303,7 @@ class VcpuFd:
         """Unmap kvm_run and close the fd; later access to kvm_run raises instead of
         touching unmapped memory."""
         self.kvm_run = _ClosedRun(self.id)
-        self._finalizer()
-        self.fd = -1  # its number may be reused: see trace.ioctl
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().close()
 
     def __repr__(self) -> str:
         return f"<VcpuFd id={self.id} fd={self.fd}{' closed' if self.closed else ''}>"

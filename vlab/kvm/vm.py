@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import weakref
 
-from .abi import Cap, Ioctl, ffi, KVM_MEM_READONLY
+from .abi import Cap, ffi, KVM_MEM_READONLY
 from .stats import StatsFd
 from .system import _close
-from .trace import ioctl
+from .fd import KvmFd
 
 
-class VmFd:
+class VmFd(KvmFd):
     """One virtual machine (QEMU's `KVMState.vmfd`)."""
 
     fd_kind = "vm"
@@ -19,10 +19,6 @@ class VmFd:
         self.fd = fd
         self.vcpus: list = []
         self._finalizer = weakref.finalize(self, _close, fd)
-
-    def _ioctl(self, name: str, arg=None, describe="") -> int:
-        request = getattr(Ioctl, name)
-        return ioctl(self.fd_kind, self.fd, name, request, arg, describe)
 
     def check_extension(self, cap: Cap | int) -> int:
         """Per-VM capability value (KVM_CAP_CHECK_EXTENSION_VM): may differ from /dev/kvm's."""
@@ -117,18 +113,7 @@ class VmFd:
         for vcpu in reversed(self.vcpus):
             vcpu.close()
         self.vcpus.clear()
-        self._finalizer()
-        self.fd = -1
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().close()
 
     def __repr__(self) -> str:
         return f"<VmFd fd={self.fd} vcpus={len(self.vcpus)}{' closed' if self.closed else ''}>"

@@ -8,9 +8,15 @@ already evens out what the accelerators do differently around an instruction (th
 KVM steps over HLT: the runner runs a HLT without single-step; tcg's IN has completed by
 the time the step returns, as KVM's has). After every step it compares every register
 `RegisterSnapshot.flat` names, the exit the step made (other than the single-step's own
-`Debug`), and guest RAM. No register or flag is masked:
-a flag the architecture leaves undefined (AF after SHLD) shows up as a divergence, since
-it is one.
+`Debug`), and guest RAM. Two differences are in how each accelerator steps, not in what
+the guest computes, and are evened out: a REP string instruction runs one iteration per
+step on tcg (as the hardware's trap flag does) and whole on this host's KVM (its emulator),
+so the side still at the instruction is stepped until it has finished too, and the
+instruction is compared by registers and memory only (KVM batches its port I/O, tcg exits
+per element); and RFLAGS.RF, which KVM's emulator leaves set after such a step and which
+the guest cannot read (PUSHF clears it), is not compared. Nothing else is masked: a flag
+the architecture leaves undefined (the arithmetic flags after MUL, AF after SHLD) shows up
+as a divergence, since the two CPUs really differ there.
 """
 from __future__ import annotations
 
@@ -28,6 +34,9 @@ from .runloop import STOP, StepResult
 from .snapshot import RegisterSnapshot
 
 PAGE = 0x1000
+RFLAGS_RF = 1 << 16
+_REP = (0xF2, 0xF3)
+_PREFIXES = frozenset({0xF0, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67, *_REP})
 _memcmp = ctypes.CDLL(None).memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
@@ -130,13 +139,18 @@ def _compare(first: _Side, second: _Side, max_steps: int) -> LockstepReport:
         raise RuntimeError(f"the two vCPUs differ before the first instruction: {differing}")
     stop = f"{max_steps} steps"
     for step in range(1, max_steps + 1):
+        code = _code(first, before)
         one, two = first.step(), second.step()
         exits = (_exit_key(one), _exit_key(two))
-        registers = one.after.diff(two.after)
+        if _is_rep(code, cpu_bits(before.sregs)):
+            one, two = _finish_rep(first, one, max_steps), _finish_rep(second, two, max_steps)
+            exits = ("REP", "REP")
+        registers = {name: values for name, values in one.after.diff(two.after).items()
+                     if name != "rflags" or (values[0] ^ values[1]) & ~RFLAGS_RF}
         pages = _differing_pages(first.ram, second.ram)
         if registers or pages or exits[0] != exits[1]:
-            divergence = Divergence(step, _disassemble(first, before), registers, exits, pages,
-                                    before, (one.after, two.after))
+            divergence = Divergence(step, disassemble(code, before.regs.rip, cpu_bits(before.sregs)),
+                                    registers, exits, pages, before, (one.after, two.after))
             return LockstepReport(accels, step - 1, "diverged", divergence, (one.after, two.after))
         before = one.after
         request = first.machine.exit_request
@@ -158,11 +172,33 @@ def _exit_key(step: StepResult) -> str:
     return "single-step" if step.exit.__class__ is Debug else step.exit.describe()
 
 
-def _disassemble(side: _Side, at: RegisterSnapshot) -> str:
-    """The instruction at RIP in the CPU's current code size (identity-mapped guests)."""
-    bits = cpu_bits(at.sregs)
-    linear = at.regs.rip if bits == 64 else (at.sregs.cs.base + at.regs.rip) & 0xFFFFFFFF
-    return disassemble(side.machine.read_physical(linear, MAX_INSN), at.regs.rip, bits)
+def _code(side: _Side, at: RegisterSnapshot) -> bytes:
+    """The bytes at RIP (identity-mapped guests: the linear address is the physical one)."""
+    linear = at.regs.rip if cpu_bits(at.sregs) == 64 else (at.sregs.cs.base + at.regs.rip) & 0xFFFFFFFF
+    return side.machine.read_physical(linear, MAX_INSN)
+
+
+def _is_rep(code: bytes, bits: int) -> bool:
+    """A REP/REPE/REPNE prefix among the instruction's prefixes."""
+    for byte in code:
+        if bits == 64 and 0x40 <= byte <= 0x4F:  # REX comes last, right before the opcode
+            return False
+        if byte not in _PREFIXES:
+            return False
+        if byte in _REP:
+            return True
+    return False
+
+
+def _finish_rep(side: _Side, step: StepResult, limit: int) -> StepResult:
+    """Step a vCPU that is still at its REP instruction until it has left it."""
+    start = step.before.regs.rip
+    for _ in range(limit):
+        if step.after.regs.rip != start or (step.outcome.action is STOP
+                                            and step.exit.__class__ is not Debug):
+            break
+        step = side.step()
+    return step
 
 
 def _differing_pages(a, b) -> list[int]:

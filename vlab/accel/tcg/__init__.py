@@ -9,7 +9,11 @@ device output end up as on KVM (tests/tcg/test_tcg_differential.py). What differ
   `complete_io_in` (KVM: RIP still at the IN). `IoIn.data_offset` is 0 (there is no
   kvm_run). `rep ins`/`rep outs` exit once per element (`count` 1), where KVM batches.
 - MMIO reads and writes, and stores to ROM, behave as on KVM, by restarting the
-  instruction (`restart`); code cannot run from a hole: `InternalError`.
+  instruction (`restart`); code cannot run from a hole: `InternalError`. An MMIO access
+  that is not naturally aligned is split by Unicorn: a store exits a byte at a time, a
+  load once per aligned word it touches (KVM: one exit with the access as the guest made it).
+- Single-stepping `rep movs`/`stos`/`outs`... steps one iteration (as the trap flag does on
+  hardware); this host's KVM emulator runs the whole instruction in one step.
 - Exceptions are not delivered through a protected- or long-mode IDT: a vector the IDT
   does not cover is a triple fault (`Shutdown`, as on KVM); one it covers is
   `InternalError(DELIVERY_EV, data=(vector,))`. Real mode uses the IVT, as the CPU does.

@@ -167,6 +167,8 @@ class TcgVcpu:
         self._engine.stop()
 
     def _on_mmio_read(self, address: int, size: int) -> int:
+        if self._exit is not None:  # after the exit: the rest of a split access, or INS's store
+            return 0
         logged = self._log.replay("read", address, size)
         if logged is not None:
             return logged.value or 0
@@ -174,12 +176,16 @@ class TcgVcpu:
         return 0
 
     def _on_mmio_write(self, address: int, size: int, value: int) -> None:
+        if self._exit is not None:  # after the exit: the rest of a split access, or INS's store
+            return
         if self._log.replay("write", address, size) is None:
             self._memory_exit(Access("write", address, size, value),
                               MmioWrite(address, size, value.to_bytes(size, "little")))
 
     def _on_rom_write(self, uc, access, address, size, value, _) -> bool:
         """A store to ROM; Unicorn reports it with its guest-physical address."""
+        if self._exit is not None:  # after the exit: the rest of a split access, or INS's store
+            return False
         logged = self._log.replay("rom", address, size)
         if logged is not None:  # let the replayed store through; AccessLog undoes it
             host = self.vm.host_address(address)
@@ -190,8 +196,6 @@ class TcgVcpu:
         return False
 
     def _memory_exit(self, access: Access, exit: Exit) -> None:
-        if self._exit is not None:  # INS storing to MMIO: its IN exit comes first
-            return
         self._log.record(access)
         self._exit = exit
         self._engine.stop()  # Unicorn abandons the instruction: it runs again later
