@@ -268,3 +268,29 @@ def test_dashboard_refreshes_every_view_after_each_stepper_action():
         assert "[KvmStatsView]" in dashboard.summary()
         dashboard.close()
         assert lab.exit_logs[0]._listeners == [] and lab.machine.console.listeners == []
+
+
+def test_dashboard_follows_stages_and_steps_typed_in_cells():
+    """No button pressed: the Lab's own events refresh the views."""
+    with Lab(accel="kvm") as lab:
+        dashboard = Dashboard(lab)
+        lab.bring_up()
+        assert dashboard.registers.summary().startswith("vCPU 0 in real mode: RIP=0x8000")
+        lab.step()
+        assert "RIP=0x8001" in dashboard.registers.summary()
+        lab.step_back()
+        assert "RIP=0x8000" in dashboard.registers.summary()
+        dashboard.close()
+        assert lab._subscribers == []
+
+
+def test_lab_notifies_each_event_in_order():
+    with Lab(accel="kvm") as lab:
+        events = []
+        lab.subscribe(lambda _lab, **event: events.append(event))
+        lab.bring_up()
+        lab.step()
+        lab.step_back()
+        lab.run()
+        assert [e.get("stage") for e in events[:6]] == [s["stage"] for s in lab.stages[:6]]
+        assert [e["event"] for e in events[6:]] == ["step", "step_back", "run", "stage"]

@@ -14,7 +14,7 @@ from vlab.kvm.abi import InternalErrorSuberror, SystemEventType
 from vlab.kvm.exits import (Debug, ExitDecodeError, FailEntry, Hlt, InternalError, Interrupted,
                             IoIn, IoOut, MmioRead, MmioWrite, OtherExit, Shutdown, SystemEvent,
                             X86Rdmsr, X86Wrmsr)
-from vlab.kvm.state import Regs, Sregs
+from vlab.kvm.state import DebugRegs, Regs, Sregs
 from vlab.machine.board import TESTDEV_BASE, Machine
 from vlab.machine.cpu_modes import setup_mode
 from vlab.machine.runloop import RESUME, STOP, VcpuRunner, handle_exit
@@ -212,6 +212,9 @@ class FakeVcpu:
 
     def get_sregs(self):
         return self.sregs
+
+    def get_debugregs(self):
+        return DebugRegs()
 
     def enable_sync_regs(self, mask):
         self.sync_regs = mask

@@ -25,6 +25,7 @@ from ..machine.loaders import load_elf, read_image
 from ..machine.runloop import RunResult, StepResult
 from ..machine.snapshot import RegisterSnapshot, VcpuState
 from .cpuid import CpuidTable
+from .observable import Observable
 from .records import StageRecord
 from .registers import RegisterModel, cpu_mode
 from .stages import STAGE_BY_NAME, STAGES, StageError
@@ -63,11 +64,16 @@ class Snapshot:
     exits: int
 
 
-class Lab:
-    """A VM brought up stage by stage, as QEMU's main thread and vCPU threads do."""
+class Lab(Observable):
+    """A VM brought up stage by stage, as QEMU's main thread and vCPU threads do.
+
+    Subscribers (`lab.subscribe(callback)`) hear `event=` "stage" (with `stage=` its name),
+    "step", "step_back", "run" and "restore", so views made before a stage existed can
+    attach to what it created."""
 
     def __init__(self, accel: str = "auto", memory: int | str = "16M", cpu: str = "host",
                  vcpus: int = 1, mode: CpuMode | str = "real", irqchip: bool = False):
+        super().__init__()
         if vcpus < 1:
             raise ValueError(f"vcpus={vcpus}: a VM needs at least one vCPU")
         self.accel_choice = accel
@@ -159,6 +165,7 @@ class Lab:
         record.after = self._state()
         self.records[name] = record
         self.provided.update(record.stage.provides)
+        self.notify(event="stage", stage=name)
         return record
 
     def _fds(self) -> set[int]:
@@ -452,6 +459,7 @@ class Lab:
         else:
             result = self._run_threads(options)
         self.last_run = result
+        self.notify(event="run")
         return result
 
     def _run_threads(self, options) -> list[RunResult]:
@@ -520,6 +528,7 @@ class Lab:
         result = self.runners[vcpu].step()
         self._history.append((entry, self._dirty_page_undo()))
         self.registers[vcpu].update(result.after)
+        self.notify(event="step")
         return result
 
     def break_at(self, *addresses: int, vcpu: int = 0) -> None:
@@ -572,6 +581,7 @@ class Lab:
         self.runners[vcpu].halted = False
         snapshot = RegisterSnapshot.capture(self.vcpus[vcpu])
         self.registers[vcpu].update(snapshot)
+        self.notify(event="step_back")
         return snapshot
 
     def _forget_history(self) -> None:
@@ -597,6 +607,7 @@ class Lab:
         self._forget_history()
         for model, vcpu in zip(self.registers, self.vcpus):
             model.refresh(vcpu)
+        self.notify(event="restore")
 
     # -- what the guest sees ----------------------------------------------------------------------
     def guest_cpuid(self, leaf: int, subleaf: int = 0) -> dict[str, int]:

@@ -70,8 +70,9 @@ class RegisterModel(Observable):
             return []
         flat = self.current.flat()
         names = GPR_NAMES + ("rip", "rflags") + SEGMENT_NAMES + (
-            "gdt.base", "gdt.limit", "idt.base", "idt.limit", "cr0", "cr2", "cr3", "cr4", "efer")
-        return [(name, flat[name], name in self.changed) for name in names]
+            "gdt.base", "gdt.limit", "idt.base", "idt.limit", "cr0", "cr2", "cr3", "cr4", "efer",
+            "dr0", "dr1", "dr2", "dr3", "dr6", "dr7")
+        return [(name, flat[name], name in self.changed) for name in names if name in flat]
 
     def __str__(self) -> str:
         if self.current is None:
@@ -92,6 +93,10 @@ class RegisterModel(Observable):
         for name in ("cr0", "cr4", "efer"):
             lines.append(f"  {name}={getattr(s, name):#x} [{' '.join(decoded[name])}]")
         lines.append(f"  cr2={s.cr2:#x} cr3={s.cr3:#x}")
+        d = self.current.debugregs
+        if d is not None:
+            lines.append("  " + " ".join(f"dr{i}={a:#x}" for i, a in enumerate(d.db))
+                         + f" dr6={d.dr6:#x} dr7={d.dr7:#x}")
         if self.changed:
             lines.append("  changed: " + ", ".join(
                 f"{k} {a:#x}->{b:#x}" for k, (a, b) in self.changed.items()))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..kvm.state import Regs, SEGMENT_NAMES, Sregs
+from ..kvm.state import DebugRegs, Regs, SEGMENT_NAMES, Sregs
 
 _REG_NAMES = tuple(f.name for f in fields(Regs))
 _CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
@@ -13,14 +13,15 @@ _CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 class RegisterSnapshot:
     regs: Regs
     sregs: Sregs
+    debugregs: DebugRegs | None = None
 
     @classmethod
     def capture(cls, vcpu) -> "RegisterSnapshot":
-        return cls(vcpu.get_regs(), vcpu.get_sregs())
+        return cls(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_debugregs())
 
     def flat(self) -> dict[str, int]:
         """Every register as name -> value: GPRs, RIP, RFLAGS, segment selectors and bases,
-        GDTR/IDTR, control registers and EFER."""
+        GDTR/IDTR, control registers, EFER and (when read) the debug registers."""
         values = {name: getattr(self.regs, name) for name in _REG_NAMES}
         for name in SEGMENT_NAMES:
             segment = getattr(self.sregs, name)
@@ -31,6 +32,9 @@ class RegisterSnapshot:
             table = getattr(self.sregs, name)
             values[f"{name}.base"], values[f"{name}.limit"] = table.base, table.limit
         values.update({name: getattr(self.sregs, name) for name in _CONTROL})
+        if self.debugregs is not None:
+            values.update({f"dr{i}": address for i, address in enumerate(self.debugregs.db)})
+            values["dr6"], values["dr7"] = self.debugregs.dr6, self.debugregs.dr7
         return values
 
     def diff(self, other: "RegisterSnapshot") -> dict[str, tuple[int, int]]:

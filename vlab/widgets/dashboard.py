@@ -16,9 +16,9 @@ from .stepper import StageStepper
 
 class Dashboard(LabView):
     """The stepper on top; registers beside disassembly, exit histogram and console; memory
-    at RIP, CPUID and KVM's counters in tabs. Stepper actions can make models appear (the
-    first vCPU, the CPUID table, guest memory), so after each one every view refreshes and
-    attaches to what is new."""
+    at RIP, CPUID and KVM's counters in tabs. Stages make models appear (the first vCPU, the
+    CPUID table, guest memory), so after each Lab event every view refreshes and attaches to
+    what is new."""
 
     def __init__(self, lab, vcpu: int = 0):
         super().__init__(lab)
@@ -38,13 +38,16 @@ class Dashboard(LabView):
             flex="1 1 auto", min_width="0", margin="0 0 0 12px"))
         self.registers.layout.flex = "0 0 560px"   # segment descriptions need the room
         self.children = (self.stepper, widgets.HBox((self.registers, right)), tabs)
-        self.stepper.on_action(self.refresh)
+        # Whatever drives the Lab (these buttons, or lab.next_stage() typed in a cell), the
+        # Lab says so, and every view refreshes and attaches to what is new.
+        self._unsubscribe_lab = lab.subscribe(lambda _lab, **event: self.refresh())
 
     def render(self) -> None:
         for view in self.views:
             view.refresh()
 
     def close(self) -> None:
+        self._unsubscribe_lab()
         for view in self.views:
             view.close()
         super().close()
