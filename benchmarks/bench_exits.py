@@ -8,7 +8,6 @@ adds per exit (the ioctl wrapper, decoding kvm_run into an Exit) over the C floo
 """
 from __future__ import annotations
 
-import argparse
 import mmap
 import sys
 import tempfile
@@ -16,7 +15,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from reference import (LOAD_ADDR, MEM_SIZE, Run, build_c_reference, compare, interleave,
+from reference import (LOAD_ADDR, MEM_SIZE, Run, build_c_reference, compare, exit_rate_arguments,
+                       interleave,
                        out_loop_guest, print_table, run_c_reference)
 from vlab.kvm import Hlt, IoOut, Kvm, Regs
 from vlab.kvm.abi import ffi
@@ -51,11 +51,7 @@ def run_vlab(guest: bytes) -> Run:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--exits", type=int, default=100_000)
-    parser.add_argument("--check", action="store_true", help=f"exit 1 if the ratio is below {TARGET}")
-    args = parser.parse_args()
+    args = exit_rate_arguments(__doc__.splitlines()[0], TARGET)
 
     with tempfile.TemporaryDirectory() as tmp:
         guest = out_loop_guest(args.exits, Path(tmp))

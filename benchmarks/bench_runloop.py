@@ -12,7 +12,6 @@ trace is visible. `--check` exits with status 1 when the traced loop is below th
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -22,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 from reference import (LOAD_ADDR, MEM_SIZE, Run, assemble, build_c_reference, compare,
+                       exit_rate_arguments,
                        interleave, print_table, run_c_reference)
 from vlab.accel import select
 from vlab.kvm import Hlt, IoOut
@@ -171,11 +171,7 @@ def breakdown(guest: bytes, results: dict[str, list[Run]]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--exits", type=int, default=100_000)
-    parser.add_argument("--check", action="store_true", help=f"exit 1 if the ratio is below {TARGET}")
-    args = parser.parse_args()
+    args = exit_rate_arguments(__doc__.splitlines()[0], TARGET)
 
     with tempfile.TemporaryDirectory() as tmp:
         guest = assemble(DEBUGCON_LOOP.format(load=LOAD_ADDR, count=args.exits), Path(tmp))

@@ -12,14 +12,14 @@ alternating rounds on the same guest; `--check` exits with status 1 when vlab's 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_16, Uc
 from unicorn import x86_const as x86
 
-from reference import LOAD_ADDR, MEM_SIZE, Run, compare, interleave, print_table
+from reference import (LOAD_ADDR, MEM_SIZE, Run, compare, exit_rate_arguments, interleave,
+                       print_table)
 from vlab.accel import select
 from vlab.kvm import Hlt, IoOut
 from vlab.machine.assembler import assemble
@@ -98,11 +98,7 @@ def run_runner(code: bytes) -> Run:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--exits", type=int, default=100_000)
-    parser.add_argument("--check", action="store_true", help=f"exit 1 if the ratio is below {TARGET}")
-    args = parser.parse_args()
+    args = exit_rate_arguments(__doc__.splitlines()[0], TARGET)
 
     code = assemble(OUT_LOOP.format(count=args.exits), bits=16, org=LOAD_ADDR).code
     results = interleave({"unicorn": lambda: run_raw_unicorn(code),

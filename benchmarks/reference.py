@@ -7,6 +7,7 @@ medians, never by a single run.
 """
 from __future__ import annotations
 
+import argparse
 import re
 import statistics
 import subprocess
@@ -45,6 +46,15 @@ class Run:
     @property
     def rate(self) -> float:
         return self.exits / self.seconds
+
+
+def exit_rate_arguments(description: str, target: float) -> argparse.Namespace:
+    """The options every exits/s benchmark takes: rounds, exits per run, --check."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--exits", type=int, default=100_000)
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if the ratio is below {target}")
+    return parser.parse_args()
 
 
 def assemble(source: str, workdir: Path, name: str = "guest") -> Path:

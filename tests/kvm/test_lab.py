@@ -8,27 +8,13 @@ import re
 import pytest
 
 from vlab.kvm import Cap, Hlt, MpState, Shutdown
-from vlab.lab import STAGES, Lab, StageError
+from vlab.lab import STAGES, StageError
 from vlab.machine.examples import EXAMPLES, RESULT_GPA
 
 pytestmark = pytest.mark.kvm
 
 QEMU_ORDER = [s.name for s in STAGES]
 HELLO_REAL = "Hello from real mode\n"
-
-
-@pytest.fixture
-def make_lab():
-    """`make_lab(**options)`: a Lab on KVM, closed after the test."""
-    labs: list[Lab] = []
-
-    def make(**options) -> Lab:
-        labs.append(Lab(accel="kvm", **options))
-        return labs[-1]
-
-    yield make
-    for lab in labs:
-        lab.close()
 
 
 def names(record) -> list[str]:

@@ -34,20 +34,6 @@ SET_LME_GUEST = f"""
 """
 
 
-@pytest.fixture
-def make_lab():
-    """`make_lab(**options)`: a Lab on KVM, closed after the test."""
-    labs: list[Lab] = []
-
-    def make(**options) -> Lab:
-        labs.append(Lab(accel="kvm", **options))
-        return labs[-1]
-
-    yield make
-    for lab in labs:
-        lab.close()
-
-
 def realized(make_lab, **options) -> Lab:
     lab = make_lab(**options)
     lab.kvm_init()
