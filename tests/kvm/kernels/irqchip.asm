@@ -95,10 +95,4 @@ spurious_irq:                           ; IRQ 7 or 15 with nothing in service: n
 
 %include "lib.inc"
 
-section .bss
-ticks: resd 1
-alignb 8
-idt: resb IDT_VECTORS * 8
-alignb 16
-    resb 4096
-stack_top:
+INTERRUPT_KERNEL_BSS

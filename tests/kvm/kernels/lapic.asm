@@ -96,10 +96,4 @@ spurious_interrupt:                     ; no EOI for a spurious interrupt (SDM 1
 
 %include "lib.inc"
 
-section .bss
-ticks: resd 1
-alignb 8
-idt: resb IDT_VECTORS * 8
-alignb 16
-    resb 4096
-stack_top:
+INTERRUPT_KERNEL_BSS
