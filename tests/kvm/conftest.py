@@ -6,7 +6,6 @@ import functools
 
 import pytest
 
-from vlab import Lab
 from vlab.kvm import Kvm, kvm_usable
 
 from guestlib import Guest, real_mode_guest
@@ -54,17 +53,3 @@ def make_guest(kvm):
     yield make
     for guest in guests:
         guest.close()
-
-
-@pytest.fixture
-def make_lab():
-    """`make_lab(**options)`: a Lab on KVM, closed after the test."""
-    labs: list[Lab] = []
-
-    def make(**options) -> Lab:
-        labs.append(Lab(accel="kvm", **options))
-        return labs[-1]
-
-    yield make
-    for lab in labs:
-        lab.close()

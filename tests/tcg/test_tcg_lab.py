@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 
-from vlab import Lab
 from vlab.lab.stages import STAGES
 from vlab.machine.examples import EXAMPLES, RESULT_GPA
 
@@ -22,16 +21,9 @@ WRITER = """
 
 
 @pytest.fixture
-def labs():
-    made: list[Lab] = []
-
-    def make(**options) -> Lab:
-        made.append(Lab(accel="tcg", **options))
-        return made[-1]
-
-    yield make
-    for lab in made:
-        lab.close()
+def labs(make_lab):
+    """Labs on the software accelerator."""
+    return lambda **options: make_lab(accel="tcg", **options)
 
 
 @pytest.mark.parametrize("mode", ["real", "protected", "paged", "long"])

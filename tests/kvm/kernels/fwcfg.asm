@@ -8,12 +8,7 @@ FW_CFG_SIGNATURE equ 0x00
 FW_CFG_RAM_SIZE  equ 0x03
 FW_CFG_NB_CPUS   equ 0x05
 
-section .text
-MULTIBOOT_HEADER MB_PAGE_ALIGN | MB_MEMORY_INFO
-
-global _start
-_start:
-    KERNEL_ENTRY stack_top
+KERNEL_START
     mov ax, FW_CFG_SIGNATURE
     call fw_cfg_select
     mov ecx, 4

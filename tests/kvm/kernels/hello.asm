@@ -9,12 +9,7 @@
 NEEDED equ MBI_HAS_MEM | MBI_HAS_CMDLINE | MBI_HAS_MMAP
 MMAP_AVAILABLE equ 1
 
-section .text
-MULTIBOOT_HEADER MB_PAGE_ALIGN | MB_MEMORY_INFO
-
-global _start
-_start:
-    KERNEL_ENTRY stack_top
+KERNEL_START
     PRINT "hello from a multiboot kernel", 10
     cmp dword [boot_eax], MB_BOOTLOADER_MAGIC
     je .magic_ok

@@ -19,12 +19,7 @@ IOAPIC_SEL equ 0xFEC00000
 IOAPIC_WIN equ 0xFEC00010
 IOAPIC_VER equ 1
 
-section .text
-MULTIBOOT_HEADER MB_PAGE_ALIGN | MB_MEMORY_INFO
-
-global _start
-_start:
-    KERNEL_ENTRY stack_top
+KERNEL_START
     call idt_init
     SET_GATE IRQ_BASE, pit_interrupt
     SET_GATE IRQ_BASE + 7, spurious_irq

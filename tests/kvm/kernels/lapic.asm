@@ -17,12 +17,7 @@ SPURIOUS_VECTOR equ 0xFF
 TIMER_COUNT     equ 1000000             ; 1 ms: KVM's APIC timer counts at 1 GHz
 PERIODIC_TICKS  equ 3
 
-section .text
-MULTIBOOT_HEADER MB_PAGE_ALIGN | MB_MEMORY_INFO
-
-global _start
-_start:
-    KERNEL_ENTRY stack_top
+KERNEL_START
     call idt_init
     SET_GATE TIMER_VECTOR, timer_interrupt
     SET_GATE SPURIOUS_VECTOR, spurious_interrupt

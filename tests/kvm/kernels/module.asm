@@ -10,12 +10,7 @@ MOD_STRING equ 8
 MOD_SIZE   equ 16
 FIRST_LINE_MAX equ 64
 
-section .text
-MULTIBOOT_HEADER MB_PAGE_ALIGN | MB_MEMORY_INFO
-
-global _start
-_start:
-    KERNEL_ENTRY stack_top
+KERNEL_START
     mov ebx, [boot_ebx]
     test dword [ebx + MBI_FLAGS], MBI_HAS_MODS
     jnz .has_mods

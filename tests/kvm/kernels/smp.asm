@@ -16,12 +16,7 @@ WAIT_LOOPS   equ 0x400000               ; how long the BSP waits for one AP
 SVR_ENABLE   equ 1 << 8
 SPURIOUS_VECTOR equ 0xFF
 
-section .text
-MULTIBOOT_HEADER MB_PAGE_ALIGN | MB_MEMORY_INFO
-
-global _start
-_start:
-    KERNEL_ENTRY stack_top
+KERNEL_START
     mov esi, trampoline
     mov edi, TRAMPOLINE
     mov ecx, trampoline_end - trampoline

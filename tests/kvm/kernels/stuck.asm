@@ -6,12 +6,7 @@
 
 %include "defs.inc"
 
-section .text
-MULTIBOOT_HEADER MB_PAGE_ALIGN | MB_MEMORY_INFO
-
-global _start
-_start:
-    KERNEL_ENTRY stack_top
+KERNEL_START
     mov ebx, [boot_ebx]
     mov esi, [ebx + MBI_CMDLINE]
     cmp dword [esi], "faul"
