@@ -431,8 +431,9 @@ class Lab(Observable):
                              for runner, b in zip(self.runners, before))
                 record.actions.append(
                     f"uc_emu_start() {starts} times in place of KVM_RUN: Unicorn translated and "
-                    f"ran the guest's code until a hook for port I/O, MMIO or CPUID, or a HLT, "
-                    f"stopped it (uc_emu_stop), and that became the exit")
+                    f"ran the guest's code; port I/O reached the devices from inside the "
+                    f"instruction's hook (QEMU's TCG: cpu_outb/cpu_inb), and only MMIO, a HLT "
+                    f"or a stop condition stopped emulation (uc_emu_stop) to return an exit")
 
         record = self._stage("kvm_cpu_exec", body, ioctl_limit=RUN_RECORD_LIMIT)
         record.notes.append(str(result[0]) if not isinstance(result[0], list)

@@ -6,6 +6,8 @@
 instruction, hardware breakpoints, and `stop()` from another thread or the notebook's stop
 button. Every exit is recorded (`ExitLog`), with KVM's own counters since the previous exit,
 so a learner sees how much the kernel handled between two exits that reached userspace.
+On tcg, `run()` handles port I/O inside emulation as QEMU's TCG does (`dispatch_port_io`):
+the same dispatch, records and stop conditions, without leaving Unicorn for each access.
 """
 from __future__ import annotations
 
@@ -177,6 +179,10 @@ class VcpuRunner:
         vcpu.enable_sync_regs(KVM_SYNC_X86_REGS)  # RIP per exit without a GET_REGS ioctl
         self.halted = False
         self._thread: int | None = None
+        self._conditions = (None, None, None)  # until, predicate, max_exits of the run
+        self._exits = 0                        # guest exits in the run so far
+        self._resumed = 0.0                    # when the guest last resumed
+        self._inline_exit = self._inline_outcome = self._inline_stop = None
         self._stats = None
         self._counters = None
         if kernel_counters:
@@ -206,10 +212,26 @@ class VcpuRunner:
     # -- one exit ---------------------------------------------------------------------------
     def _enter(self) -> tuple[Exit, Outcome]:
         """KVM_RUN once, handle the exit, record it: the body of kvm_cpu_exec's loop."""
+        self._resumed = start = _clock()
+        exit = self.vcpu.run()
+        if exit is self._inline_exit:  # handled in run(), by _on_port_io
+            return exit, self._inline_outcome
+        return exit, self._handle(exit, _clock() - start)
+
+    def _on_port_io(self, exit: IoIn | IoOut) -> bool:
+        """Port I/O inside tcg's emulation: handled and recorded as an exit, and checked
+        against the run's stop conditions; True stops the guest after this access."""
+        outcome = self._handle(exit, _clock() - self._resumed)
+        stop_reason = self._check_exit(exit, outcome)
+        self._resumed = _clock()
+        if stop_reason is None:
+            return False
+        self._inline_exit, self._inline_outcome, self._inline_stop = exit, outcome, stop_reason
+        return True
+
+    def _handle(self, exit: Exit, duration: float) -> Outcome:
+        """Dispatch one exit to its device, complete it, record it."""
         vcpu = self.vcpu
-        start = _clock()
-        exit = vcpu.run()
-        duration = _clock() - start
         try:
             outcome = handle_exit(exit, self.pio, self.mmio)
         except BusError as e:
@@ -226,7 +248,22 @@ class VcpuRunner:
         self.log.append(ExitRecord(vcpu.id, exit, vcpu.synced_rip, outcome.device,
                                    outcome.claimed, duration, self._previous_counters, counters))
         self._previous_counters = counters
-        return exit, outcome
+        return outcome
+
+    def _check_exit(self, exit: Exit, outcome: Outcome) -> str | None:
+        """Count a guest exit of `run()` and say why the run stops there, if it does."""
+        self._exits += 1
+        until, predicate, max_exits = self._conditions
+        if outcome.action is STOP:
+            return self._stop_reason(exit, outcome)
+        if until is not None and (exit.reason == until if isinstance(until, int)
+                                  else isinstance(exit, until)):
+            return f"reached {exit.describe()}"
+        if predicate is not None and predicate(self.log.last):
+            return "predicate matched"
+        if max_exits is not None and self._exits >= max_exits:
+            return f"max_exits={max_exits} reached"
+        return None
 
     # -- running ------------------------------------------------------------------------------
     def run(self, *, until: ExitReason | type | None = None,
@@ -240,10 +277,14 @@ class VcpuRunner:
         self.halted = False
         timer = (threading.Timer(timeout, self.stop, (f"timeout after {timeout} s",))
                  if timeout is not None else None)
-        exits = 0
+        self._conditions = (until, predicate, max_exits)
+        self._exits = 0
+        self._inline_exit = None
         exit: Exit | None = None
         stop_reason = None
         started = time.perf_counter()
+        # tcg: no exit needs to leave emulation for port I/O (KVM has no such choice)
+        dispatch_port_io = getattr(self.vcpu, "dispatch_port_io", None)
         # The exit path makes no reference cycles; without this the cyclic collector would
         # rescan the log's live records over and over (about 1.8 us per exit at 100,000).
         gc_was_enabled = gc.isenabled()
@@ -251,12 +292,14 @@ class VcpuRunner:
         with _stop_on_sigint(self):
             if timer:
                 timer.start()
+            if dispatch_port_io is not None:
+                dispatch_port_io(self._on_port_io)
             try:
                 if self.breakpoints and self.vcpu.get_regs().rip in self.breakpoints:
                     # Resuming at a breakpoint would hit it again at once: step over it
                     # first, as QEMU's gdbstub does.
                     stepped = self.step()
-                    exit, exits = stepped.exit, 1
+                    exit, self._exits = stepped.exit, 1
                     if exit.__class__ is not Debug and stepped.outcome.action is STOP:
                         stop_reason = self._stop_reason(exit, stepped.outcome)
                 enter, stopping = self._enter, self.stop_requested.is_set
@@ -267,19 +310,15 @@ class VcpuRunner:
                     exit, outcome = enter()
                     if exit.__class__ is Interrupted:
                         continue  # a kick, not an exit the guest caused
-                    exits += 1
-                    if outcome.action is STOP:
-                        stop_reason = self._stop_reason(exit, outcome)
-                    elif until is not None and (exit.reason == until if isinstance(until, int)
-                                                else isinstance(exit, until)):
-                        stop_reason = f"reached {exit.describe()}"
-                    elif predicate is not None and predicate(self.log.last):
-                        stop_reason = "predicate matched"
-                    elif max_exits is not None and exits >= max_exits:
-                        stop_reason = f"max_exits={max_exits} reached"
+                    if exit is self._inline_exit:
+                        stop_reason = self._inline_stop
+                    else:
+                        stop_reason = self._check_exit(exit, outcome)
             except ExitDecodeError as e:
                 stop_reason = f"KVM reported an exit that cannot be decoded: {e}"
             finally:
+                if dispatch_port_io is not None:
+                    dispatch_port_io(None)
                 if timer:
                     timer.cancel()
                 self._thread = None
@@ -287,7 +326,7 @@ class VcpuRunner:
                     gc.enable()
         explanation = (explain(exit, self.vcpu, self.read_code, self.backend)
                        if exit is not None else None)
-        return RunResult(stop_reason, exits, time.perf_counter() - started, exit,
+        return RunResult(stop_reason, self._exits, time.perf_counter() - started, exit,
                          self.vcpu.get_regs().rip, explanation)
 
     def _stop_reason(self, exit: Exit, outcome: Outcome) -> str:

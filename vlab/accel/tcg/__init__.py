@@ -5,6 +5,9 @@ same with Unicorn, which is QEMU's TCG x86 CPU cut out as a library. The VM and 
 KVM's surface, `run()` returns KVM's exit types one at a time, and registers, memory and
 device output end up as on KVM (tests/tcg/test_tcg_differential.py). What differs:
 
+- Port I/O can be handled inside emulation, as QEMU's TCG always does
+  (`TcgVcpu.dispatch_port_io`; the run loop uses it): the device is called from the
+  instruction and the guest runs on, where KVM must return to userspace for each access.
 - IN: during an `IoIn` exit RIP is already past the IN and AL/AX/EAX holds 0 until
   `complete_io_in` (KVM: RIP still at the IN). `IoIn.data_offset` is 0 (there is no
   kvm_run). `rep ins`/`rep outs` exit once per element (`count` 1), where KVM batches.

@@ -21,6 +21,9 @@ before every instruction, where without one it would finish the whole translated
   `Debug` with DR6.BS; hardware breakpoints are Unicorn code hooks on their addresses,
   returning `Debug` with DR6.Bn before the instruction runs, and not again when resuming
   there (x86's RF flag). An exit from a stepped instruction comes first, its `Debug` next.
+- `dispatch_port_io(handler)` handles port I/O inside emulation instead, as QEMU's TCG
+  does: the hook calls `handler(exit)` and the guest runs on, so `run()` returns only for
+  other exits or when the handler asks to stop (see its docstring).
 - `kick()` stops a running vCPU from any thread (`uc_emu_stop` needs no signal);
   `immediate_exit` behaves as kvm_run's; `time_limit` makes `run()` return `Interrupted`
   after that long without an exit; the watchdog's time slices let Python handle signals.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from typing import Callable
 
 from unicorn import UC_ERR_OK, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_WRITE_PROT
 from unicorn import x86_const as x86
@@ -43,6 +47,7 @@ from .cpustate import read_segments, read_sregs, write_sregs
 from .engine import Engine
 from .exceptions import deliver
 from .msrs import READABLE, WRITABLE
+from .portio import IoShape, io_shape
 from .restart import Access, AccessLog
 from .stats import INDEX, NAMES, TcgStats
 from .watchdog import WATCHDOG
@@ -65,7 +70,7 @@ _STAT = {IoIn: "io_exits", IoOut: "io_exits", MmioRead: "mmio_exits", MmioWrite:
          Hlt: "halt_exits", Interrupted: "signal_exits", Debug: "debug_exits",
          Shutdown: "shutdown_exits", InternalError: "insn_emulation_fail"}
 _STAT_INDEX = {kind: INDEX[name] for kind, name in _STAT.items()}
-_EXITS, _EMU_STARTS = INDEX["exits"], INDEX["emu_starts"]
+_EXITS, _IO_EXITS, _EMU_STARTS = INDEX["exits"], INDEX["io_exits"], INDEX["emu_starts"]
 _INJECTIONS = INDEX["exception_injections"]
 _RAN = (IoIn, IoOut, MmioWrite, Hlt)  # exits after which a stepped instruction has completed
 
@@ -119,6 +124,11 @@ class TcgVcpu:
         self._slice_expired = False
         self._ticked_entries = -1
         self._shadow = RESET_SREGS
+        self._io_handler: Callable[[IoIn | IoOut], bool] | None = None
+        self._inline: IoIn | IoOut | None = None   # the port I/O the handler is handling now
+        self._inline_reply = 0
+        self._handled: Exit | None = None          # the last exit a handler stopped on
+        self._io_shapes: dict[tuple[int, int], IoShape] = {}
         uc = self._engine.uc
         self._engine.hook_insn(x86.UC_X86_INS_OUT, self._on_out)
         self._engine.hook_insn(x86.UC_X86_INS_IN, self._on_in)
@@ -131,17 +141,41 @@ class TcgVcpu:
 
     # --- hooks: called by Unicorn in the middle of an instruction -----------------------------
     def _on_out(self, port, size, value):
-        self._exit = IoOut(port, size, 1, value.to_bytes(size, "little"))
+        exit = IoOut(port, size, 1, value.to_bytes(size, "little"))
+        if self._io_handler is not None and not self._single_step:
+            self._dispatch_inline(exit)
+            return
+        self._exit = exit
         self._engine.stop()
 
     def _on_in(self, port, size):
         logged = self._log.replay("in", port, size)
         if logged is not None:
             return logged.value or 0
-        self._exit = IoIn(port, size, 1, 0)
+        exit = IoIn(port, size, 1, 0)
+        if self._io_handler is not None and not self._single_step:
+            return self._dispatch_inline(exit)
+        self._exit = exit
         self._in_rip = self._engine.rip()
         self._engine.stop()
         return 0
+
+    def _dispatch_inline(self, exit: IoIn | IoOut) -> int:
+        """QEMU's cpu_outb/cpu_inb: the device is called from the instruction; an IN's
+        answer (set by `complete_io_in` in the handler) is what the instruction reads."""
+        self._inline, self._inline_reply = exit, 0
+        try:
+            stop = self._io_handler(exit)
+        finally:
+            self._inline = None
+        if stop:  # run() returns it once the instruction (this element of it) completes
+            self._exit = self._handled = exit
+            self._engine.stop()
+        else:
+            counts = self._counts
+            counts[_EXITS] += 1
+            counts[_IO_EXITS] += 1
+        return self._inline_reply
 
     def _on_cpuid(self):
         engine = self._engine
@@ -255,7 +289,7 @@ class TcgVcpu:
                 self._running = False
         exit = self._exit
         if exit is not None:
-            if type(exit) is IoIn and engine.rip() == self._in_rip:
+            if type(exit) is IoIn and exit is not self._handled and engine.rip() == self._in_rip:
                 # INS stores what it read: the stop abandoned it, like a memory exit
                 self._log.record(Access("in", exit.port, exit.size, None))
             return exit
@@ -348,6 +382,9 @@ class TcgVcpu:
             raise ValueError(f"IN from port {exit.port:#x} needs {exit.size * exit.count} "
                              f"bytes, got {len(data)}")
         value = int.from_bytes(data, "little")
+        if exit is self._inline:
+            self._inline_reply = value
+            return
         waiting = self._log.waiting("in", exit.port)
         if waiting is not None:
             waiting.value = value
@@ -386,6 +423,7 @@ class TcgVcpu:
         engine.write(x86.UC_X86_REG_RIP, regs.rip)
         engine.write(x86.UC_X86_REG_RFLAGS, regs.rflags)
         engine.flush_translations()
+        self._io_shapes.clear()
 
     def get_sregs(self) -> Sregs:
         return read_sregs(self._engine.uc, self._shadow)
@@ -396,6 +434,7 @@ class TcgVcpu:
         write_sregs(self._engine.uc, sregs)
         self._shadow = sregs
         self._engine.flush_translations()
+        self._io_shapes.clear()
 
     def get_debugregs(self) -> DebugRegs:
         """The guest's DR0-DR3, DR6, DR7 (not the breakpoints `set_guest_debug` sets, as
@@ -458,8 +497,31 @@ class TcgVcpu:
 
     @property
     def synced_rip(self) -> int:
-        """RIP now, which after `run()` is RIP at the exit (KVM_CAP_SYNC_REGS' purpose)."""
-        return self._engine.rip()
+        """RIP at the exit (KVM_CAP_SYNC_REGS' purpose): RIP now after `run()`; in a port-I/O
+        handler, where KVM reports it: at an IN, past an OUT (see `portio`)."""
+        if self._inline is None or type(self._inline) is IoIn:
+            return self._engine.rip()
+        engine = self._engine
+        rip = engine.rip()
+        key = (rip, engine.read(x86.UC_X86_REG_CS) & 0xFFFF)
+        shape = self._io_shapes.get(key)
+        if shape is None:
+            cs = read_segments(engine.uc)["cs"]
+            shape = self._io_shapes[key] = io_shape(engine.fetch(self._linear_rip(cs)), cs)
+        return shape.rip_after(rip, engine.read(x86.UC_X86_REG_RCX) if shape.count_mask else 0)
+
+    def dispatch_port_io(self, handler: Callable[[IoIn | IoOut], bool] | None) -> None:
+        """Handle port I/O inside emulation, as QEMU's TCG does: its `cpu_outb`/`cpu_inb`
+        call the device on the vCPU thread, and nothing returns to the main loop.
+
+        While `handler` is set (and single-step is off), each IN and OUT, and each element of
+        INS/OUTS, calls `handler(exit)` from inside the instruction and the guest runs on.
+        The handler answers an IN with `complete_io_in`, and may read `synced_rip` (where
+        KVM would put RIP at this exit). Returning True stops the guest: `run()` then returns
+        that exit, already handled, once its instruction (or element) has completed. The
+        exits still count in `io_exits` and `exits`, not in `emu_starts`. None restores one
+        exit per `run()`, as KVM_RUN."""
+        self._io_handler = handler
 
     def kick(self, thread_ident: int | None = None) -> None:
         """Make the `run()` in progress (or the next one) return `Interrupted`. Any thread may

@@ -1,5 +1,5 @@
-"""The board `vlab run` builds (RAM, standard devices, one vCPU), on real KVM, with a guest
-given as nasm source: what the machine and run-loop tests start from."""
+"""The board `vlab run` builds (RAM, standard devices, one vCPU), with a guest given as nasm
+source: what the machine and run-loop tests start from, on KVM (`board`) or tcg (`tcg_board`)."""
 from __future__ import annotations
 
 import signal
@@ -41,15 +41,15 @@ def _watchdog(signum, frame):
     pytest.fail(f"the guest still ran after {WATCHDOG} s: nothing stopped it")
 
 
-@pytest.fixture
-def board(kvm):
-    """`board(source, mode="real", org=ORG)`: a machine about to run `source`."""
+def _boards(accel: str):
+    """`make(source, mode="real", org=ORG)` boards on `accel`, closed when the generator ends,
+    under a watchdog."""
     machines: list[Machine] = []
     previous = signal.signal(signal.SIGALRM, _watchdog)
     signal.alarm(WATCHDOG)
 
     def make(source: str, mode: CpuMode | str = "real", org: int = ORG) -> Board:
-        machine, runner = create_machine(select("kvm"))
+        machine, runner = create_machine(select(accel))
         machines.append(machine)
         assembly = assemble(source, bits=MODE_BITS[CpuMode(mode)], org=org)
         load_raw(machine.memory, assembly.org, assembly.code)
@@ -62,3 +62,15 @@ def board(kvm):
     for machine in machines:
         machine.close()
         machine.accel.close()
+
+
+@pytest.fixture
+def board(kvm):
+    """`board(source, mode="real", org=ORG)`: a KVM machine about to run `source`."""
+    yield from _boards("kvm")
+
+
+@pytest.fixture
+def tcg_board():
+    """`tcg_board(source, mode="real", org=ORG)`: the same machine on the software accelerator."""
+    yield from _boards("tcg")
