@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-lab}
 
-apt_packages=(nasm python3-venv)
-[ "$profile" = test ] && apt_packages+=(chromium gcc libc6-dev linux-libc-dev)
+# gcc, Python's headers and <linux/kvm.h> build vlab's compiled VM-exit path (setup.py)
+apt_packages=(nasm python3-venv gcc python3-dev libc6-dev linux-libc-dev)
+[ "$profile" = test ] && apt_packages+=(chromium)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do

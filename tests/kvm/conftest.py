@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from guestlib import Guest, real_mode_guest
+from vlab.kvm import vcpu as vcpu_module
 
 
 @pytest.fixture
@@ -18,3 +19,14 @@ def make_guest(kvm):
     yield make
     for guest in guests:
         guest.close()
+
+
+@pytest.fixture(params=["compiled", "python"])
+def exit_path(request, monkeypatch):
+    """Runs the test through each way VcpuFd.run() can decode an exit: the C module
+    (vlab/kvm/_exitpath.c, where it was built) and Python's `decode`."""
+    if request.param == "python":
+        monkeypatch.setattr(vcpu_module, "_exitpath", None)
+    elif vcpu_module._exitpath is None:
+        pytest.skip("vlab.kvm._exitpath is not built here (tests/unit/test_exits.py says why)")
+    return request.param

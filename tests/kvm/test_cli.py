@@ -15,6 +15,7 @@ import pytest
 
 from vlab import cli
 from vlab.kvm import Cap, Kvm
+from vlab.kvm import vcpu as vcpu_module
 from vlab.kvm.errors import hint_for
 from vlab.kvm.system import DEVICE_ENV
 
@@ -98,6 +99,18 @@ def test_doctor_without_kvm_gives_the_hint_and_picks_tcg(no_kvm, capsys):
     assert "capabilities" not in out  # none can be asked without the device
     unicorn = importlib.util.find_spec("unicorn") is not None
     assert status == (0 if unicorn else 1)
+
+
+def test_doctor_says_which_exit_path_runs(capsys, monkeypatch):
+    built = vcpu_module._exitpath is not None
+    cli.main(["doctor"])
+    out = capsys.readouterr().out
+    assert re.search(r"^  ok +exit path .*compiled" if built else r"^  python +exit path", out,
+                     re.MULTILINE)
+    monkeypatch.setattr(vcpu_module, "_exitpath", None)
+    cli.main(["doctor"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "python exit path" in out and "decoded in Python" in out and "python3-dev" in out
 
 
 def test_doctor_fails_when_neither_kvm_nor_tcg_can_run(no_kvm, capsys, monkeypatch):

@@ -377,7 +377,7 @@ HELLO = """
 """
 
 
-def test_hello_guest_exits_in_order(make_guest):
+def test_hello_guest_exits_in_order(make_guest, exit_path):
     guest = make_guest(HELLO)
     exits = guest.run_until(Hlt)
     assert exits == [IoOut(port=0xE9, size=1, count=1, data=bytes([c])) for c in b"Hello"] + [Hlt()]
@@ -388,7 +388,7 @@ def test_hello_guest_exits_in_order(make_guest):
     assert guest.vcpu.exit_reason == Hlt.reason
 
 
-def test_in_answered_with_complete_io_in(make_guest):
+def test_in_answered_with_complete_io_in(make_guest, exit_path):
     guest = make_guest("""
         mov eax, 0x12345678
         in al, 0x60
@@ -423,7 +423,7 @@ def test_complete_io_in_refuses_the_wrong_length(make_guest):
         guest.vcpu.complete_io_in(exit, b"\x01")
 
 
-def test_mmio_to_unbacked_memory_answered_with_complete_mmio_read(make_guest):
+def test_mmio_to_unbacked_memory_answered_with_complete_mmio_read(make_guest, exit_path):
     guest = make_guest("""
         mov ax, 0x2000          ; 0x20000 is past the 64 KiB slot
         mov ds, ax
@@ -514,7 +514,7 @@ SPIN_UNTIL_FLAG = """
 """
 
 
-def test_kick_stops_a_runaway_guest_in_another_thread_and_it_resumes(make_guest):
+def test_kick_stops_a_runaway_guest_in_another_thread_and_it_resumes(make_guest, exit_path):
     guest = make_guest(SPIN_UNTIL_FLAG)
     spin_end = ORG + guest.assembly.code.index(0xE6)  # the OUT after the loop
     outcome = {}
@@ -541,7 +541,7 @@ def test_kick_stops_a_runaway_guest_in_another_thread_and_it_resumes(make_guest)
     assert [type(e) for e in exits] == [IoOut, Hlt] and exits[0].port == 0xE9
 
 
-def test_kick_before_run_makes_the_next_run_return_at_once(make_guest):
+def test_kick_before_run_makes_the_next_run_return_at_once(make_guest, exit_path):
     guest = make_guest("out 0xe9, al\nhlt")
     guest.vcpu.kick()
     assert guest.vcpu.immediate_exit
@@ -562,7 +562,7 @@ def closed_fds():
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("listening", [False, True], ids=["untraced", "traced"])
-def test_every_fd_kind_after_close_raises_ebadf_naming_the_ioctl(listening):
+def test_every_fd_kind_after_close_raises_ebadf_naming_the_ioctl(listening, exit_path):
     kvm, vm, vcpu = closed_fds()
     assert kvm.closed and vm.closed and vcpu.closed
     calls = [(kvm.get_api_version, "GET_API_VERSION"), (kvm.create_vm, "CREATE_VM"),

@@ -7,7 +7,10 @@ give `ExitDecodeError` naming the field, never a read outside the mapping.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import sysconfig
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -18,6 +21,7 @@ from vlab.kvm import (Debug, Exception_, Exit, ExitDecodeError, FailEntry, Hlt, 
                       detect_backend)
 from vlab.kvm.abi import (KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, ExitReason, InternalErrorSuberror,
                           StatType, StatUnit, SystemEventType, ffi)
+from vlab.kvm import vcpu as vcpu_module
 from vlab.kvm.exits import IoapicEoi, Notify, TprAccess
 
 PAGE = 4096
@@ -86,6 +90,11 @@ def test_io_size_other_than_1_2_4_is_rejected(size):
 def test_io_count_zero_is_rejected():
     with pytest.raises(ExitDecodeError, match=r"io\.count is 0"):
         decoded(*io(KVM_EXIT_IO_IN, 0xE9, 1, 0))
+
+
+def test_io_direction_other_than_in_or_out_is_rejected():
+    with pytest.raises(ExitDecodeError, match=r"io\.direction is 7"):
+        decoded(*io(7, 0xE9, 1, 1, b"H"))
 
 
 @pytest.mark.parametrize("data_offset", [MAPPING, MAPPING - 3, 2**63, 2**64 - 1])
@@ -410,3 +419,46 @@ def test_detect_an_unrecognised_backend_says_so(tmp_path):
     backend = detect_backend(fake_sys_module(tmp_path, "kvm_riscv_something"))
     assert backend.module == "kvm_riscv_something"
     assert "unrecognised backend kvm_riscv_something" in backend.caveats[0]
+
+
+# --- the compiled exit path (vlab/kvm/_exitpath.c) agrees with decode -------------------------
+def _compiled_exit_path():
+    """The C module, where it can be built; the reason to skip where it cannot."""
+    if vcpu_module._exitpath is not None:
+        return vcpu_module._exitpath
+    if shutil.which(sysconfig.get_config_var("CC").split()[0]) is None \
+            or not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        pytest.skip("no C compiler or no Python.h here: vlab.kvm decodes every exit in Python")
+    pytest.fail("a C compiler and Python.h exist, but vlab.kvm._exitpath was not built: "
+                "reinstall vlab (pip install -e .) and read the compiler's error")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(reason=st.one_of(st.just(int(ExitReason.IO)), _reasons),
+       direction=st.sampled_from([KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, 7]),
+       port=st.integers(0, 0xFFFF), size=st.sampled_from([0, 1, 2, 3, 4, 8, 255]),
+       count=st.integers(0, 2**32 - 1), data_offset=_hostile_u64,
+       mapping=st.integers(RUN_SIZE, MAPPING))
+def test_compiled_exit_path_decodes_as_decode_does(reason, direction, port, size, count,
+                                                   data_offset, mapping):
+    exitpath = _compiled_exit_path()
+    run, buf = kvm_run(reason, mapping)
+    run.io.direction, run.io.port = direction, port
+    run.io.size, run.io.count, run.io.data_offset = size, count, data_offset
+    buf[RUN_SIZE:] = PATTERN[RUN_SIZE:mapping]
+    compiled = exitpath.decode_io(int(ffi.cast("uintptr_t", run)), mapping, IoOut, IoIn)
+    try:
+        expected = decoded(run, buf)
+    except ExitDecodeError:
+        expected = None
+    if compiled is None:  # left to decode: anything but a well-formed port-I/O exit
+        assert not isinstance(expected, (IoOut, IoIn))
+    else:
+        assert type(compiled) is type(expected) and compiled == expected
+
+
+def test_compiled_exit_path_refuses_a_mapping_smaller_than_kvm_run():
+    exitpath = _compiled_exit_path()
+    run, buf = kvm_run(ExitReason.IO)
+    with pytest.raises(ValueError, match="smaller than struct kvm_run"):
+        exitpath.decode_io(int(ffi.cast("uintptr_t", run)), RUN_SIZE - 1, IoOut, IoIn)

@@ -10,7 +10,8 @@ space: `Bus("pio")` for ports, `Bus("mmio")` for guest-physical addresses.
 Ranges are half-open, `[base, end)`, as Python's `range(base, end)`. The bus refuses empty,
 overflowing and overlapping ranges when a device is registered, so a mistake in the board
 surfaces at setup rather than as a mysterious guest hang. Lookups bisect a sorted list of
-bases: O(log n) per VM exit. An access is routed by its first address; a device sees
+bases: O(log n) per VM exit, after a check of the mapping the last access hit (a guest
+tends to talk to one device many times in a row). An access is routed by its first address; a device sees
 `offset + size` past its end only if the guest straddles two devices, which real hardware
 does not promise to handle either.
 
@@ -62,6 +63,7 @@ class Bus:
         self.limit, self.access_sizes = _SPACES[kind]
         self._bases: list[int] = []
         self._maps: list[Mapping] = []
+        self._last = Mapping(0, 0, None)  # the mapping of the last hit; none yet
 
     # -- the address map ----------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class Bus:
             raise BusError(f"{device.name} is not registered on this {self.kind} bus")
         self._maps = keep
         self._bases = [m.base for m in keep]
+        self._last = Mapping(0, 0, None)
 
     def mappings(self) -> list[tuple[int, int, str]]:
         """`(base, end, device name)` for every mapping, by address."""
@@ -96,10 +99,14 @@ class Bus:
 
     def find(self, addr: int) -> tuple[Device, int] | None:
         """The device claiming `addr` and the offset into it, or None."""
+        m = self._last
+        if m.base <= addr < m.end:
+            return m.device, addr - m.base
         i = bisect_right(self._bases, addr) - 1
         if i >= 0:
             m = self._maps[i]
             if addr < m.end:
+                self._last = m
                 return m.device, addr - m.base
         return None
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Callable
 
 
+_BYTES = [bytes((i,)) for i in range(256)]
+
+
 class DebugConsole:
     """`isa-debugcon`: each write emits its low byte; reads return `readback`."""
 
@@ -28,7 +31,7 @@ class DebugConsole:
 
     def write(self, offset: int, value: int, size: int = 1) -> None:
         # QEMU keeps only the low byte of a wider access: `unsigned char ch = val;`.
-        byte = bytes((value & 0xFF,))
+        byte = _BYTES[value & 0xFF]
         self._data += byte
         if self._output is not None:
             self._output(byte)

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .abi import (ExitReason, InternalErrorSuberror, SystemEventType, ffi)
+from .abi import KVM_EXIT_IO_OUT, ExitReason, InternalErrorSuberror, SystemEventType, ffi
 
 
 class ExitDecodeError(ValueError):
@@ -265,7 +265,10 @@ _IO, _MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
 _MMIO_OFFSET = ffi.offsetof("struct kvm_run", "mmio")
 
 
-def _bad_io(size: int, count: int, offset: int, mapping_size: int) -> ExitDecodeError:
+def _bad_io(direction: int, size: int, count: int, offset: int,
+            mapping_size: int) -> ExitDecodeError:
+    if direction > KVM_EXIT_IO_OUT:
+        return ExitDecodeError(f"kvm_run.io.direction is {direction}; it is 0 (in) or 1 (out)")
     if size not in (1, 2, 4):
         return ExitDecodeError(f"kvm_run.io.size is {size}; port I/O moves 1, 2 or 4 bytes")
     if count < 1:
@@ -280,8 +283,9 @@ def decode(run, mapping_size: int, buffer) -> Exit:
     reason, direction, size, port, count, offset = _HEAD.unpack_from(buffer, 8)
     if reason == _IO:
         length = size * count
-        if size not in (1, 2, 4) or count < 1 or offset + length > mapping_size:
-            raise _bad_io(size, count, offset, mapping_size)
+        if size not in (1, 2, 4) or count < 1 or offset + length > mapping_size \
+                or direction > KVM_EXIT_IO_OUT:
+            raise _bad_io(direction, size, count, offset, mapping_size)
         if direction:
             return IoOut(port, size, count, buffer[offset:offset + length])
         return IoIn(port, size, count, offset)

@@ -2,8 +2,8 @@
 
 These count what KVM handled *inside* the kernel (exits, halt polling, instruction
 emulation...), next to the exits that reach userspace. The header and descriptors are read
-once; after that a snapshot is one `preadv` of the data block into a reused buffer and one
-precompiled unpack, cheap enough to take on every VM exit.
+once; after that a snapshot is one `pread` of the data block and one precompiled unpack,
+cheap enough to take on every VM exit.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class StatsFd:
         return self._unpack(self._buffer)
 
     def selector(self, names) -> tuple[tuple[str, ...], Callable[[], tuple[int, ...]]]:
-        """A reader of only these scalar counters, for the VM-exit path: one preadv of the
+        """A reader of only these scalar counters, for the VM-exit path: one pread of the
         words up to the last one wanted and one unpack that skips the rest. Returns the
         names in the order the reader gives their values."""
         wanted = set(names)
@@ -82,12 +82,11 @@ class StatsFd:
         for d in chosen:
             layout += f"{d.offset - position}xQ"
             position = d.offset + 8
-        unpack = struct.Struct(layout).unpack_from
-        buffer, fd, offset = bytearray(position), self.fd, self._data_offset
+        unpack, pread = struct.Struct(layout).unpack_from, os.pread
+        fd, offset = self.fd, self._data_offset
 
         def read() -> tuple[int, ...]:
-            os.preadv(fd, [buffer], offset)
-            return unpack(buffer)
+            return unpack(pread(fd, position, offset))
         return tuple(d.name for d in chosen), read
 
     def read(self) -> dict[str, int | tuple[int, ...]]:

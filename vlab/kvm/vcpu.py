@@ -15,12 +15,17 @@ from .abi import (Ioctl, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUEST
 from .convert import (flexible, from_python, regs_from_c, regs_to_c, sregs_from_c, sregs_to_c,
                       to_python)
 from .errors import KvmError
-from .exits import Exit, ExitDecodeError, Interrupted, IoIn, MmioRead, X86Rdmsr, decode
+from .exits import Exit, ExitDecodeError, Interrupted, IoIn, IoOut, MmioRead, X86Rdmsr, decode
 from .stats import StatsFd
 from .state import DebugRegs, Regs, Sregs
 from .system import cpuid_entries_from_c, cpuid_to_c
 from .fd import KvmFd
 from .trace import _listeners, ioctl
+
+try:  # the compiled exit path (setup.py builds it where a C compiler and Python.h exist)
+    from . import _exitpath
+except ImportError:
+    _exitpath = None
 
 _RUN = int(Ioctl.RUN)
 _RIP = struct.Struct("<Q")
@@ -91,6 +96,7 @@ class VcpuFd(KvmFd):
         self._mapping = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = ffi.from_buffer(self._mapping)
         self.kvm_run = ffi.cast("struct kvm_run *", self._view)
+        self._run_address = int(ffi.cast("uintptr_t", self.kvm_run))
         self._finalizer = weakref.finalize(self, _release, fd, self._mapping, self._view)
         install_kick_handler()  # now, while (typically) in the main thread: kicks need it
 
@@ -99,21 +105,39 @@ class VcpuFd(KvmFd):
         """Enter the guest until KVM needs userspace; return why, decoded.
 
         A signal or `immediate_exit` ends KVM_RUN with EINTR: that is `Interrupted`, not an
-        error, and the vCPU resumes where it was on the next call.
+        error, and the vCPU resumes where it was on the next call. Untraced, this is the
+        hottest call of all: KVM_RUN and a port-I/O exit's decoding go through `_exitpath`
+        (C) where it was built, else through `fcntl.ioctl` and `decode`; traced, through
+        `trace.ioctl`, which records it.
         """
+        if _exitpath is not None and not _listeners:
+            exit = _exitpath.run(self.fd, self._run_address, self.mmap_size, IoOut, IoIn)
+            if exit is None:
+                return decode(self.kvm_run, self.mmap_size, self._mapping)
+            if exit.__class__ is int:
+                return self._run_failed(KvmError(-exit, "RUN"))
+            return exit
         try:
             if _listeners:
                 ioctl("vcpu", self.fd, "RUN", _RUN, None, "", self.id)
-            else:  # trace.ioctl's own no-listener path, inlined: this is the hottest call
+            else:
                 fcntl.ioctl(self.fd, _RUN)
-        except (KvmError, OSError) as e:
-            if e.errno in _INTERRUPTED:
-                self.kvm_run.immediate_exit = 0
-                return Interrupted()
-            raise e if isinstance(e, KvmError) else KvmError(e.errno, "RUN") from None
+        except KvmError as e:
+            return self._run_failed(e)
+        except OSError as e:
+            return self._run_failed(KvmError(e.errno, "RUN"))
         except ValueError:  # fcntl refuses fd -1: closed
-            raise KvmError(errno.EBADF, "RUN", detail=f"vCPU {self.id} is closed") from None
+            return self._run_failed(KvmError(errno.EBADF, "RUN"))
         return decode(self.kvm_run, self.mmap_size, self._mapping)
+
+    def _run_failed(self, error: KvmError) -> Interrupted:
+        """EINTR or EAGAIN: interrupted, a normal outcome. Anything else is raised."""
+        if error.errno in _INTERRUPTED:
+            self.kvm_run.immediate_exit = 0
+            return Interrupted()
+        if self.closed:
+            raise KvmError(errno.EBADF, "RUN", detail=f"vCPU {self.id} is closed") from None
+        raise error from None
 
     @property
     def exit_reason(self) -> int:
