@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import signal
@@ -96,7 +97,9 @@ class VcpuFd(KvmFd):
         self._mapping = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = ffi.from_buffer(self._mapping)
         self.kvm_run = ffi.cast("struct kvm_run *", self._view)
-        self._run_address = int(ffi.cast("uintptr_t", self.kvm_run))
+        # KVM_RUN through the compiled exit path, its arguments bound once (None: in Python)
+        self._run_compiled = (None if _exitpath is None else functools.partial(
+            _exitpath.run, fd, int(ffi.cast("uintptr_t", self.kvm_run)), mmap_size, IoOut, IoIn))
         self._finalizer = weakref.finalize(self, _release, fd, self._mapping, self._view)
         install_kick_handler()  # now, while (typically) in the main thread: kicks need it
 
@@ -110,8 +113,8 @@ class VcpuFd(KvmFd):
         (C) where it was built, else through `fcntl.ioctl` and `decode`; traced, through
         `trace.ioctl`, which records it.
         """
-        if _exitpath is not None and not _listeners:
-            exit = _exitpath.run(self.fd, self._run_address, self.mmap_size, IoOut, IoIn)
+        if self._run_compiled is not None and not _listeners:
+            exit = self._run_compiled()
             if exit is None:
                 return decode(self.kvm_run, self.mmap_size, self._mapping)
             if exit.__class__ is int:
@@ -327,6 +330,7 @@ class VcpuFd(KvmFd):
         """Unmap kvm_run and close the fd; later access to kvm_run raises instead of
         touching unmapped memory."""
         self.kvm_run = _ClosedRun(self.id)
+        self._run_compiled = None  # its fd and address are gone
         super().close()
 
     def __repr__(self) -> str:
