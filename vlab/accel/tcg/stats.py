@@ -9,8 +9,6 @@ the name is KVM's (`exits`, `io_exits`, `mmio_exits`, `halt_exits`, `signal_exit
 """
 from __future__ import annotations
 
-from operator import itemgetter
-
 from ...kvm.abi import StatType, StatUnit
 from ...kvm.stats import StatDescriptor
 
@@ -38,9 +36,8 @@ class TcgStats:
     def selector(self, names):
         """`StatsFd.selector`: a reader of only these counters, in the order returned."""
         chosen = tuple(n for n in NAMES if n in set(names))
-        # two indices more than asked, so that itemgetter returns a tuple even for none or one
-        counts, pick = self._counts, itemgetter(*(INDEX[n] for n in chosen), 0, 0)
-        return chosen, lambda: pick(counts)[:-2]
+        read, index = self._counts.__getitem__, [INDEX[n] for n in chosen]
+        return chosen, lambda: tuple(map(read, index))
 
     def read(self) -> dict[str, int]:
         return dict(zip(NAMES, self._counts))

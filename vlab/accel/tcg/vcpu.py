@@ -171,7 +171,7 @@ class TcgVcpu:
         if stop:  # run() returns it once the instruction (this element of it) completes
             self._exit = self._handled = exit
             self._engine.stop()
-        else:
+        else:  # what run() counts for an I/O exit, done here as it does not return
             counts = self._counts
             counts[_EXITS] += 1
             counts[_IO_EXITS] += 1
