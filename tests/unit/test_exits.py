@@ -410,7 +410,7 @@ def test_detect_kvm_pvm_states_its_caveats(tmp_path):
 
 def test_detect_without_a_backend_module(tmp_path):
     backend = detect_backend(fake_sys_module(tmp_path, None))
-    assert (backend.module, backend.caveats, backend.hardware) == (None, [], "none")
+    assert (backend.kind, backend.module, backend.caveats, backend.hardware) == ("unknown", None, [], "none")
     assert backend.describe().startswith("backend: unknown")
     assert detect_backend(tmp_path / "missing").module is None
 

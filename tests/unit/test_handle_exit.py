@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from vlab.devices import BusError
-from vlab.kvm import Backend, ExitReason
+from vlab.kvm import ExitReason
+from vlab.kvm.backend import KVM_PVM, SVM, VMX
 from vlab.kvm.abi import InternalErrorSuberror, SystemEventType
 from vlab.kvm.exits import (Debug, ExitDecodeError, FailEntry, Hlt, InternalError, Interrupted,
                             IoIn, IoOut, MmioRead, MmioWrite, OtherExit, Shutdown, SystemEvent,
@@ -34,7 +35,7 @@ class FakeVm:
 
 @pytest.fixture
 def machine():
-    board = Machine(SimpleNamespace(name="fake"), FakeVm(), ram_size="1M")
+    board = Machine(SimpleNamespace(name="fake", backend=None), FakeVm(), ram_size="1M")
     board.init_memory()
     board.add_standard_devices()
     yield board
@@ -393,6 +394,9 @@ def test_internal_error_reads_code_from_memory_when_kvm_gave_none(runner_for, ma
     assert "16-bit code" in text and "ud2" in text
 
 
+BACKENDS = {b.module: b for b in (VMX, SVM, KVM_PVM)}
+
+
 @pytest.mark.parametrize("module, code, words", [
     ("kvm_intel", 0x80000021, "VM-entry failure due to invalid guest state"),
     ("kvm_intel", 7, "VM entry with invalid control field(s)"),
@@ -401,7 +405,7 @@ def test_internal_error_reads_code_from_memory_when_kvm_gave_none(runner_for, ma
 ])
 def test_fail_entry_is_decoded_for_the_backend(runner_for, module, code, words):
     runner, _ = runner_for([FailEntry(code, 3)])
-    runner.backend = Backend(module, None)
+    runner.backend = BACKENDS[module]
     result = runner.run()
     assert result.stop_reason.startswith("FAIL_ENTRY")
     assert words in result.explanation and f"{code:#x}" in result.explanation
@@ -415,8 +419,8 @@ PAGED_SREGS = setup_mode("paged", Sregs(), SimpleNamespace(write=lambda gpa, dat
                          ids=["PG set", "PG cleared by KVM after the fault"])
 def test_kvm_pvm_explains_32bit_paging_shutdowns(runner_for, sregs):
     runner, _ = runner_for([Shutdown()], sregs=sregs)
-    runner.backend = Backend("kvm_pvm", None)
+    runner.backend = KVM_PVM
     assert "cannot run 32-bit paging" in runner.run().explanation
     runner, _ = runner_for([Shutdown()], sregs=LONG_SREGS)
-    runner.backend = Backend("kvm_pvm", None)
+    runner.backend = KVM_PVM
     assert "cannot run 32-bit paging" not in runner.run().explanation

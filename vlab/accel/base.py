@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from ..kvm.backend import Backend
     from ..kvm.exits import Exit, IoIn, MmioRead, X86Rdmsr
     from ..kvm.state import CpuidEntry, DebugRegs, Regs, Sregs
 
@@ -66,6 +67,7 @@ class AccelVm(Protocol):
 class Accelerator(Protocol):
     name: str            # "kvm" or "tcg"
     reason: str          # why this accelerator was chosen (shown by `auto`)
+    backend: "Backend"   # what runs the guest, and the facts of it (vlab.kvm.backend)
 
     def create_vm(self) -> AccelVm: ...
     def get_supported_cpuid(self) -> "list[CpuidEntry]": ...

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..kvm import Kvm, VmFd
+from ..kvm.backend import detect as detect_backend
 from ..kvm.abi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 
@@ -38,6 +39,7 @@ class KvmAccelerator:
     def __init__(self, reason: str = "asked for kvm", path: str | None = None):
         self.kvm = Kvm(path)
         self.reason = reason
+        self.backend = detect_backend()   # the facts of the KVM module behind /dev/kvm
 
     def create_vm(self) -> KvmVm:
         return KvmVm(self.kvm.create_vm())

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from ..accel import explain_auto, select
-from ..kvm import Cap, Shutdown, detect_backend
+from ..kvm import Cap, Shutdown
 from ..kvm.trace import IoctlRecord, subscribe
 from ..machine.assembler import assemble
 from ..machine.board import Machine, parse_size
@@ -217,6 +217,7 @@ class Lab(Observable):
             if reason:
                 self.accel.reason = reason
             record.notes.append(f"accelerator: {self.accel.reason}")
+            self.backend = self.accel.backend
             if self._kvm():
                 kvm = self.accel.kvm
                 record.actions.append(f"open('/dev/kvm', O_RDWR|O_CLOEXEC) = fd {kvm.fd}")
@@ -229,7 +230,6 @@ class Lab(Observable):
                 record.notes.append(
                     f"vCPUs: recommended {kvm.check_extension(Cap.NR_VCPUS)}, "
                     f"maximum {kvm.check_extension(Cap.MAX_VCPUS)}")
-                self.backend = detect_backend()
                 record.notes.append(self.backend.describe())
             else:
                 record.actions.append("no /dev/kvm to open: Unicorn (QEMU's TCG role) will "
@@ -266,8 +266,8 @@ class Lab(Observable):
             if not self._kvm():
                 record.actions.append("the CPUID table comes from the software accelerator's "
                                       "own model (no KVM_GET_SUPPORTED_CPUID)")
-            if self.backend is not None and self.backend.module == "kvm_pvm":
-                record.notes.append("on this kvm_pvm host the guest's CPUID instruction (and "
+            if not self.backend.cpuid_follows_table:
+                record.notes.append(f"on this {self.backend.label} host the guest's CPUID instruction (and "
                                     "KVM_GET_CPUID2) returns the host's raw bits for most of "
                                     "leaves 1 and 7, whatever this table says; the bits KVM "
                                     "emulates (x2apic, hypervisor, ...) and the other leaves "
@@ -376,9 +376,8 @@ class Lab(Observable):
                                       "EFER, GDTR and IDTR in place of KVM_SET_SREGS, and of "
                                       "the general-purpose registers in place of KVM_SET_REGS; "
                                       "translated code flushed (uc_ctl_flush_tb)")
-            if self.mode is CpuMode.PAGED and self.backend is not None \
-                    and not self.backend.runs_32bit_paging:
-                record.notes.append("this kvm_pvm host does not run 32-bit paging: the guest "
+            if self.mode is CpuMode.PAGED and not self.backend.runs_32bit_paging:
+                record.notes.append(f"this {self.backend.label} host does not run 32-bit paging: the guest "
                                     "will stop with SHUTDOWN at its first instruction")
         return self._stage("kvm_arch_put_registers", body)
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from ..devices import DebugConsole, FwCfg, IsaDebugExit, MmioTestDevice, Uart16550
 from ..devices.bus import Bus
-from ..kvm.backend import detect as detect_backend
 from .cpu_modes import CpuMode, initial_regs, setup_mode
 from .memory import GuestMemory
 from .runloop import VcpuRunner
@@ -85,8 +84,8 @@ class Machine:
         self.runners: list[VcpuRunner] = []
         self.exit_request: ExitRequest | None = None
         self.devices: dict[str, object] = {}
-        # Which KVM backend runs the guest shapes how fatal exits are explained.
-        self.backend = detect_backend() if accel.name == "kvm" else None
+        # Which backend runs the guest shapes how fatal exits are explained.
+        self.backend = accel.backend
 
     # -- pc_memory_init -------------------------------------------------------------------------
     def init_memory(self, log_dirty: bool = False) -> list:

@@ -37,6 +37,7 @@ device output end up as on KVM (tests/tcg/test_tcg_differential.py). What differ
 """
 from __future__ import annotations
 
+from ...kvm.backend import TCG
 from .cpuid import supported_cpuid
 from .vcpu import TcgVcpu
 from .vm import TcgVm
@@ -46,6 +47,7 @@ class TcgAccelerator:
     """QEMU's `tcg-accel`: nothing to open; each VM is a set of Unicorn engines."""
 
     name = "tcg"
+    backend = TCG
 
     def __init__(self, reason: str = "asked for tcg"):
         self.reason = reason
