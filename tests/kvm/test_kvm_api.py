@@ -17,7 +17,7 @@ import pytest
 
 from vlab.kvm import (Cap, CpuidEntry, Debug, DebugRegs, DTable, Hlt, Interrupted, Ioctl, IoIn,
                       IoOut, Kvm, KvmError, KvmUnavailable, MmioRead, MmioWrite, MpState, Regs,
-                      VcpuFd, VmFd, X86Rdmsr, kvm_usable, recording, subscribe)
+                      VcpuFd, VmFd, X86Rdmsr, kvm_usable)
 from vlab.kvm.abi import (KVM_API_VERSION, KVM_MEM_READONLY, KVM_MSR_EXIT_REASON_FILTER,
                           KVM_MSR_FILTER_READ, ffi)
 
@@ -447,7 +447,7 @@ def test_mmio_to_unbacked_memory_answered_with_complete_mmio_read(make_guest, ex
 # --- tracing: every ioctl through one choke point ------------------------------------------------
 def test_recording_captures_a_vm_bring_up(kvm):
     memory = mmap.mmap(-1, 0x10000)
-    with recording() as calls:
+    with kvm.tracer.recording() as calls:
         vm = kvm.create_vm()
         vm.set_user_memory_region(0, 0, 0x10000, host_address(memory))
         vcpu = vm.create_vcpu(0)
@@ -476,7 +476,7 @@ def test_recording_captures_a_vm_bring_up(kvm):
 
 
 def test_a_failing_ioctl_is_recorded_with_its_errno(kvm):
-    with kvm.create_vm() as vm, recording() as calls:
+    with kvm.create_vm() as vm, kvm.tracer.recording() as calls:
         with pytest.raises(KvmError):
             vm.set_user_memory_region(0, 0x1001, 0x1000, 0)
     (record,) = calls
@@ -486,16 +486,27 @@ def test_a_failing_ioctl_is_recorded_with_its_errno(kvm):
 
 def test_kvm_run_is_recorded_when_someone_listens(make_guest):
     guest = make_guest(HELLO)
-    with recording() as calls:
+    with guest.vcpu.tracer.recording() as calls:
         exits = guest.run_until(Hlt)
     runs = [c for c in calls if c.name == "RUN"]
     assert len(runs) == len(calls) == len(exits) == 6
     assert all((c.fd_kind, c.vcpu_id, c.result, c.fd) == ("vcpu", 0, 0, guest.vcpu.fd) for c in runs)
 
 
+def test_each_kvm_has_its_own_tracer_inherited_by_its_fds(kvm):
+    with Kvm() as other, other.create_vm() as other_vm, kvm.create_vm() as vm, \
+            kvm.tracer.recording() as calls:
+        vcpu = vm.create_vcpu(0)
+        assert vm.tracer is vcpu.tracer is kvm.tracer is not other.tracer
+        other_vm.create_vcpu(0).get_regs()   # another Kvm's VM: not recorded here
+        vcpu.get_regs()
+    assert [(c.fd_kind, c.name) for c in calls] == [
+        ("vm", "CREATE_VCPU"), ("system", "GET_VCPU_MMAP_SIZE"), ("vcpu", "GET_REGS")]
+
+
 def test_subscribe_until_unsubscribed(kvm):
     seen = []
-    unsubscribe = subscribe(seen.append)
+    unsubscribe = kvm.tracer.subscribe(seen.append)
     try:
         kvm.get_api_version()
     finally:
@@ -571,7 +582,7 @@ def test_every_fd_kind_after_close_raises_ebadf_naming_the_ioctl(listening, exit
              (vm.get_stats_fd, "GET_STATS_FD"), (vcpu.get_regs, "GET_REGS"),
              (lambda: vcpu.set_regs(Regs()), "SET_REGS"), (vcpu.get_fpu, "GET_FPU"),
              (vcpu.run, "RUN")]
-    with recording() if listening else contextlib.nullcontext():
+    with kvm.tracer.recording() if listening else contextlib.nullcontext():
         for call, name in calls:
             with pytest.raises(KvmError) as caught:
                 call()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlab.kvm import Hlt, Shutdown, recording
+from vlab.kvm import Hlt, Shutdown
 from vlab.lab import CpuidFrozen, Lab, StageError
 from vlab.lab.cpuid import FEATURES, QEMU64_FEATURES
 
@@ -107,7 +107,7 @@ def test_clearing_lm_refuses_a_long_mode_reset_with_the_reason(make_lab):
     lab.cpuid.set_feature("lm", False)
     for _ in range(3):
         lab.next_stage()
-    with recording() as calls:
+    with lab.tracer.recording() as calls:
         with pytest.raises(StageError) as info:
             lab.kvm_arch_put_registers()
     message = str(info.value)

@@ -19,8 +19,9 @@ def explain_auto() -> tuple[str, str]:
     return "tcg", f"auto: tcg (software emulation), because KVM is not usable: {why}"
 
 
-def select(accel: str = "auto") -> Accelerator:
-    """Open the accelerator named `accel` ("kvm", "tcg" or "auto")."""
+def select(accel: str = "auto", tracer=None) -> Accelerator:
+    """Open the accelerator named `accel` ("kvm", "tcg" or "auto"); a kvm accelerator's
+    ioctls go to `tracer` (a `vlab.kvm.Tracer`; a new one when None)."""
     if accel == "auto":
         accel, reason = explain_auto()
     elif accel in ACCELERATORS:
@@ -29,7 +30,7 @@ def select(accel: str = "auto") -> Accelerator:
         raise ValueError(f"unknown accelerator {accel!r}; choose one of kvm, tcg, auto")
     if accel == "kvm":
         from .kvm import KvmAccelerator
-        return KvmAccelerator(reason)
+        return KvmAccelerator(reason, tracer=tracer)
     from .tcg import TcgAccelerator
     return TcgAccelerator(reason)
 

@@ -36,8 +36,8 @@ class KvmVm:
 class KvmAccelerator:
     name = "kvm"
 
-    def __init__(self, reason: str = "asked for kvm", path: str | None = None):
-        self.kvm = Kvm(path)
+    def __init__(self, reason: str = "asked for kvm", path: str | None = None, tracer=None):
+        self.kvm = Kvm(path, tracer)
         self.reason = reason
         self.backend = detect_backend()   # the facts of the KVM module behind /dev/kvm
 

@@ -14,7 +14,7 @@ from .exits import (Debug, Exception_, Exit, ExitDecodeError, FailEntry, Hlt, Hy
 from .state import CpuidEntry, DebugRegs, DTable, Regs, Segment, Sregs
 from .stats import StatDescriptor, StatsFd
 from .system import DEV_KVM, Kvm, kvm_usable
-from .trace import IoctlRecord, recording, subscribe
+from .trace import IoctlRecord, Tracer
 from .vcpu import VcpuFd
 from .vm import VmFd
 
@@ -24,5 +24,5 @@ __all__ = [
     "Hypercall", "InternalError", "Interrupted", "IoIn", "OtherExit", "IoOut", "MmioRead", "MmioWrite",
     "Shutdown", "SystemEvent", "Unknown", "X86Rdmsr", "X86Wrmsr", "decode", "CpuidEntry",
     "DebugRegs", "DTable", "Regs", "Segment", "Sregs", "StatDescriptor", "StatsFd", "DEV_KVM",
-    "Kvm", "kvm_usable", "IoctlRecord", "recording", "subscribe", "VcpuFd", "VmFd",
+    "Kvm", "kvm_usable", "IoctlRecord", "Tracer", "VcpuFd", "VmFd",
 ]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .abi import ffi
-from .state import DTable, Regs, Segment, Sregs, SEGMENT_NAMES, field_names
+from .state import CpuidEntry, DTable, Regs, Segment, Sregs, SEGMENT_NAMES, field_names
 
 _REG_FIELDS = field_names(Regs)
 _SEG_FIELDS = field_names(Segment)
@@ -71,3 +71,17 @@ def flexible(struct: str, entry: str, count: int):
     """Allocate a struct ending in a flexible array of `count` entries; zeroed."""
     size = ffi.sizeof(struct) + count * ffi.sizeof(entry)
     return ffi.from_buffer(f"{struct} *", bytearray(size))  # the cdata keeps its buffer alive
+
+
+def cpuid_entries_from_c(cpuid) -> list[CpuidEntry]:
+    return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in (cpuid.entries[i] for i in range(cpuid.nent))]
+
+
+def cpuid_to_c(entries: list[CpuidEntry]):
+    cpuid = flexible("struct kvm_cpuid2", "struct kvm_cpuid_entry2", len(entries))
+    cpuid.nent = len(entries)
+    for target, e in zip((cpuid.entries[i] for i in range(len(entries))), entries):
+        (target.function, target.index, target.flags, target.eax, target.ebx, target.ecx,
+         target.edx) = (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+    return cpuid

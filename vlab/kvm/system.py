@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import TYPE_CHECKING
 
-from . import backend as _backend
 from .abi import Cap
-from .convert import flexible
+from .convert import cpuid_entries_from_c, flexible
 from .errors import KvmError, KvmUnavailable
 from .state import CpuidEntry
-from .fd import KvmFd
-
-if TYPE_CHECKING:
-    from .vm import VmFd
+from .vm import VmFd
+from .fd import KvmFd, close_fd
+from .trace import Tracer
 
 DEV_KVM = "/dev/kvm"
 DEVICE_ENV = "VLAB_KVM_DEVICE"
@@ -25,40 +22,22 @@ def device_path() -> str:
     return os.environ.get(DEVICE_ENV) or DEV_KVM
 
 
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def cpuid_entries_from_c(cpuid) -> list[CpuidEntry]:
-    return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-            for e in (cpuid.entries[i] for i in range(cpuid.nent))]
-
-
-def cpuid_to_c(entries: list[CpuidEntry]):
-    cpuid = flexible("struct kvm_cpuid2", "struct kvm_cpuid_entry2", len(entries))
-    cpuid.nent = len(entries)
-    for target, e in zip((cpuid.entries[i] for i in range(len(entries))), entries):
-        (target.function, target.index, target.flags, target.eax, target.ebx, target.ecx,
-         target.edx) = (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-    return cpuid
-
-
 class Kvm(KvmFd):
-    """The open `/dev/kvm` (QEMU's `KVMState.fd`, opened in `kvm_init`)."""
+    """The open `/dev/kvm` (QEMU's `KVMState.fd`, opened in `kvm_init`).
+
+    Its `tracer` (given, or a new one) sees every ioctl on it and on its VMs and vCPUs."""
 
     fd_kind = "system"
 
-    def __init__(self, path: str | None = None):
+    def __init__(self, path: str | None = None, tracer: Tracer | None = None):
+        self.tracer = tracer or Tracer()
         path = path or device_path()
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise KvmUnavailable(e.errno, "open", detail=path) from None
         self.path = path
-        self._finalizer = weakref.finalize(self, _close, self.fd)
+        self._finalizer = weakref.finalize(self, close_fd, self.fd)
         self._vcpu_mmap_size: int | None = None
 
     # --- the ioctls -----------------------------------------------------------------------
@@ -100,11 +79,9 @@ class Kvm(KvmFd):
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """Read feature MSRs on the system fd (KVM_GET_MSRS, KVM_CAP_GET_MSR_FEATURES)."""
-        from .vcpu import read_msrs
-        return read_msrs(self, indices)
+        return self._read_msrs(indices)
 
-    def create_vm(self, machine_type: int = 0) -> "VmFd":
-        from .vm import VmFd
+    def create_vm(self, machine_type: int = 0) -> VmFd:
         fd = self._ioctl("CREATE_VM", machine_type, f"type={machine_type}")
         return VmFd(self, fd)
 
@@ -112,11 +89,6 @@ class Kvm(KvmFd):
     def capabilities(self) -> dict[Cap, int]:
         """Every KVM_CAP with the value KVM_CHECK_EXTENSION returns (0 = absent)."""
         return {cap: self.check_extension(cap) for cap in Cap}
-
-    @staticmethod
-    def backend() -> _backend.Backend:
-        return _backend.detect()
-
 
     def __repr__(self) -> str:
         return f"<Kvm fd={self.fd}{' closed' if self.closed else ''}>"

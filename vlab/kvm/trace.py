@@ -1,9 +1,10 @@
 """The one choke point every KVM ioctl passes through.
 
 Each call can be recorded as an `IoctlRecord` (fd kind, ioctl name, decoded argument
-summary, result or errno, duration), the raw material for the lab's stage records and
-QEMU's trace events (`kvm_ioctl`, `kvm_vm_ioctl`, `kvm_vcpu_ioctl`). When nobody listens the
-cost is one truth test, which keeps the KVM_RUN loop fast.
+summary, result or errno, duration) for the listeners of the `Tracer` the fd belongs to, the
+raw material for the lab's stage records and QEMU's trace events (`kvm_ioctl`,
+`kvm_vm_ioctl`, `kvm_vcpu_ioctl`). When nobody listens the cost is one truth test, which
+keeps the KVM_RUN loop fast.
 """
 from __future__ import annotations
 
@@ -42,21 +43,39 @@ class IoctlRecord:
 
 
 Listener = Callable[[IoctlRecord], None]
-_listeners: list[Listener] = []
 
 
-def subscribe(listener: Listener) -> Callable[[], None]:
-    """Call `listener` with every IoctlRecord from now on; returns the unsubscribe function."""
-    _listeners.append(listener)
-    return lambda: _listeners.remove(listener) if listener in _listeners else None
+class Tracer:
+    """The listeners of one `Kvm`'s ioctls and of every VM and vCPU made from it.
+
+    Whoever opens /dev/kvm owns its tracer (a Lab owns one for its VM), so recording one VM
+    neither records another nor slows another's KVM_RUN."""
+
+    __slots__ = ("listeners",)
+
+    def __init__(self) -> None:
+        self.listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` with every IoctlRecord from now on; returns the unsubscribe
+        function."""
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener) if listener in self.listeners else None
+
+    def recording(self) -> "recording":
+        """`with kvm.tracer.recording() as calls:` collects every ioctl issued inside."""
+        return recording(self)
 
 
 class recording:
-    """Context manager collecting every ioctl issued inside it: `with recording() as calls:`."""
+    """Context manager collecting the ioctls a tracer sees while it is open."""
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
 
     def __enter__(self) -> list[IoctlRecord]:
         self.calls: list[IoctlRecord] = []
-        self._unsubscribe = subscribe(self.calls.append)
+        self._unsubscribe = self.tracer.subscribe(self.calls.append)
         return self.calls
 
     def __exit__(self, *exc) -> None:
@@ -82,13 +101,15 @@ def _call(fd: int, request: int, arg) -> int:
     return -ffi.errno if result < 0 else result
 
 
-def ioctl(fd_kind: str, fd: int, name: str, request: int, arg=None,
+def ioctl(tracer: Tracer, fd_kind: str, fd: int, name: str, request: int, arg=None,
           describe: str | Callable[[], str] = "", vcpu_id: int | None = None) -> int:
-    """Issue one ioctl; record it for listeners; raise KvmError naming it on failure.
+    """Issue one ioctl; record it for the tracer's listeners; raise KvmError naming it on
+    failure.
 
     A closed Kvm, VmFd or VcpuFd holds fd -1: its number may already belong to a newer file
     (another VM's vCPU, say), so the call fails with EBADF instead of reaching it."""
-    if not _listeners:
+    listeners = tracer.listeners
+    if not listeners:
         if arg is None:  # KVM_RUN and the other argument-less ioctls: the hot path
             try:
                 return fcntl.ioctl(fd, request)
@@ -106,7 +127,7 @@ def ioctl(fd_kind: str, fd: int, name: str, request: int, arg=None,
     err = -result if result < 0 else None
     record = IoctlRecord(fd_kind, fd, name, request, describe() if callable(describe) else describe,
                          None if err else result, err, duration, vcpu_id)
-    for listener in tuple(_listeners):
+    for listener in tuple(listeners):
         listener(record)
     if err:
         raise KvmError(err, name)

@@ -13,15 +13,14 @@ import weakref
 
 from .abi import (Ioctl, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
                   MpState, ffi)
-from .convert import (flexible, from_python, regs_from_c, regs_to_c, sregs_from_c, sregs_to_c,
-                      to_python)
+from .convert import (cpuid_entries_from_c, cpuid_to_c, flexible, from_python, regs_from_c,
+                      regs_to_c, sregs_from_c, sregs_to_c, to_python)
 from .errors import KvmError
 from .exits import Exit, ExitDecodeError, Interrupted, IoIn, IoOut, MmioRead, X86Rdmsr, decode
 from .stats import StatsFd
 from .state import DebugRegs, Regs, Sregs
-from .system import cpuid_entries_from_c, cpuid_to_c
 from .fd import KvmFd
-from .trace import _listeners, ioctl
+from .trace import ioctl
 
 try:  # the compiled exit path (setup.py builds it where a C compiler and Python.h exist)
     from . import _exitpath
@@ -55,16 +54,6 @@ def _release(fd: int, mapping: mmap.mmap, view) -> None:
     os.close(fd)
 
 
-def read_msrs(fd_owner, indices: list[int]) -> dict[int, int]:
-    """KVM_GET_MSRS on a system or vCPU fd; returns the MSRs KVM filled, by index."""
-    msrs = flexible("struct kvm_msrs", "struct kvm_msr_entry", len(indices))
-    msrs.nmsrs = len(indices)
-    for i, index in enumerate(indices):
-        msrs.entries[i].index = index
-    count = fd_owner._ioctl("GET_MSRS", msrs, f"{len(indices)} MSRs")
-    return {msrs.entries[i].index: msrs.entries[i].data for i in range(count)}
-
-
 def _unmapped(vcpu_id: int, field: str) -> KvmError:
     return KvmError(errno.EBADF, "RUN", detail=f"vCPU {vcpu_id} is closed; kvm_run.{field} is unmapped")
 
@@ -91,6 +80,8 @@ class VcpuFd(KvmFd):
 
     def __init__(self, vm, fd: int, vcpu_id: int, mmap_size: int):
         self.vm = vm
+        self.tracer = vm.tracer
+        self._listeners = self.tracer.listeners  # the same list, read once per KVM_RUN
         self.fd = fd
         self.id = self._vcpu_id = vcpu_id
         self.mmap_size = mmap_size
@@ -113,7 +104,8 @@ class VcpuFd(KvmFd):
         (C) where it was built, else through `fcntl.ioctl` and `decode`; traced, through
         `trace.ioctl`, which records it.
         """
-        if self._run_compiled is not None and not _listeners:
+        listeners = self._listeners
+        if self._run_compiled is not None and not listeners:
             exit = self._run_compiled()
             if exit is None:
                 return decode(self.kvm_run, self.mmap_size, self._mapping)
@@ -121,8 +113,8 @@ class VcpuFd(KvmFd):
                 return self._run_failed(KvmError(-exit, "RUN"))
             return exit
         try:
-            if _listeners:
-                ioctl("vcpu", self.fd, "RUN", _RUN, None, "", self.id)
+            if listeners:
+                ioctl(self.tracer, "vcpu", self.fd, "RUN", _RUN, None, "", self.id)
             else:
                 fcntl.ioctl(self.fd, _RUN)
         except KvmError as e:
@@ -274,7 +266,7 @@ class VcpuFd(KvmFd):
                           "flags": debugregs.flags}, f"dr7={debugregs.dr7:#x}")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        return read_msrs(self, indices)
+        return self._read_msrs(indices)
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """Write MSRs; returns how many KVM accepted (it stops at the first it refuses)."""

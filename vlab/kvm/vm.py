@@ -5,8 +5,8 @@ import weakref
 
 from .abi import Cap, ffi, KVM_MEM_READONLY
 from .stats import StatsFd
-from .system import _close
-from .fd import KvmFd
+from .fd import KvmFd, close_fd
+from .vcpu import VcpuFd
 
 
 class VmFd(KvmFd):
@@ -16,9 +16,10 @@ class VmFd(KvmFd):
 
     def __init__(self, kvm, fd: int):
         self.kvm = kvm
+        self.tracer = kvm.tracer
         self.fd = fd
         self.vcpus: list = []
-        self._finalizer = weakref.finalize(self, _close, fd)
+        self._finalizer = weakref.finalize(self, close_fd, fd)
 
     def check_extension(self, cap: Cap | int) -> int:
         """Per-VM capability value (KVM_CAP_CHECK_EXTENSION_VM): may differ from /dev/kvm's."""
@@ -96,14 +97,13 @@ class VmFd(KvmFd):
     def get_stats_fd(self) -> StatsFd:
         return StatsFd(self._ioctl("GET_STATS_FD"), "vm")
 
-    def create_vcpu(self, vcpu_id: int = 0):
+    def create_vcpu(self, vcpu_id: int = 0) -> VcpuFd:
         """KVM_CREATE_VCPU, then map its `kvm_run` (QEMU: kvm_init_vcpu / kvm_get_vcpu)."""
-        from .vcpu import VcpuFd
         fd = self._ioctl("CREATE_VCPU", vcpu_id, f"id={vcpu_id}")
         try:
             vcpu = VcpuFd(self, fd, vcpu_id, self.kvm.vcpu_mmap_size)
         except BaseException:
-            _close(fd)
+            close_fd(fd)
             raise
         self.vcpus.append(vcpu)
         return vcpu

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..accel import explain_auto, select
 from ..kvm import Cap, Shutdown
-from ..kvm.trace import IoctlRecord, subscribe
+from ..kvm.trace import IoctlRecord, Tracer
 from ..machine.assembler import assemble
 from ..machine.board import Machine, parse_size
 from ..machine.cpu_modes import EFER_LME, CpuMode
@@ -83,6 +83,7 @@ class Lab(Observable):
         self.mode = CpuMode(mode)
         self.irqchip = irqchip
         self.records: dict[str, StageRecord] = {}
+        self.tracer = Tracer()   # this Lab's ioctls, and only them, go to its stage records
         self.provided: set[str] = set()
         self.accel = None
         self.vm = None
@@ -150,15 +151,14 @@ class Lab(Observable):
             if ioctl_limit is None or len(calls) < ioctl_limit:
                 calls.append(call)
 
-        unsubscribe = subscribe(keep)
+        unsubscribe = self.tracer.subscribe(keep)
         started = time.perf_counter()
         try:
             body(record)
         finally:
             unsubscribe()
         record.seconds = time.perf_counter() - started
-        own = self._fds()
-        record.ioctls = [c for c in calls if c.fd in own]
+        record.ioctls = calls
         if ioctl_limit is not None and counted[0] > len(calls):
             record.notes.append(f"{counted[0]} ioctls in all; the first {len(calls)} are listed")
         record.accel = self.accel.name if self.accel else "?"
@@ -167,15 +167,6 @@ class Lab(Observable):
         self.provided.update(record.stage.provides)
         self.notify(event="stage", stage=name)
         return record
-
-    def _fds(self) -> set[int]:
-        fds = set()
-        if self.accel is not None and self.accel.name == "kvm":
-            fds.add(self.accel.kvm.fd)
-        if self.vm is not None and hasattr(self.vm, "vm"):
-            fds.add(self.vm.vm.fd)
-        fds.update(v.fd for v in self.vcpus if hasattr(v, "fd"))
-        return fds
 
     def _state(self) -> dict:
         state: dict = {}
@@ -213,7 +204,7 @@ class Lab(Observable):
         choice, reason = explain_auto() if self.accel_choice == "auto" else (self.accel_choice, None)
 
         def body(record: StageRecord) -> None:
-            self.accel = select(choice)
+            self.accel = select(choice, tracer=self.tracer)
             if reason:
                 self.accel.reason = reason
             record.notes.append(f"accelerator: {self.accel.reason}")
