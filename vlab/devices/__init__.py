@@ -7,34 +7,13 @@ unit test, the run loop and a notebook console.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 from vlab.devices.bus import Bus, BusError, Mapping
+from vlab.devices.device import Device
 from vlab.devices.debugcon import DebugConsole
 from vlab.devices.debugexit import IsaDebugExit
 from vlab.devices.fwcfg import FwCfg
 from vlab.devices.testdev import MmioTestDevice
 from vlab.devices.uart16550 import Uart16550
-
-
-@runtime_checkable
-class Device(Protocol):
-    """What a bus needs from a device: QEMU's `MemoryRegionOps` read/write pair, by offset."""
-
-    name: str
-
-    def read(self, offset: int, size: int = 1) -> int:
-        """Value of `size` bytes at `offset` within the device's range (may have effects)."""
-        ...
-
-    def write(self, offset: int, value: int, size: int = 1) -> None:
-        """Store `size` bytes of `value` at `offset` within the device's range."""
-        ...
-
-    def state(self) -> dict:
-        """A plain snapshot of the registers, without side effects, for views and tests."""
-        ...
-
 
 __all__ = [
     "Bus", "BusError", "DebugConsole", "Device", "FwCfg", "IsaDebugExit", "Mapping",

@@ -21,10 +21,9 @@ arrives straight from a VM exit.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from vlab.devices import Device
+from vlab.devices.device import Device
 
 # KVM copies string I/O data through one page of the vCPU's shared area (`pio_data`), so a
 # single exit never carries more than this many bytes.
