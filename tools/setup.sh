@@ -30,7 +30,17 @@ if [ ! -x .venv/bin/python ]; then
   echo "vlab setup: creating .venv"
   python3 -m venv .venv
 fi
+# pip runs only when what it installs from changed since the last set-up (so a set-up
+# machine works offline): the stamp holds the extra and a hash of the build files.
 extra=$([ "$profile" = test ] && echo test || echo lab)
-echo "vlab setup: installing vlab[$extra] into .venv"
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[$extra]"
+stamp=.venv/.vlab-setup
+inputs=$(cat pyproject.toml setup.py vlab/kvm/_exitpath.c | sha256sum | cut -d' ' -f1)
+read -r done_extra done_inputs < "$stamp" 2>/dev/null || true
+if [ "${done_inputs:-}" = "$inputs" ] && { [ "$done_extra" = "$extra" ] || [ "$done_extra" = test ]; }; then
+  echo "vlab setup: .venv is up to date (vlab[$done_extra])"
+else
+  echo "vlab setup: installing vlab[$extra] into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[$extra]"
+  echo "$extra $inputs" > "$stamp"
+fi
