@@ -259,10 +259,31 @@ class Interrupted(Exit):
     reason = ExitReason.INTR
 
 
-# exit_reason at offset 8, then the union at 32 read as kvm_run.io: one unpack per exit.
-_HEAD = struct.Struct("<I20xBBHIQ")
+_FORMATS = {"uint8_t": "B", "uint16_t": "H", "uint32_t": "I", "uint64_t": "Q"}
+
+
+def _fields_reader(*paths: tuple[str, ...]) -> tuple[int, struct.Struct]:
+    """(offset, Struct) unpacking the named kvm_run fields, in order, in one call; the
+    offsets and sizes are cffi's, from the declarations in abi.py."""
+    spans = []
+    for path in paths:
+        ctype = ffi.typeof("struct kvm_run")
+        for name in path:
+            ctype = dict(ctype.fields)[name].type
+        spans.append((ffi.offsetof("struct kvm_run", *path), _FORMATS[ctype.cname]))
+    start = at = spans[0][0]
+    layout = "<"
+    for offset, code in spans:
+        layout += (f"{offset - at}x" if offset > at else "") + code
+        at = offset + struct.calcsize("<" + code)
+    return start, struct.Struct(layout)
+
+
+# exit_reason, then the union read as kvm_run.io: one unpack per exit.
+_HEAD_AT, _HEAD = _fields_reader(("exit_reason",), *(("io", name) for name in (
+    "direction", "size", "port", "count", "data_offset")))
 _IO, _MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
-_MMIO_OFFSET = ffi.offsetof("struct kvm_run", "mmio")
+_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
 
 
 def _bad_io(direction: int, size: int, count: int, offset: int,
@@ -280,7 +301,7 @@ def _bad_io(direction: int, size: int, count: int, offset: int,
 
 def decode(run, mapping_size: int, buffer) -> Exit:
     """Decode the exit in `run` (a `struct kvm_run *`); `buffer` is the mapping's bytes."""
-    reason, direction, size, port, count, offset = _HEAD.unpack_from(buffer, 8)
+    reason, direction, size, port, count, offset = _HEAD.unpack_from(buffer, _HEAD_AT)
     if reason == _IO:
         length = size * count
         if size not in (1, 2, 4) or count < 1 or offset + length > mapping_size \
@@ -295,7 +316,7 @@ def decode(run, mapping_size: int, buffer) -> Exit:
         if not 1 <= length <= 8:
             raise ExitDecodeError(f"kvm_run.mmio.len is {length}; an MMIO access moves 1 to 8 bytes")
         if mmio.is_write:
-            data = buffer[_MMIO_OFFSET + 8:_MMIO_OFFSET + 8 + length]
+            data = buffer[_MMIO_DATA:_MMIO_DATA + length]
             return MmioWrite(mmio.phys_addr, length, data)
         return MmioRead(mmio.phys_addr, length)
     try:
