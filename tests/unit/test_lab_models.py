@@ -209,7 +209,7 @@ def test_describe_segment_decodes_attributes():
     assert describe_segment(data32) == ("sel=0x0010 base=0x0 limit=0xffffffff data RW, accessed, "
                                         "32-bit, DPL0, present, 4K-granular")
     tss = Segment(selector=0x20, type=11, s=0, limit=0x67, base=0x600)
-    assert describe_segment(tss).endswith("TSS (busy), 16-bit, DPL0, present")
+    assert describe_segment(tss).endswith("32/64-bit TSS (busy), DPL0, present")
     assert describe_segment(Segment(unusable=1, present=0)).endswith("not present, unusable")
 
 

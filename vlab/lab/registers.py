@@ -12,13 +12,15 @@ SEGMENT_TYPES = {  # SDM Vol. 3A 3.4.5.1, the type field with S=1
     7: "data RW expand-down, accessed", 8: "code XO", 9: "code XO, accessed", 10: "code XR",
     11: "code XR, accessed", 12: "code XO conforming", 13: "code XO conforming, accessed",
     14: "code XR conforming", 15: "code XR conforming, accessed"}
-SYSTEM_TYPES = {2: "LDT", 3: "16-bit TSS (busy)", 9: "TSS (available)", 11: "TSS (busy)"}
+SYSTEM_TYPES = {1: "16-bit TSS (available)", 2: "LDT", 3: "16-bit TSS (busy)",
+                9: "32/64-bit TSS (available)", 11: "32/64-bit TSS (busy)"}
 
 
 def describe_segment(segment: Segment) -> str:
     kind = (SEGMENT_TYPES if segment.s else SYSTEM_TYPES).get(segment.type, f"type {segment.type}")
-    size = "64-bit" if segment.l else ("32-bit" if segment.db else "16-bit")
-    flags = [size, f"DPL{segment.dpl}", "present" if segment.present else "not present"]
+    # D/B and L size code and data segments; a system descriptor's type gives its own size.
+    size = ["64-bit" if segment.l else ("32-bit" if segment.db else "16-bit")] if segment.s else []
+    flags = size + [f"DPL{segment.dpl}", "present" if segment.present else "not present"]
     if segment.g:
         flags.append("4K-granular")
     if segment.unusable:
