@@ -7,6 +7,7 @@ backend, since what FAIL_ENTRY's code means depends on whether VMX or SVM produc
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from ..kvm.abi import InternalErrorSuberror
@@ -58,12 +59,20 @@ def cpu_bits(sregs) -> int:
     return 16
 
 
-def disassemble(code: bytes, address: int, bits: int) -> str:
-    """The first instruction of `code` as `address: bytes  mnemonic operands`."""
+@functools.cache
+def decoder(bits: int, detail: bool = False):
+    """A Capstone x86 disassembler for 16-, 32- or 64-bit code (`detail`: with operands and
+    flags)."""
     import capstone
     md = capstone.Cs(capstone.CS_ARCH_X86,
                      {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits])
-    for insn in md.disasm(code, address):
+    md.detail = detail
+    return md
+
+
+def disassemble(code: bytes, address: int, bits: int) -> str:
+    """The first instruction of `code` as `address: bytes  mnemonic operands`."""
+    for insn in decoder(bits).disasm(code, address):
         return f"{insn.address:#x}: {insn.bytes.hex(' ')}  {insn.mnemonic} {insn.op_str}".rstrip()
     return f"{address:#x}: {code[:MAX_INSN].hex(' ') or '(no bytes)'}  (not a valid {bits}-bit instruction)"
 

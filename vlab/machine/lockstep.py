@@ -4,37 +4,42 @@ The differential tests compare where a guest ends; when two accelerators end dif
 the question is where they first parted. `lockstep` builds the same board twice (one per
 accelerator, by default kvm and tcg), loads the same code, gives both vCPUs the same CPUID
 table and CPU mode, then single-steps them side by side with `VcpuRunner.step`, which
-already evens out what the accelerators do differently around an instruction (this host's
-KVM steps over HLT: the runner runs a HLT without single-step; tcg's IN has completed by
-the time the step returns, as KVM's has). After every step it compares every register
-`RegisterSnapshot.flat` names, the exit the step made (other than the single-step's own
-`Debug`), and guest RAM. Two differences are in how each accelerator steps, not in what
-the guest computes, and are evened out: a REP string instruction runs one iteration per
-step on tcg (as the hardware's trap flag does) and whole on this host's KVM (its emulator),
-so the side still at the instruction is stepped until it has finished too, and the
-instruction is compared by registers and memory only (KVM batches its port I/O, tcg exits
-per element); and RFLAGS.RF, which KVM's emulator leaves set after such a step and which
-the guest cannot read (PUSHF clears it), is not compared. Nothing else is masked: a flag
-the architecture leaves undefined (the arithmetic flags after MUL, AF after SHLD) shows up
-as a divergence, since the two CPUs really differ there.
+already evens out what the accelerators do differently around an instruction (kvm_pvm
+steps over a single-stepped HLT: the runner runs a HLT without single-step; tcg's IN has
+completed by the time the step returns, as KVM's has). After every step it compares every
+register `RegisterSnapshot.flat` names, the exit the step made (other than the
+single-step's own `Debug`), and guest RAM. Two differences are in how each accelerator
+steps, not in what the guest computes, and are evened out: a REP string instruction runs
+one iteration per step on tcg (as the trap flag does on VMX and SVM) and whole on kvm_pvm
+(KVM's emulator), so the side still at the instruction is stepped until it has finished
+too, and the instruction is compared by registers and memory only (KVM batches its port
+I/O, tcg exits per element); and RFLAGS.RF, which KVM's emulator leaves set after such a
+step and which the guest cannot read (PUSHF clears it), is not compared. A flag the
+architecture leaves undefined after the instruction (SF, ZF, AF and PF after MUL; AF after
+SHLD: Capstone's instruction tables say which) is no divergence, since each CPU may set it
+its own way (one host's KVM agrees with tcg after a MUL, another's does not): the report
+names the instruction and the flags, and the second vCPU goes on with the first one's
+RFLAGS. Nothing else is masked.
 """
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ..accel import select
 from ..kvm.exits import Debug, Hlt
 from .assembler import assemble
 from .boot import MODE_BITS, create_machine
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode
-from .explain import MAX_INSN, cpu_bits, disassemble
+from .explain import MAX_INSN, cpu_bits, decoder, disassemble
 from .loaders import load_raw
 from .runloop import STOP, StepResult
 from .snapshot import RegisterSnapshot
 
 PAGE = 0x1000
 RFLAGS_RF = 1 << 16
+# RFLAGS bits by name, and Capstone's "left undefined" bit for each.
+_FLAGS = {"CF": 0, "PF": 2, "AF": 4, "ZF": 6, "SF": 7, "OF": 11}
 _REP = (0xF2, 0xF3)
 _PREFIXES = frozenset({0xF0, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67, *_REP})
 _memcmp = ctypes.CDLL(None).memcmp
@@ -56,12 +61,27 @@ class Divergence:
 
 
 @dataclass
+class UndefinedFlags:
+    """An instruction after which the two vCPUs differ only in flags it leaves undefined."""
+    step: int
+    disassembly: str
+    flags: tuple[str, ...]                     # the differing ones, e.g. ("SF", "PF")
+    rflags: tuple[int, int]                    # RFLAGS on the first, on the second
+
+    def __str__(self) -> str:
+        a, b = self.rflags
+        return (f"instruction {self.step}: {self.disassembly} leaves {', '.join(self.flags)} "
+                f"undefined (RFLAGS {a:#x} and {b:#x})")
+
+
+@dataclass
 class LockstepReport:
     accels: tuple[str, str]
     steps: int                                 # instructions both executed
     stop: str                                  # why stepping ended
     divergence: Divergence | None
     final: tuple[RegisterSnapshot, RegisterSnapshot]
+    undefined: list[UndefinedFlags] = field(default_factory=list)
 
     @property
     def agreed(self) -> bool:
@@ -69,10 +89,12 @@ class LockstepReport:
 
     def __str__(self) -> str:
         a, b = self.accels
+        notes = [f"  undefined flags differ after {u}" for u in self.undefined]
         if self.divergence is None:
-            return f"{a} and {b} agree through {self.steps} instructions ({self.stop})"
+            return "\n".join([f"{a} and {b} agree through {self.steps} instructions ({self.stop})",
+                              *notes])
         d = self.divergence
-        lines = [f"{a} and {b} diverge at instruction {d.step}: {d.disassembly}"]
+        lines = [f"{a} and {b} diverge at instruction {d.step}: {d.disassembly}", *notes]
         if d.exits[0] != d.exits[1]:
             lines.append(f"  exit: {a} {d.exits[0]}; {b} {d.exits[1]}")
         if d.registers:
@@ -138,6 +160,7 @@ def _compare(first: _Side, second: _Side, max_steps: int) -> LockstepReport:
     if differing:
         raise RuntimeError(f"the two vCPUs differ before the first instruction: {differing}")
     stop = f"{max_steps} steps"
+    undefined: list[UndefinedFlags] = []
     for step in range(1, max_steps + 1):
         code = _code(first, before)
         one, two = first.step(), second.step()
@@ -147,11 +170,18 @@ def _compare(first: _Side, second: _Side, max_steps: int) -> LockstepReport:
             exits = ("REP", "REP")
         registers = {name: values for name, values in one.after.diff(two.after).items()
                      if name != "rflags" or (values[0] ^ values[1]) & ~RFLAGS_RF}
+        if "rflags" in registers:
+            flags = undefined_flags_differing(registers["rflags"], code, cpu_bits(before.sregs))
+            if flags:
+                undefined.append(UndefinedFlags(step, _disassembly(code, before), flags,
+                                                registers.pop("rflags")))
+                two = replace(two, after=_adopt_rflags(second, two.after, one.after.regs.rflags))
         pages = _differing_pages(first.ram, second.ram)
         if registers or pages or exits[0] != exits[1]:
-            divergence = Divergence(step, disassemble(code, before.regs.rip, cpu_bits(before.sregs)),
-                                    registers, exits, pages, before, (one.after, two.after))
-            return LockstepReport(accels, step - 1, "diverged", divergence, (one.after, two.after))
+            divergence = Divergence(step, _disassembly(code, before), registers, exits, pages,
+                                    before, (one.after, two.after))
+            return LockstepReport(accels, step - 1, "diverged", divergence, (one.after, two.after),
+                                  undefined)
         before = one.after
         request = first.machine.exit_request
         if one.exit.__class__ is Hlt:
@@ -163,7 +193,42 @@ def _compare(first: _Side, second: _Side, max_steps: int) -> LockstepReport:
         else:
             continue
         break
-    return LockstepReport(accels, step, stop, None, (before, RegisterSnapshot.capture(second.runner.vcpu)))
+    return LockstepReport(accels, step, stop, None, (before, RegisterSnapshot.capture(second.runner.vcpu)),
+                          undefined)
+
+
+def _disassembly(code: bytes, at: RegisterSnapshot) -> str:
+    return disassemble(code, at.regs.rip, cpu_bits(at.sregs))
+
+
+def undefined_flags_differing(rflags: tuple[int, int], code: bytes, bits: int) -> tuple[str, ...]:
+    """The names of the flags two RFLAGS values differ in, if the instruction in `code`
+    leaves every one of them undefined; () if any other bit (RF aside) differs."""
+    differing = (rflags[0] ^ rflags[1]) & ~RFLAGS_RF
+    undefined = undefined_flags(code, bits)
+    mask = sum(1 << _FLAGS[name] for name in undefined)
+    if differing & ~mask:
+        return ()
+    return tuple(name for name in undefined if differing & (1 << _FLAGS[name]))
+
+
+def undefined_flags(code: bytes, bits: int) -> tuple[str, ...]:
+    """The arithmetic flags the first instruction of `code` leaves undefined, by Capstone's
+    instruction tables (e.g. ("AF", "PF", "SF", "ZF") for MUL)."""
+    from capstone import x86
+    insn = next(decoder(bits, detail=True).disasm(code, 0, 1), None)
+    if insn is None:
+        return ()
+    return tuple(name for name in sorted(_FLAGS)
+                 if insn.eflags & getattr(x86, f"X86_EFLAGS_UNDEFINED_{name}"))
+
+
+def _adopt_rflags(side: _Side, after: RegisterSnapshot, rflags: int) -> RegisterSnapshot:
+    """Give `side`'s vCPU the other one's RFLAGS, so that undefined flags set differently
+    do not show up again as a difference at every later instruction."""
+    regs = replace(after.regs, rflags=rflags)
+    side.runner.vcpu.set_regs(regs)
+    return replace(after, regs=regs)
 
 
 def _exit_key(step: StepResult) -> str:
@@ -210,4 +275,5 @@ def _differing_pages(a, b) -> list[int]:
             if _memcmp(a.host_address + offset, b.host_address + offset, PAGE) != 0]
 
 
-__all__ = ["lockstep", "LockstepReport", "Divergence"]
+__all__ = ["lockstep", "LockstepReport", "Divergence", "UndefinedFlags", "undefined_flags",
+           "undefined_flags_differing"]
