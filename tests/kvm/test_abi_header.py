@@ -5,13 +5,16 @@ what makes that safe. It generates a C program from what abi.py declares (every 
 size, alignment and field offsets, sizes and signedness; every ioctl number, exit reason,
 capability and constant), compiles it against the installed kernel headers and compares the
 numbers. Macros are `#ifdef`-guarded, so a name the header lacks is reported, not a compile
-error. Needs only gcc and the headers, not /dev/kvm.
+error. A newer header (a later kernel) may define exits and capabilities vlab does not know:
+those are named in a warning (`NewerHeader`), while anything vlab declares must match. Needs
+only gcc and the headers, not /dev/kvm.
 """
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -209,16 +212,49 @@ def test_enum_values(header, enum):
     _assert_none(_mismatches(checks, header), f"{enum.__name__} values")
 
 
+class NewerHeader(UserWarning):
+    """<linux/kvm.h> defines something newer than vlab's ABI: worth knowing, no error."""
+
+
+def unknown_to_vlab(defined: dict[str, int], known: dict[str, int], prefix: str) -> tuple[list[str], list[str]]:
+    """The header's `defined` names that vlab's `known` lacks, as (newer, problems). Numbered
+    above everything vlab knows, a name is newer than vlab (the header is from a later
+    kernel): vlab does without it. Numbered within vlab's range, it is one vlab should have
+    had, or a number vlab gives another name: a real mismatch."""
+    newest = max(known.values())
+    by_number = {value: name for name, value in known.items()}
+    newer, problems = [], []
+    for name, value in sorted(defined.items(), key=lambda item: item[1]):
+        if name in known:
+            continue
+        if value in by_number:
+            problems.append(f"{prefix}{name} = {value}: vlab calls {value} {by_number[value]}")
+        elif value > newest:
+            newer.append(f"{prefix}{name} = {value}")
+        else:
+            problems.append(f"{prefix}{name} = {value}: missing from vlab, which knows up to {newest}")
+    return newer, problems
+
+
+def _report_unknown(defined: dict[str, int], enum, prefix: str) -> None:
+    known = {name: int(member) for name, member in enum.__members__.items()}
+    newer, problems = unknown_to_vlab(defined, known, prefix)
+    if newer:
+        warnings.warn(NewerHeader(f"<linux/kvm.h> is newer than vlab's {enum.__name__} "
+                                  f"(vlab.kvm.abi), which does not name: {', '.join(newer)}"))
+    assert not problems, f"{prefix}* in the header that {enum.__name__} does not match:\n  " + \
+        "\n  ".join(problems)
+
+
 def test_exit_reason_lists_every_header_exit(header):
     """ExitReason names every KVM_EXIT_* of the header's exit-reason block (the run of
-    defines from KVM_EXIT_UNKNOWN; other KVM_EXIT_* macros are sub-types of one exit)."""
+    defines from KVM_EXIT_UNKNOWN; other KVM_EXIT_* macros are sub-types of one exit), up
+    to the newest exit vlab knows; newer ones are named in a warning."""
     block = re.search(r"^#define\s+KVM_EXIT_UNKNOWN\s+0\b.*\n(?:#define\s+KVM_EXIT_\w+\s+\d+.*\n)*",
                       header.text, re.MULTILINE)
     assert block, "no KVM_EXIT_UNKNOWN block in <linux/kvm.h>"
-    defined = dict(re.findall(r"KVM_EXIT_(\w+)\s+(\d+)", block.group()))
-    missing = {name: int(value) for name, value in defined.items()
-               if name not in ExitReason.__members__}
-    assert not missing, f"KVM_EXIT_* in the header but not in ExitReason: {missing}"
+    defined = {name: int(value) for name, value in re.findall(r"KVM_EXIT_(\w+)\s+(\d+)", block.group())}
+    _report_unknown(defined, ExitReason, "KVM_EXIT_")
 
 
 def _header_caps(text: str) -> dict[str, int]:
@@ -246,9 +282,23 @@ def test_cap_values(header):
 
 
 def test_cap_lists_every_header_cap(header):
-    missing = {name: value for name, value in _header_caps(header.text).items()
-               if name not in Cap.__members__}
-    assert not missing, f"KVM_CAP_* in the header but not in Cap: {missing}"
+    """Cap names every KVM_CAP_* up to the newest capability vlab knows; newer ones are
+    named in a warning."""
+    _report_unknown(_header_caps(header.text), Cap, "KVM_CAP_")
+
+
+def test_what_a_newer_header_adds_is_named_not_a_failure():
+    known = {"UNKNOWN": 0, "IO": 2, "HLT": 5}
+    newer, problems = unknown_to_vlab({"UNKNOWN": 0, "IO": 2, "HLT": 5, "NEW": 9, "NEWER": 12},
+                                      known, "KVM_EXIT_")
+    assert (newer, problems) == (["KVM_EXIT_NEW = 9", "KVM_EXIT_NEWER = 12"], [])
+    newer, problems = unknown_to_vlab({"UNKNOWN": 0, "IO": 2, "OLD": 3, "HALT": 5}, known, "KVM_EXIT_")
+    assert newer == [] and problems == [
+        "KVM_EXIT_OLD = 3: missing from vlab, which knows up to 5",
+        "KVM_EXIT_HALT = 5: vlab calls 5 HLT"]
+    with pytest.warns(NewerHeader, match=r"newer than vlab's Cap .* KVM_CAP_FUTURE = 100000"):
+        _report_unknown({**{n: int(m) for n, m in Cap.__members__.items()}, "FUTURE": 100000},
+                        Cap, "KVM_CAP_")
 
 
 def test_constants(header):

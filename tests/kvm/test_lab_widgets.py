@@ -95,7 +95,12 @@ def test_histogram_redraws_after_a_run_and_skips_identical_redraws(lab):
     lab.run()
     assert bytes(histogram.image.value) != before and histogram.redraws > redraws
     assert histogram.summary().startswith("22 userspace exits: IO out 21, HLT 1")
-    assert "insn_emulation" in histogram.summary()
+    kernel = histogram.summary().splitlines()[1]
+    assert kernel.startswith("KVM's counters: exits ")  # every exit passes through KVM
+    if lab.backend.emulates_kernel_mode:
+        # kvm_pvm emulates this ring-0 guest instruction by instruction; on VMX and SVM it
+        # runs on the CPU and insn_emulation counts only what KVM itself had to decode.
+        assert "insn_emulation" in kernel
     redraws = histogram.redraws
     histogram.refresh()
     assert histogram.redraws == redraws
@@ -244,7 +249,9 @@ def test_kvm_stats_view_marks_counters_that_moved(lab):
     view = KvmStatsView(lab)
     assert len(view.counters) > 20 and view.highlighted == set()
     lab.run()
-    assert {"exits", "insn_emulation", "halt_exits"} <= view.highlighted
+    assert {"exits", "halt_exits"} <= view.highlighted
+    if lab.backend.emulates_kernel_mode:  # kvm_pvm; on VMX and SVM the guest runs natively
+        assert "insn_emulation" in view.highlighted
     view.refresh()                              # a second render of the same run keeps them
     assert "exits" in view.highlighted and "data-stat='exits'" in view.html.value
 
