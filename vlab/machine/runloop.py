@@ -387,9 +387,12 @@ class VcpuRunner:
             if exit.__class__ in _TRANSFERS and outcome.action is RESUME:
                 # The I/O completes on the next KVM_RUN. With immediate_exit set, KVM finishes
                 # it and returns before running anything else: kvm_pvm would otherwise run
-                # the following instruction too before reporting the step.
+                # the following instruction too before reporting the step. On VMX and SVM,
+                # finishing it completes the single-step: KVM_RUN returns DEBUG, not EINTR,
+                # and immediate_exit is still set.
                 self.vcpu.kick()
                 self._enter()
+                self.vcpu.immediate_exit = False
         finally:
             self.vcpu.set_guest_debug(enable=bool(self.breakpoints), hw_breakpoints=self.breakpoints)
         if exit.__class__ is Hlt:
