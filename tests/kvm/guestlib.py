@@ -9,23 +9,12 @@ from __future__ import annotations
 import mmap
 from dataclasses import dataclass
 
-from vlab.kvm import Exit, Kvm, Regs, VcpuFd, VmFd
-from vlab.kvm.abi import ffi
+from vlab.kvm import Exit, Kvm, Regs, VcpuFd, VmFd, host_address
 from vlab.machine.assembler import Assembly, assemble
 
 ORG = 0x1000
 MEMORY_SIZE = 0x10000
 MAX_EXITS = 10_000  # a guest that never reaches the awaited exit fails instead of hanging
-
-
-def host_address(buffer) -> int:
-    """The address of a writable buffer, for KVM_SET_USER_MEMORY_REGION's userspace_addr.
-    The cffi view is released at once so the mmap can still be closed."""
-    view = ffi.from_buffer(buffer)
-    try:
-        return int(ffi.cast("uintptr_t", view))
-    finally:
-        ffi.release(view)
 
 
 def flat_real_mode(vcpu: VcpuFd, rip: int) -> None:

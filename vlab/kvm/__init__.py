@@ -11,6 +11,7 @@ from .errors import KvmError, KvmUnavailable
 from .exits import (Debug, Exception_, Exit, ExitDecodeError, FailEntry, Hlt, Hypercall,
                     InternalError, Interrupted, IoIn, OtherExit, IoOut, MmioRead, MmioWrite, Shutdown,
                     SystemEvent, Unknown, X86Rdmsr, X86Wrmsr, decode)
+from .convert import host_address
 from .state import CpuidEntry, DebugRegs, DTable, Regs, Segment, Sregs
 from .stats import StatDescriptor, StatsFd
 from .system import DEV_KVM, Kvm, kvm_usable
@@ -24,5 +25,5 @@ __all__ = [
     "Hypercall", "InternalError", "Interrupted", "IoIn", "OtherExit", "IoOut", "MmioRead", "MmioWrite",
     "Shutdown", "SystemEvent", "Unknown", "X86Rdmsr", "X86Wrmsr", "decode", "CpuidEntry",
     "DebugRegs", "DTable", "Regs", "Segment", "Sregs", "StatDescriptor", "StatsFd", "DEV_KVM",
-    "Kvm", "kvm_usable", "IoctlRecord", "Tracer", "VcpuFd", "VmFd",
+    "Kvm", "kvm_usable", "IoctlRecord", "Tracer", "VcpuFd", "VmFd", "host_address",
 ]

@@ -67,6 +67,17 @@ def from_python(value):
     return value
 
 
+def host_address(buffer) -> int:
+    """The address of a writable buffer (an mmap of guest RAM), for
+    KVM_SET_USER_MEMORY_REGION's `userspace_addr`. The buffer must outlive the memory slot;
+    no view is kept, so it can still be closed."""
+    view = ffi.from_buffer(buffer)
+    try:
+        return int(ffi.cast("uintptr_t", view))
+    finally:
+        ffi.release(view)
+
+
 def flexible(struct: str, entry: str, count: int):
     """Allocate a struct ending in a flexible array of `count` entries; zeroed."""
     size = ffi.sizeof(struct) + count * ffi.sizeof(entry)

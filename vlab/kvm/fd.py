@@ -40,6 +40,13 @@ class KvmFd:
         return {msrs.entries[i].index: msrs.entries[i].data for i in range(count)}
 
     def close(self) -> None:
+        """Close the fd (and what it owns); closing twice is harmless.
+
+        >>> kvm = Kvm()
+        >>> kvm.close(); kvm.close()
+        >>> kvm.closed
+        True
+        """
         self._finalizer()
         self.fd = -1  # the number may be reused by the next open: see trace.ioctl
 

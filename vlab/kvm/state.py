@@ -101,6 +101,8 @@ class DebugRegs:
     dr7: int = 0x400
     flags: int = 0
 
+    replace = replace
+
 
 @dataclass(frozen=True)
 class CpuidEntry:

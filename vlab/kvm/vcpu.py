@@ -1,4 +1,33 @@
-"""The vCPU fd (`KVM_CREATE_VCPU`) and its shared `struct kvm_run` mapping."""
+"""The vCPU fd (`KVM_CREATE_VCPU`) and its shared `struct kvm_run` mapping.
+
+A real-mode guest run until it halts, each exit answered as QEMU's kvm_cpu_exec does:
+
+    >>> import mmap
+    >>> vm, ram = Kvm().create_vm(), mmap.mmap(-1, 0x8000)
+    >>> vm.set_user_memory_region(0, 0, len(ram), host_address(ram))  # 0x8000.. is unbacked
+    >>> ram[0x1000:0x100a] = bytes.fromhex(
+    ...     "e460"      # in al, 0x60
+    ...     "e6e9"      # out 0xe9, al
+    ...     "a000f0"    # mov al, [0xf000]   (no RAM there: MMIO)
+    ...     "e6e9"      # out 0xe9, al
+    ...     "f4")       # hlt
+    >>> vcpu = vm.create_vcpu(0)
+    >>> sregs = vcpu.get_sregs()
+    >>> vcpu.set_sregs(sregs.replace(cs=sregs.cs.replace(base=0, selector=0)))
+    >>> vcpu.set_regs(Regs(rip=0x1000))
+    >>> port_in = vcpu.run(); port_in
+    IoIn(port=96, size=1, count=1, data_offset=4096)
+    >>> vcpu.complete_io_in(port_in, b"*")
+    >>> vcpu.run()
+    IoOut(port=233, size=1, count=1, data=b'*')
+    >>> load = vcpu.run(); load
+    MmioRead(address=61440, length=1)
+    >>> vcpu.complete_mmio_read(load, b"!")
+    >>> vcpu.run(), vcpu.run()
+    (IoOut(port=233, size=1, count=1, data=b'!'), Hlt())
+    >>> hex(vcpu.get_regs().rip)   # past the HLT
+    '0x100a'
+"""
 from __future__ import annotations
 
 import errno
@@ -11,16 +40,14 @@ import struct
 import threading
 import weakref
 
-from .abi import (Ioctl, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
-                  MpState, ffi)
-from .convert import (cpuid_entries_from_c, cpuid_to_c, flexible, from_python, regs_from_c,
-                      regs_to_c, sregs_from_c, sregs_to_c, to_python)
+from .abi import Ioctl, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, ffi
+from .convert import regs_from_c
 from .errors import KvmError
 from .exits import Exit, ExitDecodeError, Interrupted, IoIn, IoOut, MmioRead, X86Rdmsr, decode
 from .stats import StatsFd
-from .state import DebugRegs, Regs, Sregs
-from .fd import KvmFd
+from .state import Regs
 from .trace import ioctl
+from .vcpu_state import VcpuStateIoctls
 
 try:  # the compiled exit path (setup.py builds it where a C compiler and Python.h exist)
     from . import _exitpath
@@ -73,7 +100,7 @@ class _ClosedRun:
         self.__getattr__(name)
 
 
-class VcpuFd(KvmFd):
+class VcpuFd(VcpuStateIoctls):
     """One virtual CPU (QEMU's `CPUState.kvm_fd` with `CPUState.kvm_run`)."""
 
     fd_kind = "vcpu"
@@ -151,7 +178,13 @@ class VcpuFd(KvmFd):
     def kick(self, thread_ident: int | None = None) -> None:
         """Stop a KVM_RUN in progress in thread `thread_ident` (or the next one): set
         `immediate_exit`, then signal the thread so the ioctl returns EINTR, as QEMU's
-        `qemu_cpu_kick` does with SIG_IPI."""
+        `qemu_cpu_kick` does with SIG_IPI.
+
+        >>> vcpu = Kvm().create_vm().create_vcpu(0)
+        >>> vcpu.kick()
+        >>> vcpu.run(), vcpu.immediate_exit   # returned before entering the guest
+        (Interrupted(), False)
+        """
         self.kvm_run.immediate_exit = 1
         if thread_ident is not None and thread_ident != threading.get_ident() \
                 and install_kick_handler():
@@ -177,13 +210,38 @@ class VcpuFd(KvmFd):
         ffi.memmove(self.kvm_run.mmio.data, data, exit.length)
 
     def complete_rdmsr(self, exit: X86Rdmsr, value: int = 0, error: bool = False) -> None:
-        """Answer a RDMSR exit; `error` makes the guest take #GP."""
+        """Answer a RDMSR exit; `error` makes the guest take #GP.
+
+        >>> import mmap
+        >>> vm, ram = Kvm().create_vm(), mmap.mmap(-1, 0x8000)
+        >>> vm.set_user_memory_region(0, 0, len(ram), host_address(ram))
+        >>> vm.enable_cap(Cap.X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER)
+        >>> vm.set_msr_filter([(KVM_MSR_FILTER_READ, 0x10, 1, b"\\0")])   # the TSC's reads
+        >>> ram[0x1000:0x1006] = bytes.fromhex("b91000" "0f32" "f4")   # mov cx, 0x10; rdmsr; hlt
+        >>> vcpu = vm.create_vcpu(0)
+        >>> sregs = vcpu.get_sregs()
+        >>> vcpu.set_sregs(sregs.replace(cs=sregs.cs.replace(base=0, selector=0)))
+        >>> vcpu.set_regs(Regs(rip=0x1000))
+        >>> rdmsr = vcpu.run(); rdmsr
+        X86Rdmsr(index=16, msr_reason=4)
+        >>> vcpu.complete_rdmsr(rdmsr, 0x1234_5678_9ABC)
+        >>> vcpu.run(), hex(vcpu.get_regs().rdx), hex(vcpu.get_regs().rax)
+        (Hlt(), '0x1234', '0x56789abc')
+        """
         self.kvm_run.msr.data = value
         self.kvm_run.msr.error = 1 if error else 0
 
     def enable_sync_regs(self, mask: int) -> None:
         """Ask KVM to copy register classes into kvm_run.s on every exit (KVM_CAP_SYNC_REGS),
-        so RIP is known per exit without a KVM_GET_REGS ioctl."""
+        so RIP is known per exit without a KVM_GET_REGS ioctl.
+
+        >>> vcpu = Kvm().create_vm().create_vcpu(0)
+        >>> vcpu.enable_sync_regs(KVM_SYNC_X86_REGS)
+        >>> vcpu.kick(); vcpu.run()
+        Interrupted()
+        >>> hex(vcpu.synced_rip)   # the reset vector's offset in CS F000
+        '0xfff0'
+        """
         self.kvm_run.kvm_valid_regs = mask
 
     @property
@@ -195,108 +253,34 @@ class VcpuFd(KvmFd):
             raise _unmapped(self.id, "s.regs.rip") from None
 
     def synced_regs(self) -> Regs:
+        """The general-purpose registers KVM copied into kvm_run.s at the last exit.
+
+        >>> vcpu = Kvm().create_vm().create_vcpu(0)
+        >>> vcpu.enable_sync_regs(KVM_SYNC_X86_REGS)
+        >>> vcpu.kick(); vcpu.run()
+        Interrupted()
+        >>> vcpu.synced_regs() == vcpu.get_regs()
+        True
+        """
         return regs_from_c(self.kvm_run.s.regs.regs)
-
-    # --- registers ---------------------------------------------------------------------------
-    def get_regs(self) -> Regs:
-        regs = ffi.new("struct kvm_regs *")
-        self._ioctl("GET_REGS", regs)
-        return regs_from_c(regs)
-
-    def set_regs(self, regs: Regs) -> None:
-        c = ffi.new("struct kvm_regs *")
-        regs_to_c(regs, c)
-        self._ioctl("SET_REGS", c, f"rip={regs.rip:#x} rsp={regs.rsp:#x} rflags={regs.rflags:#x}")
-
-    def get_sregs(self) -> Sregs:
-        sregs = ffi.new("struct kvm_sregs *")
-        self._ioctl("GET_SREGS", sregs)
-        return sregs_from_c(sregs)
-
-    def set_sregs(self, sregs: Sregs) -> None:
-        c = ffi.new("struct kvm_sregs *")
-        sregs_to_c(sregs, c)
-        self._ioctl("SET_SREGS", c, f"cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
-                                    f"efer={sregs.efer:#x} cs={sregs.cs.selector:#x}")
-
-    def _get_struct(self, name: str, ctype: str) -> dict:
-        c = ffi.new(f"{ctype} *")
-        self._ioctl(name, c)
-        return to_python(c[0])
-
-    def _set_struct(self, name: str, ctype: str, value: dict, describe="") -> None:
-        self._ioctl(name, ffi.new(f"{ctype} *", from_python(value)), describe)
-
-    def get_fpu(self) -> dict:
-        return self._get_struct("GET_FPU", "struct kvm_fpu")
-
-    def set_fpu(self, fpu: dict) -> None:
-        self._set_struct("SET_FPU", "struct kvm_fpu", fpu, f"fcw={fpu.get('fcw', 0):#x}")
-
-    def get_vcpu_events(self) -> dict:
-        return self._get_struct("GET_VCPU_EVENTS", "struct kvm_vcpu_events")
-
-    def set_vcpu_events(self, events: dict) -> None:
-        self._set_struct("SET_VCPU_EVENTS", "struct kvm_vcpu_events", events)
-
-    def get_xcrs(self) -> dict:
-        return self._get_struct("GET_XCRS", "struct kvm_xcrs")
-
-    def set_xcrs(self, xcrs: dict) -> None:
-        self._set_struct("SET_XCRS", "struct kvm_xcrs", xcrs, f"nr_xcrs={xcrs.get('nr_xcrs')}")
-
-    def get_lapic(self) -> bytes:
-        """The local APIC's 1 KiB register page (needs the in-kernel irqchip)."""
-        return self._get_struct("GET_LAPIC", "struct kvm_lapic_state")["regs"]
-
-    def get_mp_state(self) -> MpState:
-        return MpState(self._get_struct("GET_MP_STATE", "struct kvm_mp_state")["mp_state"])
-
-    def set_mp_state(self, state: MpState | int) -> None:
-        self._set_struct("SET_MP_STATE", "struct kvm_mp_state", {"mp_state": int(state)},
-                         MpState(state).name)
-
-    def get_debugregs(self) -> DebugRegs:
-        c = self._get_struct("GET_DEBUGREGS", "struct kvm_debugregs")
-        return DebugRegs(tuple(c["db"]), c["dr6"], c["dr7"], c["flags"])
-
-    def set_debugregs(self, debugregs: DebugRegs) -> None:
-        self._set_struct("SET_DEBUGREGS", "struct kvm_debugregs",
-                         {"db": list(debugregs.db), "dr6": debugregs.dr6, "dr7": debugregs.dr7,
-                          "flags": debugregs.flags}, f"dr7={debugregs.dr7:#x}")
-
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        return self._read_msrs(indices)
-
-    def set_msrs(self, values: dict[int, int]) -> int:
-        """Write MSRs; returns how many KVM accepted (it stops at the first it refuses)."""
-        msrs = flexible("struct kvm_msrs", "struct kvm_msr_entry", len(values))
-        msrs.nmsrs = len(values)
-        for i, (index, data) in enumerate(values.items()):
-            msrs.entries[i].index, msrs.entries[i].data = index, data
-        return self._ioctl("SET_MSRS", msrs, ", ".join(f"{i:#x}={v:#x}" for i, v in values.items()))
-
-    # --- CPUID, TSC ---------------------------------------------------------------------------
-    def set_cpuid2(self, entries) -> None:
-        """Give this vCPU its CPUID table (QEMU: kvm_arch_init_vcpu after cpu_x86_cpuid)."""
-        self._ioctl("SET_CPUID2", cpuid_to_c(list(entries)), f"nent={len(entries)}")
-
-    def get_cpuid2(self, max_entries: int = 256):
-        cpuid = flexible("struct kvm_cpuid2", "struct kvm_cpuid_entry2", max_entries)
-        cpuid.nent = max_entries
-        self._ioctl("GET_CPUID2", cpuid, f"nent={max_entries}")
-        return cpuid_entries_from_c(cpuid)
-
-    def get_tsc_khz(self) -> int:
-        return self._ioctl("GET_TSC_KHZ")
-
-    def set_tsc_khz(self, khz: int) -> None:
-        self._ioctl("SET_TSC_KHZ", khz, f"{khz} kHz")
 
     # --- debugging ----------------------------------------------------------------------------
     def set_guest_debug(self, enable: bool = True, single_step: bool = False,
                         hw_breakpoints: tuple[int, ...] = ()) -> None:
-        """Single-step and up to four execution breakpoints through DR0-DR3/DR7."""
+        """Single-step and up to four execution breakpoints through DR0-DR3/DR7.
+
+        >>> import mmap
+        >>> vm, ram = Kvm().create_vm(), mmap.mmap(-1, 0x8000)
+        >>> vm.set_user_memory_region(0, 0, len(ram), host_address(ram))
+        >>> ram[0x1000:0x1004] = bytes.fromhex("90" "90" "90" "f4")   # nop; nop; nop; hlt
+        >>> vcpu = vm.create_vcpu(0)
+        >>> sregs = vcpu.get_sregs()
+        >>> vcpu.set_sregs(sregs.replace(cs=sregs.cs.replace(base=0, selector=0)))
+        >>> vcpu.set_regs(Regs(rip=0x1000))
+        >>> vcpu.set_guest_debug(single_step=True)
+        >>> [hex(vcpu.run().pc) for _ in range(2)]   # a DEBUG exit after each instruction
+        ['0x1001', '0x1002']
+        """
         if len(hw_breakpoints) > MAX_HW_BREAKPOINTS:
             raise ValueError(f"{len(hw_breakpoints)} hardware breakpoints; x86 has {MAX_HW_BREAKPOINTS} (DR0-DR3)")
         debug = ffi.new("struct kvm_guest_debug *")
@@ -316,11 +300,24 @@ class VcpuFd(KvmFd):
                     f"enable={int(enable)} singlestep={int(single_step)}" + (f" bp=[{bps}]" if bps else ""))
 
     def get_stats_fd(self) -> StatsFd:
+        """The vCPU's binary stats fd: KVM's own counters for this vCPU.
+
+        >>> stats = Kvm().create_vm().create_vcpu(0).get_stats_fd()
+        >>> stats.read()["halt_exits"]
+        0
+        """
         return StatsFd(self._ioctl("GET_STATS_FD"), f"vcpu{self.id}")
 
     def close(self) -> None:
         """Unmap kvm_run and close the fd; later access to kvm_run raises instead of
-        touching unmapped memory."""
+        touching unmapped memory.
+
+        >>> vcpu = Kvm().create_vm().create_vcpu(0)
+        >>> vcpu.close()
+        >>> vcpu.run()
+        Traceback (most recent call last):
+        vlab.kvm.errors.KvmError: KVM_RUN failed: EBADF ...
+        """
         self.kvm_run = _ClosedRun(self.id)
         self._run_compiled = None  # its fd and address are gone
         super().close()
