@@ -46,6 +46,32 @@ class RegisterSnapshot:
 _OPTIONAL_STATE = ("fpu", "xcrs", "vcpu_events", "mp_state", "debugregs")
 
 
+def read_msrs(vcpu, indices) -> dict[int, int]:
+    """KVM_GET_MSRS of every MSR in `indices` the vCPU will give. KVM stops at the first MSR
+    it refuses (KVM_GET_MSR_INDEX_LIST names what the kernel can save, not what this vCPU
+    has: Hyper-V's MSRs without Hyper-V in its CPUID, on some kernels): that one is left
+    out and the rest are read on."""
+    values: dict[int, int] = {}
+    rest = list(indices)
+    while rest:
+        read = vcpu.get_msrs(rest)
+        values.update(read)
+        rest = rest[len(read) + 1:]
+    return values
+
+
+def write_msrs(vcpu, values: dict[int, int]) -> list[int]:
+    """KVM_SET_MSRS of all of `values`, on past any MSR KVM refuses; returns the refused."""
+    refused: list[int] = []
+    rest = list(values.items())
+    while rest:
+        written = vcpu.set_msrs(dict(rest))
+        if written < len(rest):
+            refused.append(rest[written][0])
+        rest = rest[written + 1:]
+    return refused
+
+
 @dataclass
 class VcpuState:
     """Everything QEMU saves of a vCPU for migration (kvm_arch_get_registers): registers,
@@ -66,23 +92,31 @@ class VcpuState:
         for name in _OPTIONAL_STATE:
             getter = getattr(vcpu, f"get_{name}", None)
             optional[name] = getter() if getter else None
-        msrs = vcpu.get_msrs(list(msr_indices)) if msr_indices else {}
+        msrs = read_msrs(vcpu, msr_indices)
         return cls(vcpu.get_regs(), vcpu.get_sregs(), msrs, **optional)
 
     def restore(self, vcpu) -> None:
         """In kvm_arch_put_registers' order: regs, FPU, XCRs, sregs, MSRs, MP state,
-        events, debug registers."""
+        events, debug registers. KVM may refuse to write back an MSR it gave: e.g.
+        MSR_KVM_ASYNC_PF_INT without the in-kernel LAPIC, where it cannot have changed
+        either. Such an MSR is fine if it still holds the saved value; one that does not is
+        reported once everything else is restored (QEMU, which sets no such MSR, would
+        abort)."""
         vcpu.set_regs(self.regs)
         if self.fpu is not None:
             vcpu.set_fpu(self.fpu)
         if self.xcrs is not None:
             vcpu.set_xcrs(self.xcrs)
         vcpu.set_sregs(self.sregs)
-        if self.msrs:
-            vcpu.set_msrs(self.msrs)
+        refused = write_msrs(vcpu, self.msrs)
         if self.mp_state is not None:
             vcpu.set_mp_state(self.mp_state)
         if self.vcpu_events is not None:
             vcpu.set_vcpu_events(self.vcpu_events)
         if self.debugregs is not None:
             vcpu.set_debugregs(self.debugregs)
+        now = read_msrs(vcpu, refused)
+        lost = [i for i in refused if now.get(i) != self.msrs[i]]
+        if lost:
+            raise ValueError("KVM refused to write back MSRs that have changed since: "
+                             + ", ".join(f"{i:#x}={self.msrs[i]:#x}" for i in lost))
