@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""Run pytest on a second KVM host: AMD SVM, emulated by QEMU's TCG on this machine.
+
+QEMU's TCG with `-cpu max` offers SVM, so a Debian kernel booted under it loads kvm_amd and
+gives a real /dev/kvm with SVM semantics (10-13x slower than this machine's KVM). This
+script prepares that host from Debian's apt (qemu-system-x86, busybox-static, a linux-image
+package), caches the kernel and the module initramfs in .cache/svm-host/, boots it with this
+machine's root shared read-only over 9p and runs the checkout's pytest inside, streaming its
+output; the exit status is pytest's.
+
+Usage: svm_host.py [pytest args]   (default: tests/kvm)
+Settings (environment): VLAB_SVM_TIMEOUT (seconds for pytest, default 2400), VLAB_SVM_CPU
+(QEMU -cpu, default max,-npt), VLAB_SVM_SMP (default 1), VLAB_SVM_KERNEL (a linux-image
+package, default the newest linux-image-<series>-amd64 apt offers).
+"""
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+CACHE = CHECKOUT / ".cache" / "svm-host"
+RESULTS = CACHE / "results"
+INIT = Path(__file__).with_name("init")
+APT_PACKAGES = ("qemu-system-x86", "busybox-static")   # busybox-static: /bin/busybox, no libc
+KERNEL_SERIES = ("linux-image-6.12-amd64", "linux-image-amd64")  # closest to today's hosts first
+# kvm_amd and the guest's 9p root, each loaded after its dependencies
+MODULES = ("kvm_amd", "virtio_pci", "9pnet_virtio", "9p")
+# Seconds allowed for each phase the guest announces; pytest's comes from VLAB_SVM_TIMEOUT.
+PHASE_TIMEOUTS = {"boot": 240, "modules": 180, "kvm": 30, "mount": 120, "done": 60}
+HARNESS_ERROR = 125   # not a test result: the host could not be prepared or booted
+TIMED_OUT = 124
+
+
+class HostError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"svm-host: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
+    except subprocess.TimeoutExpired:
+        raise HostError(f"{what} took more than 900 s ({shlex.join(cmd)})")
+    if proc.returncode:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise HostError(f"{what} failed ({shlex.join(cmd)}):\n  " + "\n  ".join(detail))
+    return proc
+
+
+# --- preparation ------------------------------------------------------------------------
+
+SUDO = [] if os.geteuid() == 0 else ["sudo"]
+
+
+def install_tools() -> None:
+    """Install the Debian packages that are missing, as tools/setup.sh does."""
+    missing = [pkg for pkg in APT_PACKAGES if "install ok installed" not in subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True).stdout]
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} (apt)")
+    run(SUDO + ["apt-get", "update", "-qq"], "apt-get update")
+    run(SUDO + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        f"installing {' '.join(missing)}", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def kernel_package() -> str:
+    """The linux-image package to boot: VLAB_SVM_KERNEL, else what a meta-package points at."""
+    if os.environ.get("VLAB_SVM_KERNEL"):
+        return os.environ["VLAB_SVM_KERNEL"]
+    for attempt in range(2):
+        for meta in KERNEL_SERIES:
+            out = subprocess.run(["apt-cache", "depends", meta], capture_output=True,
+                                 text=True).stdout
+            found = re.findall(r"Depends: (linux-image-[^\s<>]+)", out)
+            if found:
+                return found[0]
+        if attempt == 0:   # package lists never fetched (a fresh container)
+            run(SUDO + ["apt-get", "update", "-qq"], "apt-get update")
+    raise HostError("apt offers no linux-image-amd64 package: check `apt-cache search "
+                    "linux-image` and set VLAB_SVM_KERNEL to one")
+
+
+def extract_vmlinux(vmlinuz: Path, dest: Path) -> None:
+    """The ELF inside a bzImage: QEMU boots it through its PVH note in seconds under TCG
+    where the compressed bzImage takes ~40 s to decompress itself."""
+    data = vmlinuz.read_bytes()
+    for magic, unpack in ((b"\xfd7zXZ\x00", lambda d: lzma.LZMADecompressor().decompress(d)),
+                          (b"\x1f\x8b\x08", lambda d: zlib.decompressobj(31).decompress(d)),
+                          (b"\x28\xb5\x2f\xfd", unzstd)):
+        at = data.find(magic)
+        while at >= 0:
+            try:
+                elf = unpack(data[at:])
+            except (lzma.LZMAError, zlib.error):
+                elf = b""
+            if elf[:4] == b"\x7fELF":
+                dest.write_bytes(elf)
+                return
+            at = data.find(magic, at + 1)
+    raise HostError(f"no ELF kernel found inside {vmlinuz.name}")
+
+
+def unzstd(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-dcq"], input=data, capture_output=True).stdout
+
+
+def module_files(tree: Path) -> dict[str, Path]:
+    return {re.sub(r"\.ko(\.xz|\.zst)?$", "", p.name).replace("-", "_"): p
+            for p in tree.rglob("*.ko*")}
+
+
+def module_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        return lzma.decompress(data)
+    if path.suffix == ".zst":
+        return unzstd(data)
+    return data
+
+
+def module_closure(files: dict[str, Path]) -> list[tuple[str, bytes]]:
+    """MODULES and what they depend on (the .modinfo `depends=` field), in load order."""
+    order: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def add(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        if name not in files:   # built into the kernel
+            return
+        blob = module_bytes(files[name])
+        deps = re.search(rb"\0depends=([^\0]*)", blob)
+        for dep in (deps.group(1).decode().split(",") if deps else []):
+            if dep:
+                add(dep.replace("-", "_"))
+        order.append((name, blob))
+
+    for name in MODULES:
+        if name not in files and name == "kvm_amd":
+            raise HostError(f"the kernel package has no {name} module")
+        add(name)
+    return order
+
+
+def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (path, mode, data) entries, as the kernel's initramfs reads."""
+    out = bytearray()
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+DIR, FILE, LINK = 0o040755, 0o100755, 0o120777
+
+
+def build_kernel(pkg: str, dest: Path) -> None:
+    """Download `pkg`, keep its vmlinux and an initramfs of busybox and the modules."""
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        tmp = Path(tmp)
+        log(f"downloading {pkg} (apt-get download, ~110 MB)")
+        run(["apt-get", "download", pkg], f"downloading {pkg}", cwd=tmp)
+        deb = next(tmp.glob("*.deb"))
+        tree = tmp / "tree"
+        run(["dpkg-deb", "-x", str(deb), str(tree)], f"unpacking {deb.name}")
+        deb.unlink()
+        vmlinuz = next(tree.glob("boot/vmlinuz-*"), None)
+        if vmlinuz is None:
+            raise HostError(f"{pkg} holds no boot/vmlinuz")
+        dest.mkdir(parents=True, exist_ok=True)
+        extract_vmlinux(vmlinuz, dest / "vmlinux")
+        modules = module_closure(module_files(tree))
+        busybox = Path("/bin/busybox").read_bytes()
+        applets = run(["/bin/busybox", "--list"], "busybox --list").stdout.split()
+        entries = [(d, DIR, b"") for d in ("bin", "dev", "proc", "sys", "tmp", "mnt",
+                                             "mnt/host", "lib", "lib/modules")]
+        entries.append(("bin/busybox", FILE, busybox))
+        entries += [(f"bin/{a}", LINK, b"busybox") for a in applets if a != "busybox"]
+        entries += [(f"lib/modules/{name}.ko", 0o100644, blob) for name, blob in modules]
+        order = "".join(f"{name}\n" for name, _ in modules).encode()
+        entries.append(("lib/modules/modules.order", 0o100644, order))
+        (dest / "modules.cpio.gz").write_bytes(gzip.compress(cpio_newc(entries), 1))
+        log(f"{pkg}: modules {' '.join(name for name, _ in modules)}")
+
+
+def prepare() -> Path:
+    """The cached kernel directory (vmlinux, modules.cpio.gz), built on first use."""
+    install_tools()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    current = CACHE / "kernel"
+    if os.environ.get("VLAB_SVM_KERNEL") or not (current / "modules.cpio.gz").exists():
+        pkg = kernel_package()
+        dest = CACHE / pkg
+        if not (dest / "modules.cpio.gz").exists():
+            started = time.monotonic()
+            shutil.rmtree(dest, ignore_errors=True)
+            build_kernel(pkg, dest)
+            log(f"prepared {pkg} in {time.monotonic() - started:.0f} s (cached in {dest})")
+        current.unlink(missing_ok=True)
+        current.symlink_to(pkg)
+    return current
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def write_job(args: list[str]) -> None:
+    """The script the guest runs in the chroot: pytest in the checkout, with its venv."""
+    shutil.rmtree(RESULTS, ignore_errors=True)
+    RESULTS.mkdir(parents=True)
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith("VLAB_") and
+                 not k.startswith("VLAB_SVM_")}
+    env = {"HOME": "/tmp/home", "TMPDIR": "/tmp", "PATH": "/usr/local/bin:/usr/bin:/bin",
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+           "PY_COLORS": "1" if sys.stdout.isatty() else "0",
+           "COLUMNS": str(shutil.get_terminal_size().columns), **forwarded}
+    python = CHECKOUT / ".venv" / "bin" / "python"
+    lines = ["mkdir -p /tmp/home", f"cd {shlex.quote(str(CHECKOUT))}"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines.append("exec " + shlex.join([str(python), "-m", "pytest", "-p", "no:cacheprovider",
+                                       *args]))
+    (RESULTS / "job").write_text("\n".join(lines) + "\n")
+
+
+def initrd(kernel: Path) -> Path:
+    """The cached module archive followed by the harness's /init (the kernel unpacks both)."""
+    path = RESULTS / "initrd"
+    init = gzip.compress(cpio_newc([("init", FILE, INIT.read_bytes())]), 1)
+    path.write_bytes((kernel / "modules.cpio.gz").read_bytes() + init)
+    return path
+
+
+def qemu_command(kernel: Path) -> list[str]:
+    share = "local,security_model=none,multidevs=remap"
+    return [
+        "qemu-system-x86_64", "-accel", "tcg,thread=multi",
+        "-cpu", os.environ.get("VLAB_SVM_CPU", "max,-npt"),
+        "-smp", os.environ.get("VLAB_SVM_SMP", "1"), "-m", "2G",
+        "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+        "-kernel", str(kernel / "vmlinux"), "-initrd", str(initrd(kernel)),
+        "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 svm_host.results={RESULTS}",
+        "-virtfs", f"{share},path=/,mount_tag=hostroot,readonly=on",
+        "-virtfs", f"{share},path={RESULTS},mount_tag=results",
+    ]
+
+
+def boot(pytest_timeout: float) -> int:
+    """Boot the guest, stream its console, enforce each phase's time; pytest's status."""
+    kernel = prepare()
+    cmd = qemu_command(kernel)
+    timeouts = {**PHASE_TIMEOUTS, "pytest": pytest_timeout}
+    state = {"phase": "boot", "since": time.monotonic(), "error": None}
+    started = state["since"]
+    log(f"booting {os.readlink(kernel)} under QEMU TCG (-cpu {cmd[4]}, SVM emulated)")
+    try:
+        qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+    except FileNotFoundError:
+        raise HostError("qemu-system-x86_64 not found (Debian package qemu-system-x86)")
+
+    def console() -> None:
+        for raw in qemu.stdout:
+            line = raw.decode(errors="replace").replace("\r\n", "\n")
+            if re.match(r"\[ *[\d.]+\] reboot: Power down", line):
+                continue
+            marker = re.match(r"svm-host: (phase (\w+)|error: (.*)|done)", line)
+            if marker:
+                if marker.group(2) or marker.group(1) == "done":
+                    state["phase"] = marker.group(2) or "done"
+                    state["since"] = time.monotonic()
+                    if state["phase"] == "pytest":
+                        log(f"guest up in {state['since'] - started:.0f} s, running pytest")
+                    continue
+                state["error"] = marker.group(3)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=console, daemon=True)
+    reader.start()
+    while qemu.poll() is None:
+        phase = state["phase"]
+        if time.monotonic() - state["since"] > timeouts[phase]:
+            qemu.kill()
+            qemu.wait()
+            reader.join(5)
+            log(f"timed out in phase '{phase}' after {timeouts[phase]:.0f} s"
+                f"{' (VLAB_SVM_TIMEOUT)' if phase == 'pytest' else ''}; QEMU stopped")
+            return TIMED_OUT
+        time.sleep(0.5)
+    reader.join(5)
+    elapsed = time.monotonic() - started
+    status = RESULTS / "status"
+    if state["error"]:
+        raise HostError(f"in phase '{state['phase']}': {state['error']}")
+    if not status.exists():
+        raise HostError(f"QEMU exited ({qemu.returncode}) in phase '{state['phase']}' "
+                        f"without a pytest status, after {elapsed:.0f} s")
+    rc = int(status.read_text())
+    log(f"pytest exit status {rc}, {elapsed:.0f} s in the guest")
+    return rc
+
+
+def main(argv: list[str]) -> int:
+    write_job(argv or ["tests/kvm"])
+    try:
+        return boot(float(os.environ.get("VLAB_SVM_TIMEOUT", 2400)))
+    except HostError as err:
+        log(f"error: {err}")
+        return HARNESS_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
