@@ -30,6 +30,9 @@ class Backend:
     emulates_kernel_mode: bool = False
     # The guest's CPUID instruction answers every leaf from the KVM_SET_CPUID2 table.
     cpuid_follows_table: bool = True
+    # What the table lacks, the guest cannot turn on (KVM: EFER.LME without lm is a #GP,
+    # kvm_valid_efer); False where a masked feature is only hidden from CPUID.
+    enforces_cpuid: bool = True
     # KVM_GET_CPUID2 gives back the table as set (KVM itself rewrites some bits: OSXSAVE,
     # APIC, leaf 0xD's sizes); False where the backend puts the host's raw bits back.
     get_cpuid2_as_set: bool = True
@@ -100,11 +103,12 @@ KVM_PVM = Backend(
         "the vCPU stat io_exits stays 0 even when every exit is port I/O; count in userspace",
         "hardware details (VMX exit reasons, VMCS, FAIL_ENTRY reason codes) are not visible"])
 TCG = Backend(
-    "tcg", None, out_exit_rip="past", counts_io_exits=False, caveats=[
+    "tcg", None, enforces_cpuid=False, out_exit_rip="past", counts_io_exits=False, caveats=[
         "no KVM: Unicorn (QEMU's TCG code) translates and runs every guest instruction in "
         "software; there are no VM entries, and the counters are the emulator's own",
         "an OUT or IN returns to the run loop past the instruction",
-        "the CPUID instruction answers every leaf from the table the vCPU was given"])
+        "the CPUID instruction answers every leaf from the table the vCPU was given, but a "
+        "feature masked there is only hidden: without lm the CPU still enters long mode"])
 _BY_MODULE = {b.module: b for b in (VMX, SVM, KVM_PVM)}
 _TCG_EMULATED_ARTIFACTS = [
     "this SVM host is itself emulated by QEMU's TCG (model name 'QEMU TCG CPU'): hardware "

@@ -72,6 +72,18 @@ CPU_MODELS = {
 }
 
 
+# Bits KVM keeps up to date in a vCPU's table after KVM_SET_CPUID2, on every backend
+# (kvm_update_cpuid_runtime, arch/x86/kvm/cpuid.c): they follow the vCPU's state, not what
+# the VMM set. The guest's CPUID and KVM_GET_CPUID2 show them so.
+KVM_MAINTAINED_BITS: dict[tuple[int, int, str], int] = {
+    (0x1, 0, "ecx"): 1 << 27,     # OSXSAVE: CR4.OSXSAVE
+    (0x1, 0, "edx"): 1 << 9,      # APIC: the enable bit of IA32_APIC_BASE
+    (0x7, 0, "ecx"): 1 << 4,      # OSPKE: CR4.PKE
+    (0xD, 0, "ebx"): 0xFFFFFFFF,  # XSAVE area size for the current XCR0
+    (0xD, 1, "ebx"): 0xFFFFFFFF,  # ... for XCR0 | IA32_XSS (XSAVES)
+}
+
+
 class CpuidFrozen(RuntimeError):
     """The table was already given to the vCPU with KVM_SET_CPUID2."""
 
@@ -88,6 +100,12 @@ class CpuidChange:
     register: str
     before: int
     after: int
+
+    @property
+    def kvm_maintained(self) -> bool:
+        """Every changed bit is one KVM keeps up to date itself (KVM_MAINTAINED_BITS)."""
+        mask = KVM_MAINTAINED_BITS.get((self.leaf, self.subleaf, self.register), 0)
+        return not (self.before ^ self.after) & ~mask
 
     @property
     def features(self) -> list[str]:
@@ -176,17 +194,11 @@ class CpuidTable(Observable):
 
     def diff_host(self) -> list[CpuidChange]:
         """Where this table differs from what KVM supports on the host."""
-        changes = []
-        for entry in self.entries:
-            host = next((h for h in self.host if h.function == entry.function
-                         and h.index == entry.index), None)
-            if host is None:
-                continue
-            for reg in ("eax", "ebx", "ecx", "edx"):
-                if getattr(host, reg) != getattr(entry, reg):
-                    changes.append(CpuidChange(entry.function, entry.index, reg,
-                                               getattr(host, reg), getattr(entry, reg)))
-        return changes
+        return compare_entries(self.host, self.entries)
+
+    def diff(self, held: list[CpuidEntry]) -> list[CpuidChange]:
+        """Where `held` (KVM_GET_CPUID2's answer, say) differs from this table."""
+        return compare_entries(self.entries, held)
 
     def rows(self) -> list[dict]:
         """One row per leaf/subleaf, for tables and DataFrames."""
@@ -203,3 +215,19 @@ class CpuidTable(Observable):
                          f"ebx={row['ebx']:08x} ecx={row['ecx']:08x} edx={row['edx']:08x}"
                          + (f"  {row['features']}" if row["features"] else ""))
         return "\n".join(lines)
+
+
+def compare_entries(before: list[CpuidEntry], after: list[CpuidEntry]) -> list[CpuidChange]:
+    """Register by register, where the entries of `after` differ from the same leaf and
+    subleaf in `before` (entries only one side has are left out)."""
+    old = {(e.function, e.index): e for e in before}
+    changes = []
+    for entry in after:
+        earlier = old.get((entry.function, entry.index))
+        if earlier is None:
+            continue
+        for reg in ("eax", "ebx", "ecx", "edx"):
+            if getattr(earlier, reg) != getattr(entry, reg):
+                changes.append(CpuidChange(entry.function, entry.index, reg,
+                                           getattr(earlier, reg), getattr(entry, reg)))
+    return changes

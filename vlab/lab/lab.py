@@ -34,9 +34,13 @@ from .stages import STAGE_BY_NAME, STAGES, StageError
 # Intel's real-mode emulation (vm86) needs, just below the 4 GiB BIOS area.
 IDENTITY_MAP_ADDR = 0xFEFFC000
 TSS_ADDR = IDENTITY_MAP_ADDR + 0x1000
-# Capabilities QEMU refuses to run without (kvm_required_capabilites in kvm-all.c).
+# Capabilities QEMU 5.0 refuses to run without: kvm_required_capabilites (kvm-all.c), then
+# x86's kvm_arch_required_capabilities (target/i386/kvm.c). QEMU 8.2 added INTERNAL_ERROR_DATA,
+# IOEVENTFD, IOEVENTFD_ANY_LENGTH, and for x86 SIGNAL_MSI and IRQ_ROUTING.
 REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.DESTROY_MEMORY_REGION_WORKS, Cap.JOIN_MEMORY_REGIONS_WORKS,
-                 Cap.INTERNAL_ERROR_DATA, Cap.IOEVENTFD, Cap.IOEVENTFD_ANY_LENGTH)
+                 Cap.SET_TSS_ADDR, Cap.EXT_CPUID, Cap.MP_STATE)
+# QEMU's identity-map base where KVM cannot move it (no KVM_CAP_SET_IDENTITY_MAP_ADDR).
+LEGACY_IDENTITY_MAP_ADDR = 0xFFFBC000
 # MSRs kvm_init_msrs copies from KVM's feature MSRs into the vCPU.
 FEATURE_MSRS_TO_SET = {0x10A: "IA32_ARCH_CAPABILITIES", 0x8B: "IA32_UCODE_REV"}
 BITS = {CpuMode.REAL: 16, CpuMode.PROTECTED: 32, CpuMode.PAGED: 32, CpuMode.LONG: 64}
@@ -95,7 +99,8 @@ class Lab(Observable):
         self.exit_logs: list[ExitLog] = []
         self.guest: Guest | None = None
         self.backend = None
-        self._msr_indices: list[int] = []
+        self._msr_indices: list[int] = []            # KVM_GET_MSR_INDEX_LIST (kvm_init)
+        self._feature_msr_indices: list[int] = []    # KVM_GET_MSR_FEATURE_INDEX_LIST
         self._history: list[tuple[VcpuState, dict[int, bytes]]] = []
         self._shadow: bytearray | None = None
 
@@ -210,31 +215,12 @@ class Lab(Observable):
             record.notes.append(f"accelerator: {self.accel.reason}")
             self.backend = self.accel.backend
             if self._kvm():
-                kvm = self.accel.kvm
-                record.actions.append(f"open('/dev/kvm', O_RDWR|O_CLOEXEC) = fd {kvm.fd}")
-                version = kvm.get_api_version()
-                if version != 12:
-                    raise StageError(f"KVM_GET_API_VERSION returned {version}; QEMU and vlab need 12")
-                missing = [cap.name for cap in REQUIRED_CAPS if not kvm.check_extension(cap)]
-                if missing:
-                    raise StageError(f"this kernel lacks {', '.join(missing)}, which QEMU requires")
-                record.notes.append(
-                    f"vCPUs: recommended {kvm.check_extension(Cap.NR_VCPUS)}, "
-                    f"maximum {kvm.check_extension(Cap.MAX_VCPUS)}")
-                record.notes.append(self.backend.describe())
+                self._kvm_init(record)
             else:
                 record.actions.append("no /dev/kvm to open: Unicorn (QEMU's TCG role) will "
                                       "translate and run the guest's instructions in software")
-            self.vm = self.accel.create_vm()
-            if self._kvm():
-                self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-                self.vm.set_tss_addr(TSS_ADDR)
-                if self.irqchip:
-                    self.vm.create_irqchip()
-                    self.vm.create_pit2()
-                    record.notes.append("in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT created "
-                                        "(kvm_irqchip_create): HLT now waits in the kernel")
-            else:
+                record.notes.append(self.backend.describe())
+                self.vm = self.accel.create_vm()
                 record.actions.append("uc_open(UC_ARCH_X86, UC_MODE_64) in place of KVM_CREATE_VM")
                 if self.irqchip:
                     record.actions.append("irqchip=True not honoured: the software accelerator "
@@ -242,6 +228,47 @@ class Lab(Observable):
                                           "userspace")
             self.machine = Machine(self.accel, self.vm, ram_size=self.memory_size)
         return self._stage("kvm_init", body)
+
+    def _kvm_init(self, record: StageRecord) -> None:
+        """kvm_init's ioctls in QEMU 5.0's order: the API version, KVM_CREATE_VM, the vCPU
+        limits and required capabilities, then kvm_arch_init and kvm_irqchip_create."""
+        kvm = self.accel.kvm
+        record.actions.append(f"open('/dev/kvm', O_RDWR|O_CLOEXEC) = fd {kvm.fd}")
+        version = kvm.get_api_version()
+        if version != 12:
+            raise StageError(f"KVM_GET_API_VERSION returned {version}; QEMU and vlab need 12")
+        self.vm = self.accel.create_vm()
+        # kvm_recommended_vcpus asks the VM fd, kvm_max_vcpus /dev/kvm; 0 means "not said"
+        recommended = self.vm.check_extension(Cap.NR_VCPUS) or 4
+        maximum = kvm.check_extension(Cap.MAX_VCPUS) or recommended
+        if self.nr_vcpus > maximum:
+            raise StageError(f"vcpus={self.nr_vcpus} exceeds the maximum KVM supports here "
+                             f"({maximum}); QEMU stops there too")
+        record.notes.append(f"vCPUs: recommended {recommended}, maximum {maximum}"
+                            + (f"; {self.nr_vcpus} exceeds the recommendation (QEMU warns)"
+                               if self.nr_vcpus > recommended else ""))
+        missing = [cap.name for cap in REQUIRED_CAPS if not kvm.check_extension(cap)]
+        if missing:
+            raise StageError(f"this kernel lacks {', '.join(missing)}, which QEMU requires")
+        record.notes.append(self.backend.describe())
+        # kvm_arch_init: the MSR lists (kvm_get_supported_msrs, kvm_get_supported_feature_msrs)
+        self._msr_indices = kvm.get_msr_index_list()
+        self._feature_msr_indices = (kvm.get_msr_feature_index_list()
+                                     if kvm.check_extension(Cap.GET_MSR_FEATURES) else [])
+        record.notes.append(
+            f"kvm_arch_init: KVM saves and restores {len(self._msr_indices)} MSRs per vCPU "
+            f"(what QEMU migrates); {len(self._feature_msr_indices)} feature MSRs describe "
+            f"the host CPU on /dev/kvm")
+        identity_map = LEGACY_IDENTITY_MAP_ADDR
+        if kvm.check_extension(Cap.SET_IDENTITY_MAP_ADDR):
+            identity_map = IDENTITY_MAP_ADDR
+            self.vm.set_identity_map_addr(identity_map)
+        self.vm.set_tss_addr(identity_map + 0x1000)
+        if self.irqchip:
+            self.vm.create_irqchip()
+            record.notes.append("in-kernel irqchip (PIC, IOAPIC, LAPIC) created "
+                                "(kvm_irqchip_create): HLT now waits in the kernel; the PIT "
+                                "comes later, with the board's devices (pc_memory_init)")
 
     # -- 2. x86_cpu_realizefn ----------------------------------------------------------------------
     def x86_cpu_realizefn(self) -> StageRecord:
@@ -257,22 +284,22 @@ class Lab(Observable):
             if not self._kvm():
                 record.actions.append("the CPUID table comes from the software accelerator's "
                                       "own model (no KVM_GET_SUPPORTED_CPUID)")
-            if not self.backend.cpuid_follows_table:
-                record.notes.append(f"on this {self.backend.label} host the guest's CPUID instruction (and "
-                                    "KVM_GET_CPUID2) returns the host's raw bits for most of "
-                                    "leaves 1 and 7, whatever this table says; the bits KVM "
-                                    "emulates (x2apic, hypervisor, ...) and the other leaves "
-                                    "follow it (see lab.guest_cpuid())")
+            record.notes.append(f"backend {self.backend.label}: " + (
+                "the guest's CPUID instruction (and KVM_GET_CPUID2) returns the host's raw "
+                "bits for most of leaves 1 and 7, whatever this table says; the bits KVM "
+                "emulates (x2apic, hypervisor, ...) and the other leaves follow it"
+                if not self.backend.cpuid_follows_table else
+                "the software CPU's CPUID instruction answers every leaf from this table"
+                if not self._kvm() else
+                "the guest's CPUID instruction answers from this table once it is set, except "
+                "the fields KVM keeps up to date itself (OSXSAVE, the APIC bit, leaf 0xd's "
+                "XSAVE sizes)") + " (see lab.guest_cpuid())")
         return self._stage("x86_cpu_realizefn", body)
 
     # -- 3. kvm_init_vcpu ----------------------------------------------------------------------------
     def kvm_init_vcpu(self) -> StageRecord:
         """KVM_CREATE_VCPU and the kvm_run mapping, for every vCPU."""
         def body(record: StageRecord) -> None:
-            if self._kvm():
-                size = self.accel.kvm.get_vcpu_mmap_size()
-                record.notes.append(f"struct kvm_run mapping: {size} bytes per vCPU (kvm_run, "
-                                    f"the PIO data page, the coalesced MMIO ring)")
             for i in range(self.nr_vcpus):
                 vcpu = self.vm.create_vcpu(i)
                 log = ExitLog()
@@ -286,6 +313,10 @@ class Lab(Observable):
                 else:
                     record.actions.append(f"vCPU {i}: a Unicorn engine context in place of "
                                           f"KVM_CREATE_VCPU; no kvm_run to map")
+            if self._kvm():
+                record.notes.append(f"struct kvm_run mapping: {self.vcpus[0].mmap_size} bytes "
+                                    f"per vCPU (kvm_run, the PIO data page, the coalesced MMIO "
+                                    f"ring)")
             if self.nr_vcpus > 1:
                 record.notes.append(f"{self.nr_vcpus} vCPUs: each runs in its own thread when "
                                     f"the guest runs, as QEMU's 'CPU n/KVM' threads")
@@ -296,9 +327,7 @@ class Lab(Observable):
         """TSC frequency, KVM_SET_CPUID2, feature MSRs."""
         def body(record: StageRecord) -> None:
             if self._kvm():
-                self._msr_indices = self.accel.kvm.get_msr_index_list()
-                features = self.accel.kvm.get_msr_feature_index_list()
-                wanted = [m for m in FEATURE_MSRS_TO_SET if m in features]
+                wanted = [m for m in FEATURE_MSRS_TO_SET if m in self._feature_msr_indices]
                 feature_values = self.accel.kvm.get_msrs(wanted) if wanted else {}
             for vcpu in self.vcpus:
                 if self._kvm():
@@ -311,10 +340,12 @@ class Lab(Observable):
             self.cpuid.notify(frozen=True)
             if self._kvm():
                 record.notes.append(
-                    f"KVM saves and restores {len(self._msr_indices)} MSRs per vCPU "
-                    f"(KVM_GET_MSR_INDEX_LIST); feature MSRs set: "
+                    "feature MSRs set (kvm_init_msrs): "
                     + (", ".join(f"{FEATURE_MSRS_TO_SET[m]}={v:#x}" for m, v in feature_values.items())
-                       or "none offered"))
+                       or "none offered")
+                    + "; vlab reads their values from /dev/kvm here, where QEMU 5.0 reads "
+                      "IA32_ARCH_CAPABILITIES while realizing the CPU model (an MSR feature "
+                      "word) and takes IA32_UCODE_REV from the model's ucode-rev")
             else:
                 record.actions.append("CPUID table kept by the software vCPU: its CPUID "
                                       "instruction answers from it, every leaf")
@@ -334,6 +365,10 @@ class Lab(Observable):
             record.notes.append(f"guest {self.guest.name}: {len(self.guest.code)} bytes at "
                                 f"{self.guest.load_address:#x}, entry {self.guest.entry:#x}")
             devices = self.machine.add_standard_devices(self.nr_vcpus)
+            if self.irqchip and self._kvm():
+                self.vm.create_pit2()
+                record.notes.append("in-kernel i8254 PIT created (pc_basic_device_init -> "
+                                    "kvm_pit_realizefn): board init, after the RAM slots")
             record.notes.append("devices: " + ", ".join(
                 f"{name}" for name in devices) + " (pc_basic_device_init's COM1, debug ports, fw_cfg)")
             if not self._kvm():
