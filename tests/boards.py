@@ -10,7 +10,7 @@ import pytest
 from vlab.accel import select
 from vlab.machine.assembler import Assembly, assemble
 from vlab.machine.board import Machine
-from vlab.machine.boot import MODE_BITS, create_machine
+from vlab.machine.boot import create_machine
 from vlab.machine.cpu_modes import CpuMode
 from vlab.machine.loaders import load_raw
 from vlab.machine.runloop import VcpuRunner
@@ -51,7 +51,7 @@ def _boards(accel: str):
     def make(source: str, mode: CpuMode | str = "real", org: int = ORG) -> Board:
         machine, runner = create_machine(select(accel))
         machines.append(machine)
-        assembly = assemble(source, bits=MODE_BITS[CpuMode(mode)], org=org)
+        assembly = assemble(source, bits=CpuMode(mode).bits, org=org)
         load_raw(machine.memory, assembly.org, assembly.code)
         machine.setup_cpu(runner.vcpu, mode, assembly.org)
         return Board(machine, runner, assembly)

@@ -13,7 +13,6 @@ from vlab.machine.memory import GuestMemory
 
 RAM_SIZE = 0x200000
 ORG = DEFAULT_LAYOUT.code
-BITS = {CpuMode.REAL: 16, CpuMode.PROTECTED: 32, CpuMode.PAGED: 32, CpuMode.LONG: 64}
 MAX_EXITS = 10_000  # a guest that never reaches the awaited exit fails instead of hanging
 
 
@@ -70,7 +69,7 @@ def make_guest(source: str, mode: CpuMode | str = CpuMode.REAL, *, cpuid=None,
     vcpu = vm.create_vcpu(0)
     vcpu.set_cpuid2(accelerator.get_supported_cpuid() if cpuid is None else cpuid)
     setup = setup_mode(mode, vcpu.get_sregs(), memory, ram_size=RAM_SIZE)
-    assembly = assemble(source, bits=BITS[mode], org=ORG)
+    assembly = assemble(source, bits=CpuMode(mode).bits, org=ORG)
     memory.write(ORG, assembly.code)
     vcpu.set_sregs(setup.sregs)
     vcpu.set_regs(initial_regs(mode, ORG, DEFAULT_LAYOUT.stack_top))

@@ -12,9 +12,9 @@ import pytest
 
 from vlab.kvm.state import Segment, Sregs
 from vlab.machine.cpu_modes import (
-    CR0_BITS, CR4_BITS, DEFAULT_LAYOUT, EFER_BITS, RFLAGS_BITS, SEL_CODE32, SEL_CODE64,
-    SEL_DATA, SEL_TSS, CpuMode, SregsError, check_sregs, decode_bits, decode_descriptor,
-    encode_descriptor, gdt_segments, initial_regs, setup_mode, validate_sregs)
+    DEFAULT_LAYOUT, SEL_CODE32, SEL_CODE64, SEL_DATA, SEL_TSS, CpuMode, SregsError, check_sregs,
+    decode_descriptor, encode_descriptor, gdt_segments, initial_regs, setup_mode, validate_sregs)
+from vlab.x86 import CR0_BITS, CR4_BITS, EFER_BITS, RFLAGS_BITS, decode_bits
 from vlab.machine.examples import EXAMPLES, RESULT_GPA
 
 RAM = 4 << 20  # the paged mode's first 4 MiB page; two 2 MiB pages in long mode

@@ -10,12 +10,14 @@ import vlab
 PACKAGE = Path(vlab.__file__).parent
 # Each package may import only from the packages listed for it (and from itself).
 ALLOWED = {
-    "vlab.kvm": set(),
-    "vlab.accel": {"vlab.kvm"},
-    "vlab.devices": set(),
-    "vlab.machine": {"vlab.kvm", "vlab.accel", "vlab.devices"},
-    "vlab.lab": {"vlab.kvm", "vlab.accel", "vlab.devices", "vlab.machine"},
-    "vlab.widgets": {"vlab.kvm", "vlab.accel", "vlab.devices", "vlab.machine", "vlab.lab"},
+    "vlab.x86": set(),
+    "vlab.kvm": {"vlab.x86"},
+    "vlab.accel": {"vlab.x86", "vlab.kvm"},
+    "vlab.devices": {"vlab.x86"},
+    "vlab.machine": {"vlab.x86", "vlab.kvm", "vlab.accel", "vlab.devices"},
+    "vlab.lab": {"vlab.x86", "vlab.kvm", "vlab.accel", "vlab.devices", "vlab.machine"},
+    "vlab.widgets": {"vlab.x86", "vlab.kvm", "vlab.accel", "vlab.devices", "vlab.machine",
+                     "vlab.lab"},
 }
 
 

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from vlab.machine.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from vlab.machine.memory import GuestMemory, GuestMemoryError
+from vlab.x86 import PAGE_SIZE
 
 
 @pytest.fixture

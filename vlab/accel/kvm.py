@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..kvm import Kvm, VmFd
 from ..kvm.backend import detect as detect_backend
+from ..x86 import PAGE_SIZE
 from ..kvm.abi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 
@@ -23,7 +24,7 @@ class KvmVm:
     def dirty_pages(self, region) -> list[int]:
         """Guest-physical addresses of the pages of `region` written since the last call."""
         bitmap = self.vm.get_dirty_log(region.slot, region.size)
-        return [region.gpa + (i * 8 + b) * 4096 for i, byte in enumerate(bitmap) if byte
+        return [region.gpa + (i * 8 + b) * PAGE_SIZE for i, byte in enumerate(bitmap) if byte
                 for b in range(8) if byte >> b & 1]
 
     def __getattr__(self, name):  # the rest of the VM fd's ioctls (irqchip, PIT, stats...)

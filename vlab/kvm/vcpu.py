@@ -48,6 +48,7 @@ from .stats import StatsFd
 from .state import Regs
 from .trace import ioctl
 from .vcpu_state import VcpuStateIoctls
+from ..x86 import HW_BREAKPOINTS
 
 try:  # the compiled exit path (setup.py builds it where a C compiler and Python.h exist)
     from . import _exitpath
@@ -58,7 +59,6 @@ _RUN = int(Ioctl.RUN)
 _RIP = struct.Struct("<Q")
 _RIP_OFFSET = ffi.offsetof("struct kvm_run", "s") + ffi.offsetof("struct kvm_regs", "rip")
 _INTERRUPTED = (errno.EINTR, errno.EAGAIN)
-MAX_HW_BREAKPOINTS = 4
 
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -281,8 +281,8 @@ class VcpuFd(VcpuStateIoctls):
         >>> [hex(vcpu.run().pc) for _ in range(2)]   # a DEBUG exit after each instruction
         ['0x1001', '0x1002']
         """
-        if len(hw_breakpoints) > MAX_HW_BREAKPOINTS:
-            raise ValueError(f"{len(hw_breakpoints)} hardware breakpoints; x86 has {MAX_HW_BREAKPOINTS} (DR0-DR3)")
+        if len(hw_breakpoints) > HW_BREAKPOINTS:
+            raise ValueError(f"{len(hw_breakpoints)} hardware breakpoints; x86 has {HW_BREAKPOINTS} (DR0-DR3)")
         debug = ffi.new("struct kvm_guest_debug *")
         if enable:
             debug.control = KVM_GUESTDBG_ENABLE

@@ -7,6 +7,7 @@ from .abi import Cap, ffi, KVM_MEM_READONLY
 from .stats import StatsFd
 from .fd import KvmFd, close_fd
 from .vcpu import VcpuFd
+from ..x86 import PAGE_SIZE
 
 
 class VmFd(KvmFd):
@@ -59,7 +60,7 @@ class VmFd(KvmFd):
         >>> vm.get_dirty_log(0, len(ram))   # 16 pages, none written by a guest yet
         b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00'
         """
-        pages = (memory_size + 4095) // 4096
+        pages = -(-memory_size // PAGE_SIZE)
         bitmap = ffi.new("uint8_t[]", ((pages + 63) // 64) * 8)
         log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
         self._ioctl("GET_DIRTY_LOG", log, f"slot={slot}")

@@ -18,7 +18,7 @@ from ..kvm import Cap, Shutdown
 from ..kvm.trace import IoctlRecord, Tracer
 from ..machine.assembler import assemble
 from ..machine.board import Machine, parse_size
-from ..machine.cpu_modes import EFER_LME, CpuMode
+from ..machine.cpu_modes import CpuMode
 from ..machine.examples import EXAMPLES
 from ..machine.exitlog import ExitLog
 from ..machine.loaders import load_elf, read_image
@@ -29,6 +29,8 @@ from .observable import Observable
 from .records import StageRecord
 from .registers import RegisterModel, cpu_mode
 from .stages import STAGE_BY_NAME, STAGES, StageError
+from ..x86 import (EFER_LME, MSR_EFER, MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_UCODE_REV,
+                   PAGE_SIZE)
 
 # QEMU's kvm_arch_init: the identity-map page and, right above it, the three TSS pages that
 # Intel's real-mode emulation (vm86) needs, just below the 4 GiB BIOS area.
@@ -42,10 +44,9 @@ REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.DESTROY_MEMORY_REGION_WORKS, Cap.JOIN_MEMO
 # QEMU's identity-map base where KVM cannot move it (no KVM_CAP_SET_IDENTITY_MAP_ADDR).
 LEGACY_IDENTITY_MAP_ADDR = 0xFFFBC000
 # MSRs kvm_init_msrs copies from KVM's feature MSRs into the vCPU.
-FEATURE_MSRS_TO_SET = {0x10A: "IA32_ARCH_CAPABILITIES", 0x8B: "IA32_UCODE_REV"}
-BITS = {CpuMode.REAL: 16, CpuMode.PROTECTED: 32, CpuMode.PAGED: 32, CpuMode.LONG: 64}
+FEATURE_MSRS_TO_SET = {MSR_IA32_ARCH_CAPABILITIES: "IA32_ARCH_CAPABILITIES",
+                       MSR_IA32_UCODE_REV: "IA32_UCODE_REV"}
 GUEST_ORG = 0x8000
-MSR_EFER = 0xC0000080
 WRMSR = b"\x0f\x30"
 RUN_RECORD_LIMIT = 64   # ioctls kept in the kvm_cpu_exec record (the rest are counted)
 
@@ -418,7 +419,7 @@ class Lab(Observable):
 
     def load_assembly(self, source: str, org: int = GUEST_ORG, name: str = "assembly") -> Guest:
         """Assemble `source` with nasm for this Lab's mode and load it at `org`."""
-        assembly = assemble(source, bits=BITS[self.mode], org=org)
+        assembly = assemble(source, bits=self.mode.bits, org=org)
         self.guest = Guest(name, assembly.code, org, org, source, assembly)
         self._write_guest_if_ready()
         return self.guest
@@ -579,8 +580,8 @@ class Lab(Observable):
         if log is not None:
             return log(ram)
         view, shadow = ram.view, self._shadow
-        return [ram.gpa + offset for offset in range(0, ram.size, 4096)
-                if view[offset:offset + 4096].tobytes() != shadow[offset:offset + 4096]]
+        return [ram.gpa + offset for offset in range(0, ram.size, PAGE_SIZE)
+                if view[offset:offset + PAGE_SIZE].tobytes() != shadow[offset:offset + PAGE_SIZE]]
 
     def _dirty_page_undo(self) -> dict[int, bytes]:
         """The previous contents of the pages the step wrote, from the shadow copy."""
@@ -588,8 +589,8 @@ class Lab(Observable):
         undo = {}
         for gpa in self._dirty_pages():
             offset = gpa - ram.gpa
-            undo[gpa] = bytes(self._shadow[offset:offset + 4096])
-            self._shadow[offset:offset + 4096] = ram.view[offset:offset + 4096]
+            undo[gpa] = bytes(self._shadow[offset:offset + PAGE_SIZE])
+            self._shadow[offset:offset + PAGE_SIZE] = ram.view[offset:offset + PAGE_SIZE]
         return undo
 
     def step_back(self) -> RegisterSnapshot:
@@ -602,8 +603,8 @@ class Lab(Observable):
             ram = self._ram()
             for gpa, page in undo.items():
                 offset = gpa - ram.gpa
-                ram.view[offset:offset + 4096] = page
-                self._shadow[offset:offset + 4096] = page
+                ram.view[offset:offset + PAGE_SIZE] = page
+                self._shadow[offset:offset + PAGE_SIZE] = page
         self.runners[vcpu].halted = False
         snapshot = RegisterSnapshot.capture(self.vcpus[vcpu])
         self.registers[vcpu].update(snapshot)

@@ -1,7 +1,7 @@
 """The register model: a vCPU's registers, decoded, and what the last step changed."""
 from __future__ import annotations
 
-from ..machine.cpu_modes import CR0_BITS, CR4_BITS, EFER_BITS, RFLAGS_BITS, decode_bits
+from ..x86 import CR0_BITS, CR4_BITS, EFER_BITS, RFLAGS_BITS, decode_bits
 from ..machine.snapshot import RegisterSnapshot
 from ..kvm.state import GPR_NAMES, SEGMENT_NAMES, Segment
 from .observable import Observable

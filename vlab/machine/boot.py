@@ -21,7 +21,6 @@ from .exitlog import ExitLog
 from .loaders import LoadedImage, load_elf, load_raw, parse_elf
 from .runloop import RunResult, VcpuRunner
 
-MODE_BITS = {CpuMode.REAL: 16, CpuMode.PROTECTED: 32, CpuMode.PAGED: 32, CpuMode.LONG: 64}
 # What `boot` may raise for a guest that cannot be run (the file, the assembler, the image,
 # the memory size or KVM itself), so a command line can report it in one line.
 BOOT_ERRORS = (OSError, ValueError, AssemblyError)
@@ -68,7 +67,7 @@ def load_guest(machine: Machine, path: str | os.PathLike, mode: CpuMode | str,
     org = DEFAULT_LAYOUT.code if org is None else org
     suffix = path.suffix.lower()
     if suffix == ".asm":
-        assembly = assemble(path.read_text(), bits=MODE_BITS[CpuMode(mode)], org=org)
+        assembly = assemble(path.read_text(), bits=CpuMode(mode).bits, org=org)
         return load_raw(machine.memory, assembly.org, assembly.code)
     if suffix == ".elf":
         return load_elf(machine.memory, path)
@@ -130,5 +129,4 @@ def boot(path: str | os.PathLike, *, mode: CpuMode | str | None = None, org: int
         accelerator.close()
 
 
-__all__ = ["boot", "BootResult", "BOOT_ERRORS", "create_machine", "load_guest", "guest_mode",
-           "MODE_BITS"]
+__all__ = ["boot", "BootResult", "BOOT_ERRORS", "create_machine", "load_guest", "guest_mode"]

@@ -25,6 +25,8 @@ from enum import Enum
 from typing import Protocol
 
 from vlab.kvm.state import DTable, Regs, Segment, Sregs
+from vlab.x86 import (CR0_BITS, CR0_CD, CR0_ET, CR0_MP, CR0_NE, CR0_NW, CR0_PE, CR0_PG, CR4_BITS,
+                      CR4_PAE, CR4_PSE, EFER_BITS, EFER_LMA, EFER_LME, decode_bits)
 
 
 class CpuMode(str, Enum):
@@ -33,30 +35,15 @@ class CpuMode(str, Enum):
     PAGED = "paged"          # 32-bit with 4 MiB (PSE) pages, identity mapped
     LONG = "long"            # 64-bit, 4-level paging with 2 MiB pages, identity mapped
 
+    @property
+    def bits(self) -> int:
+        """The code size of the mode's code segment."""
+        return {"real": 16, "protected": 32, "paged": 32, "long": 64}[self.value]
+
 
 class GuestWriter(Protocol):
     def write(self, gpa: int, data: bytes) -> None: ...
 
-
-# --- named bits (SDM Vol. 3A 2.5 for CR0/CR4, 2.2.1 for EFER, Vol. 1 3.4.3 for RFLAGS)
-
-CR0_BITS = {"PE": 0, "MP": 1, "EM": 2, "TS": 3, "ET": 4, "NE": 5, "WP": 16, "AM": 18,
-            "NW": 29, "CD": 30, "PG": 31}
-CR4_BITS = {"VME": 0, "PVI": 1, "TSD": 2, "DE": 3, "PSE": 4, "PAE": 5, "MCE": 6, "PGE": 7,
-            "PCE": 8, "OSFXSR": 9, "OSXMMEXCPT": 10, "UMIP": 11, "LA57": 12, "VMXE": 13,
-            "SMXE": 14, "FSGSBASE": 16, "PCIDE": 17, "OSXSAVE": 18, "KL": 19, "SMEP": 20,
-            "SMAP": 21, "PKE": 22, "CET": 23, "PKS": 24, "UINTR": 25, "LAM_SUP": 28}
-EFER_BITS = {"SCE": 0, "LME": 8, "LMA": 10, "NXE": 11, "SVME": 12, "LMSLE": 13,
-             "FFXSR": 14, "TCE": 15, "AUTOIBRS": 21}
-# IOPL is a two-bit field (bits 12-13); each of its bits gets a name.
-RFLAGS_BITS = {"CF": 0, "PF": 2, "AF": 4, "ZF": 6, "SF": 7, "TF": 8, "IF": 9, "DF": 10,
-               "OF": 11, "IOPL0": 12, "IOPL1": 13, "NT": 14, "RF": 16, "VM": 17, "AC": 18,
-               "VIF": 19, "VIP": 20, "ID": 21}
-
-CR0_PE, CR0_MP, CR0_ET, CR0_NE = (1 << CR0_BITS[n] for n in ("PE", "MP", "ET", "NE"))
-CR0_NW, CR0_CD, CR0_PG = (1 << CR0_BITS[n] for n in ("NW", "CD", "PG"))
-CR4_PSE, CR4_PAE = 1 << CR4_BITS["PSE"], 1 << CR4_BITS["PAE"]
-EFER_LME, EFER_LMA = 1 << EFER_BITS["LME"], 1 << EFER_BITS["LMA"]
 
 # CR4 bits KVM can ever allow (the complement of CR4_RESERVED_BITS in arch/x86/kvm/x86.h);
 # SMXE, KL, PKS and UINTR are architectural but never virtualised by KVM.
@@ -68,12 +55,6 @@ _CR0_KNOWN = sum(1 << b for b in CR0_BITS.values())
 _EFER_KNOWN = sum(1 << b for b in EFER_BITS.values())
 # IA32_APIC_BASE (SDM Vol. 3A 11.4.4): BSP flag, x2APIC enable (EXTD), xAPIC enable (EN).
 _APIC_BSP, _APIC_EXTD, _APIC_EN = 1 << 8, 1 << 10, 1 << 11
-
-
-def decode_bits(value: int, table: dict[str, int]) -> list[str]:
-    """Names of the set bits of `value`, lowest first; set bits the table lacks as 'bitN'."""
-    names = {bit: name for name, bit in table.items()}
-    return [names.get(bit, f"bit{bit}") for bit in range(value.bit_length()) if value >> bit & 1]
 
 
 # --- memory layout
@@ -456,7 +437,6 @@ def validate_sregs(sregs: Sregs, **kwargs) -> None:
 
 __all__ = [
     "CpuMode", "BootLayout", "DEFAULT_LAYOUT", "ModeSetup", "setup_mode", "initial_regs",
-    "CR0_BITS", "CR4_BITS", "EFER_BITS", "RFLAGS_BITS", "decode_bits",
     "check_sregs", "validate_sregs", "SregsError",
     "encode_descriptor", "decode_descriptor", "gdt_segments", "build_gdt",
     "SEL_CODE32", "SEL_DATA", "SEL_CODE64", "SEL_TSS",

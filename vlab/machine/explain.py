@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..kvm.abi import InternalErrorSuberror
 from ..kvm.exits import Exit, FailEntry, InternalError, Shutdown
-from .cpu_modes import CR0_PE, CR0_PG, EFER_LMA
+from ..x86 import CR0_PE, CR0_PG, EFER_LMA, MAX_INSN, code_bits
 
 # VMX basic exit reasons of a failed VM entry (SDM Vol. 3C Appendix C); KVM reports them
 # with bit 31 ("VM-entry failure") set.
@@ -46,19 +46,6 @@ _SUBERRORS = {
                                                   "not handle (data[0] is its code)",
 }
 
-MAX_INSN = 15  # the longest x86 instruction
-
-
-def cpu_bits(sregs) -> int:
-    """The code size the CPU executes in now: 64 in long mode with CS.L, 32 in protected
-    mode with CS.D, else 16 (real mode or a 16-bit protected-mode segment)."""
-    if sregs.efer & EFER_LMA and sregs.cs.l:
-        return 64
-    if sregs.cr0 & CR0_PE and sregs.cs.db:
-        return 32
-    return 16
-
-
 @functools.cache
 def decoder(bits: int, detail: bool = False):
     """A Capstone x86 disassembler for 16-, 32- or 64-bit code (`detail`: with operands and
@@ -81,14 +68,26 @@ def explain_shutdown(regs, sregs, backend=None) -> str:
     lines = ["SHUTDOWN: a triple fault. An exception was raised, delivering it raised another "
              "(a double fault), and delivering the double fault failed too, so the CPU shut "
              "down. Likely causes:"]
-    if sregs.idt.limit == 0 and sregs.cr0 & CR0_PE:
+    # SVM's VMCB is undefined after a shutdown: KVM resets the vCPU, so its registers no
+    # longer say where or in which mode it faulted.
+    reset = backend is not None and backend.triple_fault_state == "reset"
+    if reset:
+        lines.append("  - no usable IDT (none loaded, IDTR limit 0, or an IDT entry pointing at "
+                     "a bad handler)")
+    elif sregs.idt.limit == 0 and sregs.cr0 & CR0_PE:
         lines.append(f"  - no IDT (IDTR limit 0): any exception at all escalates to a triple "
                      f"fault; look at the instruction at RIP {regs.rip:#x}")
     else:
         lines.append("  - no usable IDT, or an IDT entry pointing at a bad handler")
     lines.append("  - a bad GDT or selector: a far jump, segment load or IRET to a descriptor "
                  "that is missing or of the wrong type")
-    if sregs.cr0 & CR0_PG:
+    if reset:
+        lines.append("  - a page fault, if paging was on")
+        lines.append(f"  - which one the registers cannot tell: this KVM backend "
+                     f"({backend.module}) reinitialises the vCPU at a triple fault, so they "
+                     f"read as at reset (RIP {regs.rip:#x}), not as where it faulted; step up "
+                     f"to the fault to see that state")
+    elif sregs.cr0 & CR0_PG:
         lines.append(f"  - a page fault: RIP, the stack or the data touched is not mapped by "
                      f"the page tables at CR3 {sregs.cr3:#x} (CR2, the last faulting address, "
                      f"is {sregs.cr2:#x})")
@@ -131,7 +130,7 @@ def explain_internal_error(exit: InternalError, regs, sregs, code: bytes, backen
              + _SUBERRORS.get(exit.suberror, "KVM stopped for a reason it could not handle") + "."]
     if exit.data:
         lines.append("data: " + " ".join(f"{word:#x}" for word in exit.data))
-    bits = cpu_bits(sregs)
+    bits = code_bits(sregs)
     source = "reported by KVM" if exit.insn_bytes else "read from guest memory"
     if code:
         lines.append(f"instruction at RIP ({bits}-bit code, bytes {source}): "

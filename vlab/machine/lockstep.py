@@ -29,19 +29,16 @@ from dataclasses import dataclass, field, replace
 from ..accel import select
 from ..kvm.exits import Debug, Hlt
 from .assembler import assemble
-from .boot import MODE_BITS, create_machine
+from .boot import create_machine
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode
-from .explain import MAX_INSN, cpu_bits, decoder, disassemble
+from .explain import decoder, disassemble
 from .loaders import load_raw
 from .runloop import STOP, StepResult
 from .snapshot import RegisterSnapshot
+from ..x86 import MAX_INSN, PAGE_SIZE, REP_PREFIXES, RFLAGS_BITS, RFLAGS_RF, code_bits, opcode_offset
 
-PAGE = 0x1000
-RFLAGS_RF = 1 << 16
 # RFLAGS bits by name, and Capstone's "left undefined" bit for each.
-_FLAGS = {"CF": 0, "PF": 2, "AF": 4, "ZF": 6, "SF": 7, "OF": 11}
-_REP = (0xF2, 0xF3)
-_PREFIXES = frozenset({0xF0, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67, *_REP})
+_FLAGS = {name: RFLAGS_BITS[name] for name in ("CF", "PF", "AF", "ZF", "SF", "OF")}
 _memcmp = ctypes.CDLL(None).memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
@@ -138,7 +135,7 @@ def lockstep(source: str, mode: CpuMode | str = CpuMode.REAL, *, accels=("kvm", 
     both `accels` until the vCPUs differ, both halt, one stops for good, or `max_steps`.
     Both get the CPUID table `cpuid`, by default the first accelerator's supported one."""
     mode = CpuMode(mode)
-    code = assemble(source, bits=MODE_BITS[mode], org=org).code
+    code = assemble(source, bits=CpuMode(mode).bits, org=org).code
     sides: list[_Side] = []
     try:
         for name in accels:
@@ -165,13 +162,13 @@ def _compare(first: _Side, second: _Side, max_steps: int) -> LockstepReport:
         code = _code(first, before)
         one, two = first.step(), second.step()
         exits = (_exit_key(one), _exit_key(two))
-        if _is_rep(code, cpu_bits(before.sregs)):
+        if _is_rep(code, code_bits(before.sregs)):
             one, two = _finish_rep(first, one, max_steps), _finish_rep(second, two, max_steps)
             exits = ("REP", "REP")
         registers = {name: values for name, values in one.after.diff(two.after).items()
                      if name != "rflags" or (values[0] ^ values[1]) & ~RFLAGS_RF}
         if "rflags" in registers:
-            flags = undefined_flags_differing(registers["rflags"], code, cpu_bits(before.sregs))
+            flags = undefined_flags_differing(registers["rflags"], code, code_bits(before.sregs))
             if flags:
                 undefined.append(UndefinedFlags(step, _disassembly(code, before), flags,
                                                 registers.pop("rflags")))
@@ -198,7 +195,7 @@ def _compare(first: _Side, second: _Side, max_steps: int) -> LockstepReport:
 
 
 def _disassembly(code: bytes, at: RegisterSnapshot) -> str:
-    return disassemble(code, at.regs.rip, cpu_bits(at.sregs))
+    return disassemble(code, at.regs.rip, code_bits(at.sregs))
 
 
 def undefined_flags_differing(rflags: tuple[int, int], code: bytes, bits: int) -> tuple[str, ...]:
@@ -239,20 +236,13 @@ def _exit_key(step: StepResult) -> str:
 
 def _code(side: _Side, at: RegisterSnapshot) -> bytes:
     """The bytes at RIP (identity-mapped guests: the linear address is the physical one)."""
-    linear = at.regs.rip if cpu_bits(at.sregs) == 64 else (at.sregs.cs.base + at.regs.rip) & 0xFFFFFFFF
+    linear = at.regs.rip if code_bits(at.sregs) == 64 else (at.sregs.cs.base + at.regs.rip) & 0xFFFFFFFF
     return side.machine.read_physical(linear, MAX_INSN)
 
 
 def _is_rep(code: bytes, bits: int) -> bool:
     """A REP/REPE/REPNE prefix among the instruction's prefixes."""
-    for byte in code:
-        if bits == 64 and 0x40 <= byte <= 0x4F:  # REX comes last, right before the opcode
-            return False
-        if byte not in _PREFIXES:
-            return False
-        if byte in _REP:
-            return True
-    return False
+    return not REP_PREFIXES.isdisjoint(code[:opcode_offset(code, bits == 64)])
 
 
 def _finish_rep(side: _Side, step: StepResult, limit: int) -> StepResult:
@@ -271,8 +261,8 @@ def _differing_pages(a, b) -> list[int]:
     is one call when, as after nearly every step, they are the same)."""
     if _memcmp(a.host_address, b.host_address, a.size) == 0:
         return []
-    return [a.gpa + offset for offset in range(0, a.size, PAGE)
-            if _memcmp(a.host_address + offset, b.host_address + offset, PAGE) != 0]
+    return [a.gpa + offset for offset in range(0, a.size, PAGE_SIZE)
+            if _memcmp(a.host_address + offset, b.host_address + offset, PAGE_SIZE) != 0]
 
 
 __all__ = ["lockstep", "LockstepReport", "Divergence", "UndefinedFlags", "undefined_flags",

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import cffi
 
-PAGE_SIZE = 4096
+from vlab.x86 import PAGE_SIZE
+
 _ADDRESS_LIMIT = 1 << 64
 # Linux <asm-generic/mman.h> value; Python's mmap module does not export it. It tells the
 # kernel not to reserve swap, so a 1 GiB guest costs nothing until its pages are touched.

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from vlab.machine.loaders import (LoadedImage, LoadError, Segment, parse_elf, place,
                                   read_image)
 from vlab.machine.memory import GuestMemory, GuestMemoryError, span
+from vlab.x86 import PAGE_SIZE
 
 HEADER_MAGIC = 0x1BADB002
 BOOTLOADER_MAGIC = 0x2BADB002  # EAX at kernel entry
@@ -48,7 +49,6 @@ INFO_ADDRESS = 0x9000  # QEMU's MULTIBOOT_STRUCT_ADDR: free conventional memory
 LOW_MEMORY_END = 0x9FC00  # start of the extended BIOS data area: 639 KiB usable below
 HIGH_MEMORY = 0x100000
 BOOTLOADER_NAME = "vlab"
-PAGE = 4096
 
 
 class MultibootError(LoadError):
@@ -283,7 +283,7 @@ def load_multiboot(memory: GuestMemory, image: bytes | str | os.PathLike, cmdlin
     cursor = max(s.gpa + s.memsz for s in segments)
     placed = []
     for name, blob in modules:
-        start = -(-cursor // PAGE) * PAGE
+        start = -(-cursor // PAGE_SIZE) * PAGE_SIZE
         blob = bytes(blob)
         segments.append(Segment(f"module {name!r}", start, blob, len(blob)))
         placed.append((name, start, start + len(blob)))

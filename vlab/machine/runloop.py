@@ -26,6 +26,7 @@ from ..kvm.exits import (Debug, Exit, ExitDecodeError, FailEntry, Hlt, InternalE
 from .exitlog import ExitLog, ExitRecord
 from .explain import explain
 from .snapshot import RegisterSnapshot
+from ..x86 import HW_BREAKPOINTS
 
 # KVM's vCPU counters worth showing next to each userspace exit (names from the stats fd).
 KERNEL_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits",
@@ -331,7 +332,7 @@ class VcpuRunner:
 
     def _stop_reason(self, exit: Exit, outcome: Outcome) -> str:
         if exit.__class__ is Debug:
-            hit = [i for i in range(4) if exit.dr6 & (1 << i)]
+            hit = [i for i in range(HW_BREAKPOINTS) if exit.dr6 & (1 << i)]
             if hit and hit[0] < len(self.breakpoints):
                 return f"breakpoint {hit[0]} at {self.breakpoints[hit[0]]:#x}"
             return f"debug exception {exit.exception} at {exit.pc:#x}"

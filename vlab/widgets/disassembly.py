@@ -8,22 +8,12 @@ from functools import cache
 import capstone
 import ipywidgets as widgets
 
-from ..machine.cpu_modes import CR0_PE, EFER_LMA
+from ..x86 import code_bits
 from .base import CHANGED_STYLE, MONO, LabView, escape, message
 from .memory import linear_rip
 
 LOOKBEHIND = 32   # bytes before RIP searched for an instruction boundary that leads to RIP
 CAPSTONE_MODES = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
-
-
-def code_bits(sregs) -> int:
-    """The default operand size instructions are fetched with: 16 in real mode, 64 in long
-    mode with CS.L, else CS.D/B decides (a 16-bit code segment in protected mode is legal)."""
-    if not sregs.cr0 & CR0_PE:
-        return 16
-    if sregs.efer & EFER_LMA and sregs.cs.l:
-        return 64
-    return 32 if sregs.cs.db else 16
 
 
 @cache

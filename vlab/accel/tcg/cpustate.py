@@ -21,12 +21,8 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 
 from ...kvm.state import DTable, Segment, Sregs
+from ...x86 import CR0_PE, CR4_OSFXSR, EFER_LMA, MSR_EFER, RFLAGS_IOPL, RFLAGS_TF, RFLAGS_VM
 
-MSR_EFER = 0xC0000080
-EFER_LMA = 1 << 10
-CR0_PE = 1 << 0
-CR4_OSFXSR = 1 << 9
-RFLAGS_TF, RFLAGS_IOPL, RFLAGS_VM = 1 << 8, 3 << 12, 1 << 17
 
 # QEMU's SegmentCache.flags: the descriptor's high dword (target/i386/cpu.h DESC_*).
 DESC_TYPE_SHIFT, DESC_S, DESC_DPL_SHIFT, DESC_P = 8, 1 << 12, 13, 1 << 15

@@ -28,8 +28,8 @@ from unicorn import (UC_ARCH_X86, UC_ERR_OK, UC_HOOK_INSN, UC_HOOK_MEM_FETCH_UNM
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uclib
 
-PAGE_SIZE = 0x1000
-MAX_INSN = 15              # longest x86 instruction
+from ...x86 import MAX_INSN, PAGE_SIZE
+
 
 uclib.uc_vmem_read.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                ctypes.c_void_p, ctypes.c_size_t)

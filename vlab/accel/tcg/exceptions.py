@@ -21,9 +21,8 @@ from unicorn import x86_const as x86
 
 from ...kvm.abi import InternalErrorSuberror
 from ...kvm.exits import Exit, InternalError, Shutdown
-from .cpustate import CR0_PE, EFER_LMA, read_sregs, write_sregs
-
-RFLAGS_IF, RFLAGS_TF, RFLAGS_AC = 1 << 9, 1 << 8, 1 << 18
+from ...x86 import CR0_PE, EFER_LMA, RFLAGS_AC, RFLAGS_IF, RFLAGS_TF
+from .cpustate import read_sregs, write_sregs
 
 
 def deliver(engine, vector: int, shadow) -> Exit | None:

@@ -8,14 +8,14 @@ would inject #GP (or exit with KVM_EXIT_X86_RDMSR/WRMSR when asked to).
 """
 from __future__ import annotations
 
-EFER = 0xC0000080
+from ...x86 import MSR_EFER
 
 WRITABLE = frozenset({
     0x174, 0x175, 0x176,                     # SYSENTER_CS, _ESP, _EIP
     0x17A, 0x1A0,                            # MCG_STATUS, MISC_ENABLE
     *range(0x200, 0x210), 0x250, 0x258, 0x259, *range(0x268, 0x270), 0x2FF,  # MTRRs
     0x277,                                   # PAT
-    EFER, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # EFER, STAR, LSTAR, CSTAR, FMASK
+    MSR_EFER, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # EFER, STAR, LSTAR, CSTAR, FMASK
     0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103,        # FS/GS/KERNEL_GS_BASE, TSC_AUX
     0xC0010117,                              # VM_HSAVE_PA
 })

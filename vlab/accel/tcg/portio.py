@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...kvm.state import Segment
+from ...x86 import ADDRESS_SIZE_PREFIX, REP_PREFIXES, opcode_offset
 
-_LEGACY_PREFIXES = frozenset({0xF0, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66})
-_ADDRESS_SIZE, _REP_PREFIXES = 0x67, frozenset({0xF2, 0xF3})
 _WITH_IMM8 = frozenset({0xE4, 0xE5, 0xE6, 0xE7})          # in al/ax/eax, imm8; out imm8, ...
 _PORT_IN_DX = frozenset({0xEC, 0xED, 0xEE, 0xEF})         # in/out with the port in DX
 _STRING = frozenset({0x6C, 0x6D, 0x6E, 0x6F})             # ins/outs
@@ -41,26 +40,20 @@ class IoShape:
 def io_shape(code: bytes, cs: Segment) -> IoShape:
     """Decode the port-I/O instruction at the start of `code`, run with code segment `cs`."""
     long_mode = bool(cs.l)
-    rep = address_override = False
-    for length, byte in enumerate(code):
-        if byte == _ADDRESS_SIZE:
-            address_override = True
-        elif byte in _REP_PREFIXES:
-            rep = True
-        elif byte in _LEGACY_PREFIXES or (long_mode and 0x40 <= byte <= 0x4F):
-            continue
-        elif byte in _WITH_IMM8:
-            return IoShape(length + 2)
-        elif byte in _PORT_IN_DX:
+    length = opcode_offset(code, long_mode)
+    opcode = None if length is None else code[length]
+    if opcode in _WITH_IMM8:
+        return IoShape(length + 2)
+    if opcode in _PORT_IN_DX:
+        return IoShape(length + 1)
+    if opcode in _STRING:
+        prefixes = code[:length]
+        if REP_PREFIXES.isdisjoint(prefixes):
             return IoShape(length + 1)
-        elif byte in _STRING:
-            if not rep:
-                return IoShape(length + 1)
-            if long_mode:
-                address_size = 32 if address_override else 64
-            else:
-                address_size = 16 if bool(cs.db) == address_override else 32
-            return IoShape(length + 1, _MASKS[address_size])
+        address_override = ADDRESS_SIZE_PREFIX in prefixes
+        if long_mode:
+            address_size = 32 if address_override else 64
         else:
-            break
+            address_size = 16 if bool(cs.db) == address_override else 32
+        return IoShape(length + 1, _MASKS[address_size])
     raise NotPortIo(f"{code.hex(' ')} is not a port-I/O instruction")

@@ -47,19 +47,18 @@ from .cpustate import read_segments, read_sregs, write_sregs
 from .engine import Engine
 from .exceptions import deliver
 from .msrs import READABLE, WRITABLE
+from ...x86 import HW_BREAKPOINTS, opcode_offset
 from .portio import IoShape, io_shape
 from .restart import Access, AccessLog
 from .stats import INDEX, NAMES, TcgStats
 from .watchdog import WATCHDOG
 
-MAX_HW_BREAKPOINTS = 4
 RUN_FOREVER = 1 << 62        # an instruction count never reached (see the module docstring)
 DR6_FIXED, DR6_BS, DR7_FIXED = 0xFFFF0FF0, 1 << 14, 0x400
 
 _GPRS = tuple(getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES)
 _REGS = _GPRS + (x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS)
 _DEBUG_REGS = tuple(getattr(x86, f"UC_X86_REG_DR{i}") for i in (0, 1, 2, 3, 6, 7))
-_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 _HLT = 0xF4
 
 # The architectural reset state, as a fresh KVM vCPU reports it.
@@ -368,10 +367,9 @@ class TcgVcpu:
     def _opcode(self) -> int | None:
         """The opcode byte of the instruction at RIP, prefixes (REX in 64-bit code) skipped."""
         cs = read_segments(self._engine.uc)["cs"]
-        for byte in self._engine.fetch(self._linear_rip(cs)):
-            if byte not in _PREFIXES and not (cs.l and 0x40 <= byte <= 0x4F):
-                return byte
-        return None
+        code = self._engine.fetch(self._linear_rip(cs))
+        offset = opcode_offset(code, bool(cs.l))
+        return None if offset is None else code[offset]
 
     # --- completing exits ---------------------------------------------------------------------
     def complete_io_in(self, exit: IoIn, data: bytes) -> None:
@@ -476,9 +474,9 @@ class TcgVcpu:
     def set_guest_debug(self, enable: bool = True, single_step: bool = False,
                         hw_breakpoints: tuple[int, ...] = ()) -> None:
         """Single-step and up to four execution breakpoints (linear addresses)."""
-        if len(hw_breakpoints) > MAX_HW_BREAKPOINTS:
+        if len(hw_breakpoints) > HW_BREAKPOINTS:
             raise ValueError(f"{len(hw_breakpoints)} hardware breakpoints; x86 has "
-                             f"{MAX_HW_BREAKPOINTS} (DR0-DR3)")
+                             f"{HW_BREAKPOINTS} (DR0-DR3)")
         uc = self._engine.uc
         for hook in self._breakpoint_hooks:
             uc.hook_del(hook)
