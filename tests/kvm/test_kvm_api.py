@@ -313,6 +313,7 @@ def test_single_step_gives_a_debug_exit_per_instruction(make_guest):
     assert guest.vcpu.get_regs().rcx == 3
 
 
+@pytest.mark.usefixtures("hardware_breakpoints")
 def test_hardware_breakpoint(make_guest):
     guest = make_guest("mov ax, 1\nmov bx, 2\nmov cx, 3\nhlt")
     guest.vcpu.set_guest_debug(hw_breakpoints=(ORG + 6,))

@@ -236,6 +236,7 @@ target:
 """
 
 
+@pytest.mark.usefixtures("hardware_breakpoints")
 def test_break_at_stops_there_and_run_goes_on_to_hlt(make_lab):
     lab = make_lab()
     guest = lab.load_assembly(BREAK_GUEST)

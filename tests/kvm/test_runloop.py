@@ -65,6 +65,7 @@ def test_step_through_a_real_mode_program(board):
     assert "rip" in str(mov) and "rax 0x0->0x5" in str(mov)
 
 
+@pytest.mark.usefixtures("hardware_breakpoints")
 def test_run_stops_at_each_breakpoint_then_completes(board):
     guest = board("""
         mov cx, 1
@@ -230,7 +231,10 @@ def test_triple_fault_is_a_shutdown_explained(board):
     result = guest.runner.run(timeout=10)
     assert result.stop_reason.startswith("SHUTDOWN"), result
     assert "triple fault" in result.explanation
-    assert "no IDT (IDTR limit 0)" in result.explanation
+    if BACKEND.triple_fault_state == "kept":
+        assert "no IDT (IDTR limit 0)" in result.explanation
+    else:  # SVM resets the vCPU: the explanation says the registers cannot tell
+        assert result.rip == 0xFFF0 and "read as at reset (RIP 0xfff0)" in result.explanation
 
 
 @pytest.mark.skipif(not BACKEND.emulates_kernel_mode,
