@@ -155,8 +155,9 @@ def test_other_shutdowns_keep_the_generic_reason(make_lab):
 
 
 # --- leaves 1 and 7: what the guest sees depends on the backend ----------------------------------------
-# On kvm_pvm the guest's CPUID returns the host's bits for most of leaves 1 and 7; the bits
-# KVM itself emulates (x2apic, hypervisor, ...) still follow the table.
+# On VMX and SVM the guest's CPUID follows the table. On kvm_pvm (Backend.cpuid_follows_table
+# False) it returns the host's bits for most of leaves 1 and 7; the bits KVM itself emulates
+# (x2apic, hypervisor, ...) still follow the table.
 @pytest.mark.parametrize("feature, ignored_on_pvm", [
     ("sse2", True), ("pae", True), ("x2apic", False), ("umip", True), ("clflushopt", True)])
 def test_leaf_1_and_7_edits_are_shown_as_the_guest_sees_them(make_lab, feature, ignored_on_pvm):
@@ -171,14 +172,14 @@ def test_leaf_1_and_7_edits_are_shown_as_the_guest_sees_them(make_lab, feature, 
         lab.kvm_init_vcpu()
         lab.kvm_arch_init_vcpu()
     seen = bit(edited.guest_cpuid(leaf)[register], feature)
-    if edited.backend.module == "kvm_pvm" and ignored_on_pvm:
+    if not edited.backend.cpuid_follows_table and ignored_on_pvm:
         assert seen == bit(kept.guest_cpuid(leaf)[register], feature) == 1
     else:
         assert not seen and bit(kept.guest_cpuid(leaf)[register], feature)
     # KVM_GET_CPUID2 tells what the guest will see, on either kind of backend.
     assert bit(getattr(vcpu_entry(edited, leaf), register), feature) == seen
     notes = "\n".join(edited.records["x86_cpu_realizefn"].notes)
-    assert ("leaves 1 and 7" in notes) == (edited.backend.module == "kvm_pvm")
+    assert ("leaves 1 and 7" in notes) == (not edited.backend.cpuid_follows_table)
 
 
 # --- editing rules ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from vlab.accel.kvm import KvmAccelerator
-from vlab.kvm import kvm_usable
+from vlab.kvm import detect_backend, kvm_usable
 from vlab.kvm.exits import Hlt, IoIn, MmioRead
 from vlab.kvm.state import SEGMENT_NAMES
 from vlab.machine.examples import EXAMPLES, RESULT_GPA
@@ -93,13 +93,15 @@ def kvm_accelerator():
     return KvmAccelerator
 
 
-PAGED_ON_PVM = pytest.mark.xfail(
-    reason="this host's KVM (nested kvm_pvm) drops CR0.PG for 32-bit paging in "
-           "KVM_SET_SREGS, and the guest triple-faults", strict=False)
+BACKEND = detect_backend()
+NO_32BIT_PAGING = pytest.mark.xfail(
+    not BACKEND.runs_32bit_paging, strict=True,
+    reason=f"{BACKEND.label} cannot run 32-bit paging (Backend.runs_32bit_paging): the guest "
+           f"triple-faults at its first instruction")
 
 
 @pytest.mark.parametrize("program", [
-    pytest.param(name, marks=PAGED_ON_PVM) if name == "paged" else name
+    pytest.param(name, marks=NO_32BIT_PAGING) if name == "paged" else name
     for name in [*EXAMPLES, *PROGRAMS]])
 def test_kvm_and_tcg_agree(kvm_accelerator, program):
     if program in EXAMPLES:
