@@ -112,6 +112,23 @@ def test_widgets_are_shown_with_a_text_summary(path):
             assert ".summary()" in cell.source, f"{path.name}: a widget shown without its summary"
 
 
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
+def test_labs_are_made_with_auto_so_every_lesson_runs_without_kvm(path):
+    """A learner without /dev/kvm (a laptop, Binder) follows the same lessons on tcg: no code
+    cell pins a Lab to kvm (a lesson comparing accelerators names them through a variable)."""
+    pinned = re.compile(r"""Lab\([^)]*accel\s*=\s*["']kvm["']""")
+    for n, cell in enumerate(c for c in _read(path).cells if c.cell_type == "code"):
+        assert not pinned.search(cell.source), f"{path.name}: code cell {n + 1} pins accel='kvm'"
+
+
+def test_the_index_links_every_lesson_and_the_dashboard():
+    index = _read(NOTEBOOKS / "00-index.ipynb")
+    targets = {m["target"] for cell in index.cells if cell.cell_type == "markdown"
+               for m in LINK.finditer(cell.source)}
+    wanted = {f"{stem}.ipynb" for stem in EXPECTED[1:]} | {"dashboard.ipynb"}
+    assert wanted <= targets, f"00-index does not link {sorted(wanted - targets)}"
+
+
 def test_the_sanitize_file_parses():
     import configparser
     config = configparser.ConfigParser(interpolation=None)
