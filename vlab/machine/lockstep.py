@@ -230,7 +230,7 @@ def _adopt_rflags(side: _Side, after: RegisterSnapshot, rflags: int) -> Register
 
 def _exit_key(step: StepResult) -> str:
     """What a step's exit says about the guest. A `Debug` exit is the stepping itself: its
-    DR6/DR7 are the debugger's (KVM here reports DR7 0, tcg 0x400), its pc is RIP."""
+    DR6/DR7 are the debugger's (kvm_pvm reports DR7 0, tcg 0x400), its pc is RIP."""
     return "single-step" if step.exit.__class__ is Debug else step.exit.describe()
 
 

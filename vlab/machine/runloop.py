@@ -375,10 +375,10 @@ class VcpuRunner:
     def step(self) -> StepResult:
         """Execute one instruction (KVM_SET_GUEST_DEBUG single-step) and say what changed.
 
-        Under single-step KVM skips a HLT and reports the step, never the halt
-        (`kvm_skip_emulated_instruction` traps before `kvm_emulate_halt` halts, on VMX and SVM
-        as on kvm_pvm), so a HLT is run without single-step: it then exits as HLT, as in
-        `run()`. Code is read at CS.base + RIP, which assumes identity-mapped paging."""
+        A HLT is run without single-step, which exits as HLT on every backend, as in `run()`:
+        single-stepped, it exits as HLT on VMX and SVM but kvm_pvm steps over it like a NOP
+        (`Backend.single_step_reports_hlt`) and the guest runs into what follows. Code is
+        read at CS.base + RIP, which assumes identity-mapped paging."""
         before = RegisterSnapshot.capture(self.vcpu)
         self.halted = False
         at_hlt = self._at_hlt(before.regs, before.sregs)

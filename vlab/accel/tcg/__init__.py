@@ -16,21 +16,22 @@ device output end up as on KVM (tests/tcg/test_tcg_differential.py). What differ
   that is not naturally aligned is split by Unicorn: a store exits a byte at a time, a
   load once per aligned word it touches (KVM: one exit with the access as the guest made it).
 - Single-stepping `rep movs`/`stos`/`outs`... steps one iteration (as the trap flag does on
-  hardware); this host's KVM emulator runs the whole instruction in one step.
+  VMX and SVM); kvm_pvm's emulator runs the whole instruction in one step.
 - Exceptions are not delivered through a protected- or long-mode IDT: a vector the IDT
   does not cover is a triple fault (`Shutdown`, as on KVM); one it covers is
   `InternalError(DELIVERY_EV, data=(vector,))`. Real mode uses the IVT, as the CPU does.
   An instruction Unicorn cannot execute is `InternalError(EMULATION)` with its bytes.
 - MSRs are QEMU's: no `X86Rdmsr`/`X86Wrmsr` exits; an MSR QEMU lacks reads 0 and ignores
   writes in the guest (KVM: #GP), and stops `get_msrs`/`set_msrs` (`msrs`).
-- CPUID answers every leaf from the table (this host's KVM takes leaves 1 and 7 from the
-  host), but a masked feature is only hidden: without LM the CPU still enters long mode.
-- Single-stepping HLT gives `Hlt`, then `Debug` (this host's kvm_pvm steps over it).
+- CPUID answers every leaf from the table (kvm_pvm takes leaves 1 and 7 from the host), but
+  a masked feature is only hidden: without LM the CPU still enters long mode.
+- Single-stepping HLT gives `Hlt`, then `Debug` (VMX and SVM give `Hlt`; kvm_pvm steps over
+  it: `Backend.single_step_reports_hlt`).
   Breakpoints set by the guest itself in DR0-DR7 are kept but not armed.
 - `kick()` needs no signal; `time_limit` (seconds) makes `run()` return `Interrupted`;
   a signal reaches the main thread within a time slice (`watchdog`). A HLT finishing
   within microseconds of a kick or slice end can be reported as `Interrupted`, or run past.
-- Stats are the vCPU's own counters (`stats`), not KVM's 47; no instruction count.
+- Stats are the vCPU's own counters (`stats`), not KVM's; no instruction count.
 - There is no APIC, PIT or interrupt injection; CR8 and the APIC base are only stored.
 - Undefined flags can differ from hardware (AF after SHLD). Code the host writes into
   guest memory is seen after `set_regs`/`set_sregs` (translations are dropped there).

@@ -11,7 +11,7 @@ addresses. Bit 31 of leaf 1 ECX says a hypervisor is present, as QEMU sets it.
 (function, index) match, the index only where the entry says it matters; unless the vendor
 is AMD or Hygon, a leaf past the highest of its range reads as the highest basic leaf
 (`get_out_of_range_cpuid_entry`); anything else reads zeros.
-Unlike this host's KVM, every leaf comes from the table, leaf 1 and 7 included.
+As on VMX and SVM (unlike kvm_pvm), every leaf comes from the table, leaf 1 and 7 included.
 """
 from __future__ import annotations
 
