@@ -10,7 +10,7 @@ import pytest
 
 from vlab.devices import BusError
 from vlab.kvm import ExitReason
-from vlab.kvm.backend import KVM_PVM, SVM, VMX
+from vlab.kvm.backend import KVM_PVM, SVM, TCG, VMX
 from vlab.kvm.abi import InternalErrorSuberror, SystemEventType
 from vlab.kvm.exits import (Debug, ExitDecodeError, FailEntry, Hlt, InternalError, Interrupted,
                             IoIn, IoOut, MmioRead, MmioWrite, OtherExit, Shutdown, SystemEvent,
@@ -394,6 +394,29 @@ def test_internal_error_reads_code_from_memory_when_kvm_gave_none(runner_for, ma
 
 
 BACKENDS = {b.module: b for b in (VMX, SVM, KVM_PVM)}
+
+
+@pytest.mark.parametrize("backend", [VMX, SVM, KVM_PVM, TCG], ids=lambda b: b.label)
+def test_shutdown_is_explained_from_what_the_backend_leaves(runner_for, backend):
+    """VMX, kvm_pvm and tcg keep the vCPU where it faulted: its registers narrow the cause.
+    SVM resets it (RIP 0xfff0): the explanation says the registers cannot tell."""
+    reset = backend.triple_fault_state == "reset"
+    runner, _ = runner_for([Shutdown()], rip=0xFFF0 if reset else 0x8003,
+                           sregs=Sregs() if reset else PROTECTED_SREGS)
+    runner.backend = backend
+    text = runner.run().explanation
+    assert text.startswith("SHUTDOWN: a triple fault")
+    assert ("no IDT (IDTR limit 0)" in text and "RIP 0x8003" in text) != reset
+    assert ("read as at reset (RIP 0xfff0)" in text) == reset
+
+
+@pytest.mark.parametrize("backend", [VMX, SVM, KVM_PVM, TCG], ids=lambda b: b.label)
+def test_an_emulation_failure_blames_the_emulator_only_where_it_runs_ring_0(runner_for, backend):
+    runner, _ = runner_for([InternalError(1, (1,), bytes.fromhex("0f0b"))], rip=0x7C00)
+    runner.backend = backend
+    text = runner.run().explanation
+    assert ("every kernel-mode (CPL0) instruction goes through KVM's emulator" in text) \
+        == backend.emulates_kernel_mode
 
 
 @pytest.mark.parametrize("module, code, words", [
