@@ -177,6 +177,8 @@ def test_every_exit_is_recorded_with_rip_device_and_kernel_deltas(board):
         if BACKEND.emulates_kernel_mode:
             assert delta["insn_emulation"] > 0, delta
     assert log.kernel_delta(halt)["halt_exits"] == 1
+    # Both OUTs are port I/O exits; kvm_pvm's io_exits stays 0 (Backend.counts_io_exits).
+    assert log.kernel_totals()["io_exits"] == (2 if BACKEND.counts_io_exits else 0)
     assert log.kernel_totals()["exits"] >= 3
     df = log.to_dataframe()
     assert df["reason"].tolist() == ["IO out", "IO out", "HLT"]

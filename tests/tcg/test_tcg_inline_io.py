@@ -69,7 +69,7 @@ def test_emulation_is_entered_once_for_a_run_of_port_io(tcg_board):
     before = guest.runner.kernel_counters()
     guest.runner.run()
     after = guest.runner.kernel_counters()
-    assert after["io_exits"] - before["io_exits"] == 5
+    assert after["io_exits"] - before["io_exits"] == 5 and guest.runner.backend.counts_io_exits
     assert after["exits"] - before["exits"] == 6
     assert after["emu_starts"] - before["emu_starts"] == 1  # ended by the HLT
 

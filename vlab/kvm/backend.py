@@ -103,7 +103,7 @@ KVM_PVM = Backend(
         "the vCPU stat io_exits stays 0 even when every exit is port I/O; count in userspace",
         "hardware details (VMX exit reasons, VMCS, FAIL_ENTRY reason codes) are not visible"])
 TCG = Backend(
-    "tcg", None, enforces_cpuid=False, out_exit_rip="past", counts_io_exits=False, caveats=[
+    "tcg", None, enforces_cpuid=False, out_exit_rip="past", caveats=[
         "no KVM: Unicorn (QEMU's TCG code) translates and runs every guest instruction in "
         "software; there are no VM entries, and the counters are the emulator's own",
         "an OUT or IN returns to the run loop past the instruction",
