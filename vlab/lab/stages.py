@@ -28,9 +28,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("kvm_init", "accelerator init", "accel/kvm/kvm-all.c", "same (accel/kvm/kvm-all.c)",
           "kvm_dev_ioctl -> kvm_dev_ioctl_create_vm (virt/kvm/kvm_main.c)",
           (), ("kvm", "vm"),
-          "open /dev/kvm, check KVM_GET_API_VERSION and the capabilities QEMU requires, "
-          "KVM_CREATE_VM, then kvm_arch_init: the TSS and identity-map pages, and the "
-          "in-kernel irqchip (kvm_irqchip_create) when asked",
+          "open /dev/kvm, KVM_GET_API_VERSION, KVM_CREATE_VM, then the vCPU limits and the "
+          "capabilities QEMU 5.0 requires, kvm_arch_init (the MSR lists, the identity-map and "
+          "TSS pages), and the in-kernel irqchip (kvm_irqchip_create) when asked",
           ("type_init(kvm_type_init) registered TYPE_KVM_ACCEL ('kvm-accel', parent "
            "TYPE_ACCEL) before main() ran",
            "configure_accelerators -> do_configure_accelerator -> accel_init_machine",
@@ -64,8 +64,9 @@ STAGES: tuple[Stage, ...] = (
           "kvm_vm_ioctl_set_memory_region -> kvm_set_memory_region (virt/kvm/kvm_main.c)",
           ("vm", "vcpus"), ("memory", "devices", "guest"),
           "guest RAM mapped with KVM_SET_USER_MEMORY_REGION slot by slot, the guest loaded, "
-          "then pc_basic_device_init's devices: COM1, isa-debugcon, isa-debug-exit, fw_cfg "
-          "(QEMU realizes the CPUs before it maps RAM, so vCPUs exist first)"),
+          "then pc_basic_device_init's devices: COM1, isa-debugcon, isa-debug-exit, fw_cfg, "
+          "and with the in-kernel irqchip the PIT (KVM_CREATE_PIT2) (QEMU realizes the CPUs "
+          "before it maps RAM, so vCPUs exist first)"),
     Stage("kvm_arch_put_registers", "reset: initial registers", "target/i386/kvm/kvm.c",
           "kvm_arch_put_registers in target/i386/kvm.c",
           "kvm_arch_vcpu_ioctl_set_regs / set_sregs (arch/x86/kvm/x86.c)",
