@@ -173,6 +173,16 @@ def test_a_stage_out_of_order_names_the_stage_to_run_first(make_lab, done, call,
     assert lab.next_stage().name == first  # the advice is what next_stage() does
 
 
+def test_more_vcpus_than_kvm_allows_is_refused_at_kvm_init(make_lab):
+    lab = make_lab()
+    lab.kvm_init()
+    maximum = lab.accel.kvm.check_extension(Cap.MAX_VCPUS)
+    too_many = make_lab(vcpus=maximum + 1)
+    with pytest.raises(StageError, match=rf"vcpus={maximum + 1} exceeds the maximum KVM supports here \({maximum}\)"):
+        too_many.kvm_init()  # kvm_init checks -smp against KVM_CAP_MAX_VCPUS, as QEMU does
+    assert "kvm_init" not in too_many.records
+
+
 def test_running_or_stepping_before_reset_is_refused(make_lab):
     lab = make_lab()
     for _ in range(5):
