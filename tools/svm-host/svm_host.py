@@ -292,6 +292,7 @@ def boot(pytest_timeout: float) -> int:
                 state["error"] = marker.group(3)
             sys.stdout.write(line)
             sys.stdout.flush()
+            state["line_open"] = not line.endswith("\n")
 
     reader = threading.Thread(target=console, daemon=True)
     reader.start()
@@ -301,6 +302,8 @@ def boot(pytest_timeout: float) -> int:
             qemu.kill()
             qemu.wait()
             reader.join(5)
+            if state.get("line_open"):
+                print(flush=True)
             log(f"timed out in phase '{phase}' after {timeouts[phase]:.0f} s"
                 f"{' (VLAB_SVM_TIMEOUT)' if phase == 'pytest' else ''}; QEMU stopped")
             return TIMED_OUT
