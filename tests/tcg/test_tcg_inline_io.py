@@ -54,9 +54,20 @@ def transcript(board):
     return records, board.machine.console.data, board.machine.memory.read(0x600, 8)
 
 
+def past_each_out(records, guest):
+    """`records` with each OUT's RIP moved past the instruction, where tcg and kvm_pvm report
+    it; VMX and SVM report it at the OUT (Backend.out_exit_rip)."""
+    cs = guest.vcpu.get_sregs().cs
+    return [(exit, io_shape(guest.machine.read_physical(cs.base + rip, 15), cs).rip_after(rip, 0)
+             if isinstance(exit, IoOut) else rip, *rest) for exit, rip, *rest in records]
+
+
 @pytest.mark.parametrize("mode", PORT_IO)
 def test_records_rips_and_answers_match_kvm(board, tcg_board, mode):
-    on_kvm = transcript(board(PORT_IO[mode], mode))
+    guest = board(PORT_IO[mode], mode)
+    on_kvm = transcript(guest)
+    if guest.machine.backend.out_exit_rip == "at":
+        on_kvm = (past_each_out(on_kvm[0], guest), *on_kvm[1:])
     on_tcg = transcript(tcg_board(PORT_IO[mode], mode))
     assert on_tcg == on_kvm
     records, console, memory = on_tcg
