@@ -60,9 +60,9 @@ def test_isa_debug_exit_ends_the_run():
 
 def test_flags_an_instruction_leaves_undefined_are_named_not_a_divergence():
     """After MUL the architecture leaves SF, ZF, AF and PF undefined, after SHLD AF (and OF
-    for a count above 1): each CPU sets them its own way. An Intel host's KVM and tcg differ
-    after this program's MUL, an AMD host's agree; either way lockstep goes on to the end
-    and names the flags that differed, and only those."""
+    for a count above 1): each CPU sets them its own way. KVM and tcg differed after this
+    program's MUL on one kvm_pvm host and agreed on another, with another CPU; either way
+    lockstep goes on to the end and names the flags that differed, and only those."""
     source = PROGRAMS["64-bit arithmetic"][1]
     report = lockstep(source, "long")
     assert report.agreed, str(report)
