@@ -19,7 +19,7 @@ from ..kvm.exits import Exit, IoIn, IoOut, MmioRead, MmioWrite, OtherExit
 class ExitRecord:
     vcpu: int
     exit: Exit
-    rip: int
+    rip: int            # as KVM reports it: an OUT's is at it or past it (Backend.out_exit_rip)
     device: str | None
     claimed: bool
     duration_s: float
