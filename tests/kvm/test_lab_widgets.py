@@ -95,12 +95,14 @@ def test_histogram_redraws_after_a_run_and_skips_identical_redraws(lab):
     lab.run()
     assert bytes(histogram.image.value) != before and histogram.redraws > redraws
     assert histogram.summary().startswith("22 userspace exits: IO out 21, HLT 1")
-    kernel = histogram.summary().splitlines()[1]
-    assert kernel.startswith("KVM's counters: exits ")  # every exit passes through KVM
+    line = histogram.summary().splitlines()[1]
+    assert line.startswith("KVM's counters: ")  # in the stats fd's order, which backends differ in
+    kernel = dict(item.rsplit(" ", 1) for item in line.removeprefix("KVM's counters: ").split(", "))
+    assert int(kernel["exits"]) >= 22  # every userspace exit is a VM exit first
     if lab.backend.emulates_kernel_mode:
         # kvm_pvm emulates this ring-0 guest instruction by instruction; on VMX and SVM it
         # runs on the CPU and insn_emulation counts only what KVM itself had to decode.
-        assert "insn_emulation" in kernel
+        assert int(kernel["insn_emulation"]) > 0
     redraws = histogram.redraws
     histogram.refresh()
     assert histogram.redraws == redraws
