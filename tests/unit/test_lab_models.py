@@ -50,6 +50,14 @@ def test_host_model_is_the_supported_table():
     assert table.features(0x80000001) == ["syscall", "nx", "rdtscp", "lm", "lahf_lm"]
 
 
+def test_every_model_has_the_hypervisor_bit_kvm_leaves_out_as_qemu_adds_it():
+    kvm_answer = [e.replace(ecx=e.ecx & ~bits(31)) if e.function == 1 else e for e in HOST]
+    for model in CPU_MODELS:
+        table = CpuidTable.for_model(model, kvm_answer)
+        assert table.has("hypervisor") and table.find(1).ecx & bits(31)
+        assert not any("+hypervisor" in c.features for c in table.diff_host())
+
+
 def test_qemu64_masks_to_its_baseline_and_diff_host_names_what_went():
     table = CpuidTable.for_model("qemu64", HOST)
     assert set(table.features()) == {"fpu", "pae", "sse2", "pni", "hypervisor", "syscall", "nx",

@@ -127,8 +127,14 @@ class CpuidTable(Observable):
 
     @classmethod
     def for_model(cls, model: str, host: list[CpuidEntry]) -> "CpuidTable":
+        """The model's table from `host` (KVM_GET_SUPPORTED_CPUID) with QEMU's fix-up: the
+        hypervisor bit, which KVM does not report but QEMU always offers
+        (kvm_arch_get_supported_cpuid, target/i386/kvm.c), so that guests know they are one."""
         if model not in CPU_MODELS:
             raise ValueError(f"unknown CPU model {model!r}; choose one of {', '.join(CPU_MODELS)}")
+        leaf, subleaf, reg, bit = FEATURES["hypervisor"]
+        host = [e.replace(**{reg: getattr(e, reg) | 1 << bit})
+                if (e.function, e.index) == (leaf, subleaf) else e for e in host]
         table = cls(host, host, model)
         if model == "qemu64":
             for (leaf, subleaf, reg), bits in FEATURE_BITS.items():
