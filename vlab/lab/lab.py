@@ -35,7 +35,6 @@ from ..x86 import (EFER_LME, MSR_EFER, MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_UCOD
 # QEMU's kvm_arch_init: the identity-map page and, right above it, the three TSS pages that
 # Intel's real-mode emulation (vm86) needs, just below the 4 GiB BIOS area.
 IDENTITY_MAP_ADDR = 0xFEFFC000
-TSS_ADDR = IDENTITY_MAP_ADDR + 0x1000
 # Capabilities QEMU 5.0 refuses to run without: kvm_required_capabilites (kvm-all.c), then
 # x86's kvm_arch_required_capabilities (target/i386/kvm.c). QEMU 8.2 added INTERNAL_ERROR_DATA,
 # IOEVENTFD, IOEVENTFD_ANY_LENGTH, and for x86 SIGNAL_MSI and IRQ_ROUTING.
@@ -264,7 +263,7 @@ class Lab(Observable):
         if kvm.check_extension(Cap.SET_IDENTITY_MAP_ADDR):
             identity_map = IDENTITY_MAP_ADDR
             self.vm.set_identity_map_addr(identity_map)
-        self.vm.set_tss_addr(identity_map + 0x1000)
+        self.vm.set_tss_addr(identity_map + 0x1000)   # the TSS right above the identity map
         if self.irqchip:
             self.vm.create_irqchip()
             record.notes.append("in-kernel irqchip (PIC, IOAPIC, LAPIC) created "
