@@ -131,11 +131,12 @@ def test_local_apic_registers_and_timer_interrupts(kernel):
     assert "IA32_APIC_BASE 0xfee00900\nAPIC ID 0\n" in result.console
     assert "one-shot interrupt taken\n" in result.console
     assert "periodic interrupts taken\n" in result.console
-    # The local APIC's MMIO and the kernel's four HLTs never left the kernel: KVM slept
-    # the vCPU in each HLT and woke it with the timer interrupt.
+    # The local APIC's MMIO and the kernel's HLTs never left the kernel: KVM slept the vCPU
+    # in each HLT and woke it with the timer interrupt. Each of its two loops halts at least
+    # once; a slow vCPU can take two ticks per wake-up and halt fewer times than the 4 ticks.
     bsp = result.vcpus[0]
     assert set(bsp.histogram) == {"IO in", "IO out"}
-    assert bsp.kernel["halt_exits"] >= 4 and bsp.kernel["irq_injections"] >= 4
+    assert bsp.kernel["halt_exits"] >= 2 and bsp.kernel["irq_injections"] >= 4
 
 
 def test_protected_mode_iret(kernel):
@@ -154,7 +155,9 @@ def test_pic_pit_and_ioapic_in_the_kernel(kernel):
     result = boot(kernel("irqchip"))
     passed(result)
     assert "IOAPIC version register 0x00170011\n" in result.console
-    assert "PIT: IRQ 0 interrupts through the 8259: 5\n" in result.console
+    # it waits for 5 ticks; one more can land in the window between two checks
+    ticks = re.search(r"PIT: IRQ 0 interrupts through the 8259: (\d+)\n", result.console)
+    assert ticks and int(ticks.group(1)) >= 5
     assert result.vcpus[0].kernel["irq_injections"] >= 5
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 CACHE = CHECKOUT / ".cache" / "svm-host"
-RESULTS = CACHE / "results"
 INIT = Path(__file__).with_name("init")
 APT_PACKAGES = ("qemu-system-x86", "busybox-static")   # busybox-static: /bin/busybox, no libc
 KERNEL_SERIES = ("linux-image-6.12-amd64", "linux-image-amd64")  # closest to today's hosts first
@@ -159,6 +158,9 @@ def module_closure(files: dict[str, Path]) -> list[tuple[str, bytes]]:
     return order
 
 
+DIR, FILE, DATA, LINK = 0o040755, 0o100755, 0o100644, 0o120777   # cpio modes
+
+
 def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
     """A newc cpio archive of (path, mode, data) entries, as the kernel's initramfs reads."""
     out = bytearray()
@@ -168,9 +170,6 @@ def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
         out += b"\0" * (-len(out) % 4) + data
         out += b"\0" * (-len(out) % 4)
     return bytes(out)
-
-
-DIR, FILE, LINK = 0o040755, 0o100755, 0o120777
 
 
 def build_kernel(pkg: str, dest: Path) -> None:
@@ -186,7 +185,6 @@ def build_kernel(pkg: str, dest: Path) -> None:
         vmlinuz = next(tree.glob("boot/vmlinuz-*"), None)
         if vmlinuz is None:
             raise HostError(f"{pkg} holds no boot/vmlinuz")
-        dest.mkdir(parents=True, exist_ok=True)
         extract_vmlinux(vmlinuz, dest / "vmlinux")
         modules = module_closure(module_files(tree))
         busybox = Path("/bin/busybox").read_bytes()
@@ -195,9 +193,9 @@ def build_kernel(pkg: str, dest: Path) -> None:
                                              "mnt/host", "lib", "lib/modules")]
         entries.append(("bin/busybox", FILE, busybox))
         entries += [(f"bin/{a}", LINK, b"busybox") for a in applets if a != "busybox"]
-        entries += [(f"lib/modules/{name}.ko", 0o100644, blob) for name, blob in modules]
+        entries += [(f"lib/modules/{name}.ko", DATA, blob) for name, blob in modules]
         order = "".join(f"{name}\n" for name, _ in modules).encode()
-        entries.append(("lib/modules/modules.order", 0o100644, order))
+        entries.append(("lib/modules/modules.order", DATA, order))
         (dest / "modules.cpio.gz").write_bytes(gzip.compress(cpio_newc(entries), 1))
         log(f"{pkg}: modules {' '.join(name for name, _ in modules)}")
 
@@ -205,27 +203,31 @@ def build_kernel(pkg: str, dest: Path) -> None:
 def prepare() -> Path:
     """The cached kernel directory (vmlinux, modules.cpio.gz), built on first use."""
     install_tools()
-    CACHE.mkdir(parents=True, exist_ok=True)
     current = CACHE / "kernel"
     if os.environ.get("VLAB_SVM_KERNEL") or not (current / "modules.cpio.gz").exists():
         pkg = kernel_package()
         dest = CACHE / pkg
         if not (dest / "modules.cpio.gz").exists():
             started = time.monotonic()
-            shutil.rmtree(dest, ignore_errors=True)
-            build_kernel(pkg, dest)
+            staging = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
+            try:
+                build_kernel(pkg, staging)
+                if not (dest / "modules.cpio.gz").exists():   # or another run built it meanwhile
+                    shutil.rmtree(dest, ignore_errors=True)
+                    os.replace(staging, dest)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
             log(f"prepared {pkg} in {time.monotonic() - started:.0f} s (cached in {dest})")
-        current.unlink(missing_ok=True)
-        current.symlink_to(pkg)
+        link = CACHE / f".kernel-{os.getpid()}"   # replaced in one step: runs may overlap
+        link.symlink_to(pkg)
+        os.replace(link, current)
     return current
 
 
 # --- the run ------------------------------------------------------------------------------
 
-def write_job(args: list[str]) -> None:
+def write_job(results: Path, args: list[str]) -> None:
     """The script the guest runs in the chroot: pytest in the checkout, with its venv."""
-    shutil.rmtree(RESULTS, ignore_errors=True)
-    RESULTS.mkdir(parents=True)
     forwarded = {k: v for k, v in os.environ.items() if k.startswith("VLAB_") and
                  not k.startswith("VLAB_SVM_")}
     env = {"HOME": "/tmp/home", "TMPDIR": "/tmp", "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -233,43 +235,48 @@ def write_job(args: list[str]) -> None:
            "PY_COLORS": "1" if sys.stdout.isatty() else "0",
            "COLUMNS": str(shutil.get_terminal_size().columns), **forwarded}
     python = CHECKOUT / ".venv" / "bin" / "python"
-    lines = ["mkdir -p /tmp/home", f"cd {shlex.quote(str(CHECKOUT))}"]
+    lines = ["mkdir -p /tmp/home/.cache", f"cd {shlex.quote(str(CHECKOUT))}"]
+    # matplotlib's font list, which it would otherwise rebuild from every font (a minute there)
+    fonts = Path.home() / ".cache" / "matplotlib"
+    if fonts.is_dir():
+        lines.append(f"cp -r {shlex.quote(str(fonts))} /tmp/home/.cache/")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines.append("exec " + shlex.join([str(python), "-m", "pytest", "-p", "no:cacheprovider",
                                        *args]))
-    (RESULTS / "job").write_text("\n".join(lines) + "\n")
+    (results / "job").write_text("\n".join(lines) + "\n")
 
 
-def initrd(kernel: Path) -> Path:
+def initrd(kernel: Path, results: Path) -> Path:
     """The cached module archive followed by the harness's /init (the kernel unpacks both)."""
-    path = RESULTS / "initrd"
+    path = results / "initrd"
     init = gzip.compress(cpio_newc([("init", FILE, INIT.read_bytes())]), 1)
     path.write_bytes((kernel / "modules.cpio.gz").read_bytes() + init)
     return path
 
 
-def qemu_command(kernel: Path) -> list[str]:
+def qemu_command(kernel: Path, results: Path, cpu: str) -> list[str]:
     share = "local,security_model=none,multidevs=remap"
     return [
-        "qemu-system-x86_64", "-accel", "tcg,thread=multi",
-        "-cpu", os.environ.get("VLAB_SVM_CPU", "max,-npt"),
+        "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", cpu,
         "-smp", os.environ.get("VLAB_SVM_SMP", "1"), "-m", "2G",
         "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
-        "-kernel", str(kernel / "vmlinux"), "-initrd", str(initrd(kernel)),
-        "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 svm_host.results={RESULTS}",
+        "-kernel", str(kernel / "vmlinux"), "-initrd", str(initrd(kernel, results)),
+        "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 svm_host.results={results}",
         "-virtfs", f"{share},path=/,mount_tag=hostroot,readonly=on",
-        "-virtfs", f"{share},path={RESULTS},mount_tag=results",
+        "-virtfs", f"{share},path={results},mount_tag=results",
     ]
 
 
-def boot(pytest_timeout: float) -> int:
+def boot(results: Path, pytest_timeout: float) -> int:
     """Boot the guest, stream its console, enforce each phase's time; pytest's status."""
     kernel = prepare()
-    cmd = qemu_command(kernel)
+    # -npt: with nested paging, QEMU's SVM wedges when a guest sets EFER.LME with paging off
+    cpu = os.environ.get("VLAB_SVM_CPU", "max,-npt")
+    cmd = qemu_command(kernel, results, cpu)
     timeouts = {**PHASE_TIMEOUTS, "pytest": pytest_timeout}
-    state = {"phase": "boot", "since": time.monotonic(), "error": None}
+    state = {"phase": "boot", "since": time.monotonic(), "error": None, "line_open": False}
     started = state["since"]
-    log(f"booting {os.readlink(kernel)} under QEMU TCG (-cpu {cmd[4]}, SVM emulated)")
+    log(f"booting {os.readlink(kernel)} under QEMU TCG (-cpu {cpu}, SVM emulated)")
     try:
         qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
@@ -302,7 +309,7 @@ def boot(pytest_timeout: float) -> int:
             qemu.kill()
             qemu.wait()
             reader.join(5)
-            if state.get("line_open"):
+            if state["line_open"]:
                 print(flush=True)
             log(f"timed out in phase '{phase}' after {timeouts[phase]:.0f} s"
                 f"{' (VLAB_SVM_TIMEOUT)' if phase == 'pytest' else ''}; QEMU stopped")
@@ -310,7 +317,7 @@ def boot(pytest_timeout: float) -> int:
         time.sleep(0.5)
     reader.join(5)
     elapsed = time.monotonic() - started
-    status = RESULTS / "status"
+    status = results / "status"
     if state["error"]:
         raise HostError(f"in phase '{state['phase']}': {state['error']}")
     if not status.exists():
@@ -322,12 +329,16 @@ def boot(pytest_timeout: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    write_job(argv or ["tests/kvm"])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    results = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))  # this run's, shared rw
     try:
-        return boot(float(os.environ.get("VLAB_SVM_TIMEOUT", 2400)))
+        write_job(results, argv or ["tests/kvm"])
+        return boot(results, float(os.environ.get("VLAB_SVM_TIMEOUT", 2400)))
     except HostError as err:
         log(f"error: {err}")
         return HARNESS_ERROR
+    finally:
+        shutil.rmtree(results, ignore_errors=True)
 
 
 if __name__ == "__main__":
