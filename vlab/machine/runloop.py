@@ -11,6 +11,7 @@ the same dispatch, records and stop conditions, without leaving Unicorn for each
 """
 from __future__ import annotations
 
+import enum
 import gc
 import signal
 import threading
@@ -33,13 +34,19 @@ KERNEL_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits",
                    "insn_emulation", "insn_emulation_fail", "signal_exits", "request_irq_exits",
                    "halt_wakeup", "irq_injections", "nmi_injections", "pf_taken", "hypercalls")
 
-RESUME, STOP = "resume", "stop"
+class Action(enum.Enum):
+    """After an exit: enter the guest again (KVM_RUN), or return to the caller."""
+    RESUME = "resume"
+    STOP = "stop"
+
+
+RESUME, STOP = Action.RESUME, Action.STOP
 
 
 @dataclass(slots=True, frozen=True)
 class Outcome:
     """What the loop does with one exit."""
-    action: str                      # RESUME or STOP
+    action: Action
     device: str | None = None        # the device that handled it, if any
     reply: bytes | None = None       # bytes answering an IN or MMIO read
     stop_reason: str | None = None   # why the guest stopped, in words
