@@ -13,7 +13,7 @@ from vlab.machine.lockstep import (UndefinedFlags, lockstep, undefined_flags,
                                    undefined_flags_differing)
 from vlab.machine.snapshot import RegisterSnapshot
 
-CF, PF, SF, RF = 1 << 0, 1 << 2, 1 << 7, 1 << 16
+CF, PF, SF, TF, OF, RF = 1 << 0, 1 << 2, 1 << 7, 1 << 8, 1 << 11, 1 << 16
 MUL_RCX = bytes.fromhex("48f7e1")
 ADD_EAX_ECX = bytes.fromhex("01c8")
 SHLD_ECX_EAX_3 = bytes.fromhex("0fa4c103")
@@ -40,8 +40,9 @@ def test_only_undefined_flags_are_named(difference, named):
 
 
 @pytest.fixture
-def second_sets_after_mul(monkeypatch):
-    """`flip(bits)`: after every MUL, the second vCPU's RFLAGS get `bits` toggled."""
+def second_side(monkeypatch):
+    """`after(code, change)`: each time the second vCPU has stepped an instruction starting
+    with `code`, `change(side)` runs; the step then reports the registers as they are."""
     if shutil.which("nasm") is None:
         pytest.skip("nasm is not installed")
     sides, real_init, real_step = [], lockstep_module._Side.__init__, lockstep_module._Side.step
@@ -50,19 +51,28 @@ def second_sets_after_mul(monkeypatch):
         real_init(side, *args, **kwargs)
         sides.append(side)
 
-    def flip(bits: int) -> None:
+    def after(code: bytes, change) -> None:
         def step(side):
             result = real_step(side)
-            code = lockstep_module._code(side, result.before)
-            if side is sides[1] and code.startswith(MUL_RCX):
-                vcpu = side.runner.vcpu
-                regs = vcpu.get_regs()
-                vcpu.set_regs(replace(regs, rflags=regs.rflags ^ bits))
-                result = replace(result, after=RegisterSnapshot.capture(vcpu))
+            if side is sides[1] and lockstep_module._code(side, result.before).startswith(code):
+                change(side)
+                result = replace(result, after=RegisterSnapshot.capture(side.runner.vcpu))
             return result
         monkeypatch.setattr(lockstep_module._Side, "step", step)
 
     monkeypatch.setattr(lockstep_module._Side, "__init__", init)
+    return after
+
+
+@pytest.fixture
+def second_sets_after_mul(second_side):
+    """`flip(bits)`: after every MUL, the second vCPU's RFLAGS get `bits` toggled."""
+    def flip(bits: int) -> None:
+        def change(side):
+            vcpu = side.runner.vcpu
+            regs = vcpu.get_regs()
+            vcpu.set_regs(replace(regs, rflags=regs.rflags ^ bits))
+        second_side(MUL_RCX, change)
     return flip
 
 
@@ -84,3 +94,18 @@ def test_a_defined_flag_set_otherwise_is_a_divergence(second_sets_after_mul):
     d = report.divergence
     assert d is not None and d.step == 3 and d.disassembly.endswith("mul rcx")
     assert list(d.registers) == ["rflags"] and report.undefined == []
+
+
+def test_tf_a_stepped_pushf_stores_is_cleared_as_without_a_debugger(second_side):
+    """On VMX and SVM KVM single-steps with the guest's own TF set, so a stepped PUSHF
+    stores TF (RFLAGS bit 8); here the second vCPU is made to do the same."""
+    def store_tf(side):
+        regs, sregs = side.runner.vcpu.get_regs(), side.runner.vcpu.get_sregs()
+        at = sregs.ss.base + regs.rsp + 1
+        side.machine.memory.write(at, bytes([side.machine.read_physical(at, 1)[0] | 1]))
+
+    second_side(bytes([0x9C]), store_tf)
+    report = lockstep("mov ax, 0x7FFF\nadd ax, 1\npushf\npop bx\nhlt", accels=("tcg", "tcg"))
+    assert report.agreed and report.stop.startswith("both halted at "), str(report)
+    kvm, tcg = report.final
+    assert kvm.regs.rbx == tcg.regs.rbx and not kvm.regs.rbx & TF and kvm.regs.rbx & OF

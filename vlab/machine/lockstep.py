@@ -14,12 +14,14 @@ one iteration per step on tcg (as the trap flag does on VMX and SVM) and whole o
 (KVM's emulator), so the side still at the instruction is stepped until it has finished
 too, and the instruction is compared by registers and memory only (KVM batches its port
 I/O, tcg exits per element); and RFLAGS.RF, which KVM's emulator leaves set after such a
-step and which the guest cannot read (PUSHF clears it), is not compared. A flag the
-architecture leaves undefined after the instruction (SF, ZF, AF and PF after MUL; AF after
-SHLD: Capstone's instruction tables say which) is no divergence, since each CPU may set it
-its own way (one host's KVM agrees with tcg after a MUL, another's does not): the report
-names the instruction and the flags, and the second vCPU goes on with the first one's
-RFLAGS. Nothing else is masked.
+step and which the guest cannot read (PUSHF clears it), is not compared. A third is evened
+out in guest memory: on VMX and SVM KVM single-steps with the guest's own TF set, which a
+PUSHF stores; lockstep clears it there, as the guest would have pushed it unstepped. A flag
+the architecture leaves undefined after the instruction (SF, ZF, AF and PF after MUL; AF
+after SHLD: Capstone's instruction tables say which) is no divergence, since each CPU may
+set it its own way (one host's KVM agrees with tcg after a MUL, another's does not): the
+report names the instruction and the flags, and the second vCPU goes on with the first
+one's RFLAGS. Nothing else is masked.
 """
 from __future__ import annotations
 
@@ -35,9 +37,11 @@ from .explain import decoder, disassemble
 from .loaders import load_raw
 from .runloop import STOP, StepResult
 from .snapshot import RegisterSnapshot
-from ..x86 import MAX_INSN, PAGE_SIZE, REP_PREFIXES, RFLAGS_BITS, RFLAGS_RF, code_bits, opcode_offset
+from ..x86 import (MAX_INSN, PAGE_SIZE, REP_PREFIXES, RFLAGS_BITS, RFLAGS_RF, RFLAGS_TF, code_bits,
+                   opcode_offset)
 
 # RFLAGS bits by name, and Capstone's "left undefined" bit for each.
+_PUSHF = 0x9C
 _FLAGS = {name: RFLAGS_BITS[name] for name in ("CF", "PF", "AF", "ZF", "SF", "OF")}
 _memcmp = ctypes.CDLL(None).memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
@@ -165,6 +169,9 @@ def _compare(first: _Side, second: _Side, max_steps: int) -> LockstepReport:
         if _is_rep(code, code_bits(before.sregs)):
             one, two = _finish_rep(first, one, max_steps), _finish_rep(second, two, max_steps)
             exits = ("REP", "REP")
+        elif _is_pushf(code, code_bits(before.sregs)):
+            for side, stepped in ((first, one), (second, two)):
+                _clear_stepping_tf(side, stepped)
         registers = {name: values for name, values in one.after.diff(two.after).items()
                      if name != "rflags" or (values[0] ^ values[1]) & ~RFLAGS_RF}
         if "rflags" in registers:
@@ -243,6 +250,23 @@ def _code(side: _Side, at: RegisterSnapshot) -> bytes:
 def _is_rep(code: bytes, bits: int) -> bool:
     """A REP/REPE/REPNE prefix among the instruction's prefixes."""
     return not REP_PREFIXES.isdisjoint(code[:opcode_offset(code, bits == 64)])
+
+
+def _is_pushf(code: bytes, bits: int) -> bool:
+    offset = opcode_offset(code, bits == 64)
+    return offset is not None and code[offset] == _PUSHF
+
+
+def _clear_stepping_tf(side: _Side, step: StepResult) -> None:
+    """KVM single-steps a VMX or SVM guest by setting the guest's own RFLAGS.TF (userspace
+    reads it clear), so a stepped PUSHF stores TF set. Where the guest's flags had it clear,
+    clear it in the pushed image (TF is bit 0 of its second byte), as without a debugger."""
+    if step.before.regs.rflags & RFLAGS_TF:
+        return
+    at = step.after.sregs.ss.base + step.after.regs.rsp + 1
+    high = side.machine.read_physical(at, 1)[0]
+    if high & RFLAGS_TF >> 8:
+        side.machine.memory.write(at, bytes([high & ~(RFLAGS_TF >> 8)]))
 
 
 def _finish_rep(side: _Side, step: StepResult, limit: int) -> StepResult:
