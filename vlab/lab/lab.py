@@ -250,6 +250,9 @@ class Lab(Observable):
         missing = [cap.name for cap in REQUIRED_CAPS if not kvm.check_extension(cap)]
         if missing:
             raise StageError(f"this kernel lacks {', '.join(missing)}, which QEMU requires")
+        record.notes.append("left out here: the KVM_CHECK_EXTENSIONs QEMU makes before "
+                            "KVM_CREATE_VM (IMMEDIATE_EXIT, NR_MEMSLOTS, MULTI_ADDRESS_SPACE) "
+                            "and the twenty or so optional ones after the required ones")
         record.notes.append(self.backend.describe())
         # kvm_arch_init: the MSR lists (kvm_get_supported_msrs, kvm_get_supported_feature_msrs)
         self._msr_indices = kvm.get_msr_index_list()
