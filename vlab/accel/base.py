@@ -8,7 +8,7 @@ the machine, the lab and the widgets never ask which one is underneath.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from ..kvm.backend import Backend
@@ -58,6 +58,10 @@ class AccelVcpu(Protocol):
 
 
 class AccelVm(Protocol):
+    # Capability: guest-physical addresses of the pages of a region written since the last
+    # call (KVM's dirty log), or None where the accelerator keeps no such log.
+    dirty_pages: "Callable[[object], list[int]] | None"
+
     def map_memory(self, region) -> None:
         """Back a `vlab.machine.memory.Region` (RAM, or ROM read-only) with guest memory."""
     def create_vcpu(self, vcpu_id: int = 0) -> AccelVcpu: ...

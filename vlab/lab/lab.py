@@ -10,43 +10,29 @@ Every stage returns a `StageRecord`; calling one before what it needs exists rai
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
+from functools import partial
 
-from ..accel import explain_auto, select
-from ..kvm import Cap, Shutdown
-from ..kvm.trace import IoctlRecord, Tracer
+from ..accel import explain_auto
+from ..kvm import Shutdown
 from ..machine.assembler import assemble
 from ..machine.board import Machine, parse_size
 from ..machine.cpu_modes import CpuMode
 from ..machine.examples import EXAMPLES
 from ..machine.exitlog import ExitLog
+from ..machine.explain import lme_refused
+from ..machine.history import Snapshot, StepHistory, restore_snapshot, take_snapshot
 from ..machine.loaders import load_elf, read_image
 from ..machine.runloop import RunResult, StepResult
-from ..machine.snapshot import RegisterSnapshot, VcpuState
+from ..machine.snapshot import RegisterSnapshot
+from . import bringup
+from .bringup import GUEST_ORG
 from .cpuid import CpuidTable
-from .observable import Observable
+from .pipeline import StagePipeline
 from .records import StageRecord
 from .registers import RegisterModel, cpu_mode
-from .stages import STAGE_BY_NAME, STAGES, StageError
-from ..x86 import (EFER_LME, MSR_EFER, MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_UCODE_REV,
-                   PAGE_SIZE)
+from .stages import STAGES, StageError
 
-# QEMU's kvm_arch_init: the identity-map page and, right above it, the three TSS pages that
-# Intel's real-mode emulation (vm86) needs, just below the 4 GiB BIOS area.
-IDENTITY_MAP_ADDR = 0xFEFFC000
-# Capabilities QEMU 5.0 refuses to run without: kvm_required_capabilites (kvm-all.c), then
-# x86's kvm_arch_required_capabilities (target/i386/kvm.c). QEMU 8.2 added INTERNAL_ERROR_DATA,
-# IOEVENTFD, IOEVENTFD_ANY_LENGTH, and for x86 SIGNAL_MSI and IRQ_ROUTING.
-REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.DESTROY_MEMORY_REGION_WORKS, Cap.JOIN_MEMORY_REGIONS_WORKS,
-                 Cap.SET_TSS_ADDR, Cap.EXT_CPUID, Cap.MP_STATE)
-# QEMU's identity-map base where KVM cannot move it (no KVM_CAP_SET_IDENTITY_MAP_ADDR).
-LEGACY_IDENTITY_MAP_ADDR = 0xFFFBC000
-# MSRs kvm_init_msrs copies from KVM's feature MSRs into the vCPU.
-FEATURE_MSRS_TO_SET = {MSR_IA32_ARCH_CAPABILITIES: "IA32_ARCH_CAPABILITIES",
-                       MSR_IA32_UCODE_REV: "IA32_UCODE_REV"}
-GUEST_ORG = 0x8000
-WRMSR = b"\x0f\x30"
 RUN_RECORD_LIMIT = 64   # ioctls kept in the kvm_cpu_exec record (the rest are counted)
 
 
@@ -61,14 +47,7 @@ class Guest:
     assembly: object | None = None
 
 
-@dataclass
-class Snapshot:
-    vcpus: list[VcpuState]
-    memory: dict[str, bytes]
-    exits: int
-
-
-class Lab(Observable):
+class Lab(StagePipeline):
     """A VM brought up stage by stage, as QEMU's main thread and vCPU threads do.
 
     Subscribers (`lab.subscribe(callback)`) hear `event=` "stage" (with `stage=` its name),
@@ -86,9 +65,6 @@ class Lab(Observable):
         self.nr_vcpus = vcpus
         self.mode = CpuMode(mode)
         self.irqchip = irqchip
-        self.records: dict[str, StageRecord] = {}
-        self.tracer = Tracer()   # this Lab's ioctls, and only them, go to its stage records
-        self.provided: set[str] = set()
         self.accel = None
         self.vm = None
         self.machine: Machine | None = None
@@ -101,90 +77,20 @@ class Lab(Observable):
         self.backend = None
         self._msr_indices: list[int] = []            # KVM_GET_MSR_INDEX_LIST (kvm_init)
         self._feature_msr_indices: list[int] = []    # KVM_GET_MSR_FEATURE_INDEX_LIST
-        self._history: list[tuple[VcpuState, dict[int, bytes]]] = []
-        self._shadow: bytearray | None = None
-
-    # -- stage machinery ------------------------------------------------------------------------
-    @property
-    def stages(self) -> list[dict]:
-        """Every stage with its status: done, next (what `next_stage()` runs) or waiting."""
-        rows, nxt = [], self._next_name()
-        for stage in STAGES:
-            status = "done" if stage.name in self.records else ("next" if stage.name == nxt else "waiting")
-            rows.append({"stage": stage.name, "title": stage.title, "status": status})
-        return rows
-
-    def _next_name(self) -> str | None:
-        return next((s.name for s in STAGES if s.name not in self.records), None)
-
-    def next_stage(self) -> StageRecord:
-        """Perform the next stage in QEMU's order."""
-        name = self._next_name()
-        if name is None:
-            raise StageError("every stage is done: use lab.run() or lab.step() to go on")
-        return getattr(self, name)()
-
-    def bring_up(self) -> list[StageRecord]:
-        """Every stage up to (not including) kvm_cpu_exec."""
-        return [self.next_stage() for s in STAGES[:-1] if s.name not in self.records]
-
-    def _check(self, name: str) -> None:
-        stage = STAGE_BY_NAME[name]
-        if name in self.records and name != "kvm_cpu_exec":
-            raise StageError(f"{name} is already done; create a new Lab to start over")
-        missing = [need for need in stage.needs if need not in self.provided]
-        if missing:
-            needed = set(missing)  # and, transitively, what their stages need
-            for earlier in reversed(STAGES):
-                if needed & set(earlier.provides):
-                    needed.update(n for n in earlier.needs if n not in self.provided)
-            first = next(s.name for s in STAGES if needed & set(s.provides))
-            sources = ", ".join(f"{need} (from {next(s.name for s in STAGES if need in s.provides)})"
-                                for need in missing)
-            raise StageError(f"{name} needs {sources}: call lab.{first}() first "
-                             f"(or lab.next_stage())")
-
-    def _stage(self, name: str, body, ioctl_limit: int | None = None) -> StageRecord:
-        self._check(name)
-        record = StageRecord(STAGE_BY_NAME[name], self.accel.name if self.accel else "?")
-        record.before = self._state()
-        calls: list[IoctlRecord] = []
-        counted = [0]
-
-        def keep(call: IoctlRecord) -> None:
-            counted[0] += 1
-            if ioctl_limit is None or len(calls) < ioctl_limit:
-                calls.append(call)
-
-        unsubscribe = self.tracer.subscribe(keep)
-        started = time.perf_counter()
-        try:
-            body(record)
-        finally:
-            unsubscribe()
-        record.seconds = time.perf_counter() - started
-        record.ioctls = calls
-        if ioctl_limit is not None and counted[0] > len(calls):
-            record.notes.append(f"{counted[0]} ioctls in all; the first {len(calls)} are listed")
-        record.accel = self.accel.name if self.accel else "?"
-        record.after = self._state()
-        self.records[name] = record
-        self.provided.update(record.stage.provides)
-        self.notify(event="stage", stage=name)
-        return record
+        self._history: StepHistory | None = None   # made with the machine (kvm_init)
 
     def _state(self) -> dict:
         state: dict = {}
         if self.accel is not None:
             state["accelerator"] = self.accel.name
-        if self.accel is not None and self.accel.name == "kvm":
+        if self._kvm():
             state["/dev/kvm fd"] = self.accel.kvm.fd
-        if self.vm is not None and hasattr(self.vm, "vm"):
+        if self._kvm() and self.vm is not None:
             state["VM fd"] = self.vm.vm.fd
         if self.cpuid is not None:
             state["CPUID entries"] = len(self.cpuid.entries)
         if self.vcpus:
-            state["vCPUs"] = [f"vcpu{v.id}" + (f" fd={v.fd}" if hasattr(v, "fd") else "") for v in self.vcpus]
+            state["vCPUs"] = [f"vcpu{v.id}" + (f" fd={v.fd}" if self._kvm() else "") for v in self.vcpus]
         if self.machine is not None and self.machine.memory.regions:
             state["memory slots"] = [f"slot {r.slot}: {r.gpa:#x}+{r.size:#x} {r.kind}"
                                      for r in self.machine.memory.regions if r.slot is not None]
@@ -208,207 +114,32 @@ class Lab(Observable):
         # turn; that probe is not part of the chosen accelerator's bring-up.
         choice, reason = explain_auto() if self.accel_choice == "auto" else (self.accel_choice, None)
 
-        def body(record: StageRecord) -> None:
-            self.accel = select(choice, tracer=self.tracer)
-            if reason:
-                self.accel.reason = reason
-            record.notes.append(f"accelerator: {self.accel.reason}")
-            self.backend = self.accel.backend
-            if self._kvm():
-                self._kvm_init(record)
-            else:
-                record.actions.append("no /dev/kvm to open: Unicorn (QEMU's TCG role) will "
-                                      "translate and run the guest's instructions in software")
-                record.notes.append(self.backend.describe())
-                self.vm = self.accel.create_vm()
-                record.actions.append("uc_open(UC_ARCH_X86, UC_MODE_64) in place of KVM_CREATE_VM")
-                if self.irqchip:
-                    record.actions.append("irqchip=True not honoured: the software accelerator "
-                                          "has no interrupt controller, so HLT still exits to "
-                                          "userspace")
-            self.machine = Machine(self.accel, self.vm, ram_size=self.memory_size)
-        return self._stage("kvm_init", body)
-
-    def _kvm_init(self, record: StageRecord) -> None:
-        """kvm_init's ioctls in QEMU 5.0's order: the API version, KVM_CREATE_VM, the vCPU
-        limits and required capabilities, then kvm_arch_init and kvm_irqchip_create."""
-        kvm = self.accel.kvm
-        record.actions.append(f"open('/dev/kvm', O_RDWR|O_CLOEXEC) = fd {kvm.fd}")
-        version = kvm.get_api_version()
-        if version != 12:
-            raise StageError(f"KVM_GET_API_VERSION returned {version}; QEMU and vlab need 12")
-        self.vm = self.accel.create_vm()
-        # kvm_recommended_vcpus asks the VM fd, kvm_max_vcpus /dev/kvm; 0 means "not said"
-        recommended = self.vm.check_extension(Cap.NR_VCPUS) or 4
-        maximum = kvm.check_extension(Cap.MAX_VCPUS) or recommended
-        if self.nr_vcpus > maximum:
-            raise StageError(f"vcpus={self.nr_vcpus} exceeds the maximum KVM supports here "
-                             f"({maximum}); QEMU stops there too")
-        record.notes.append(f"vCPUs: recommended {recommended}, maximum {maximum}"
-                            + (f"; {self.nr_vcpus} exceeds the recommendation (QEMU warns)"
-                               if self.nr_vcpus > recommended else ""))
-        missing = [cap.name for cap in REQUIRED_CAPS if not kvm.check_extension(cap)]
-        if missing:
-            raise StageError(f"this kernel lacks {', '.join(missing)}, which QEMU requires")
-        record.notes.append("left out here: the KVM_CHECK_EXTENSIONs QEMU makes before "
-                            "KVM_CREATE_VM (IMMEDIATE_EXIT, NR_MEMSLOTS, MULTI_ADDRESS_SPACE) "
-                            "and the twenty or so optional ones after the required ones")
-        record.notes.append(self.backend.describe())
-        # kvm_arch_init: the MSR lists (kvm_get_supported_msrs, kvm_get_supported_feature_msrs)
-        self._msr_indices = kvm.get_msr_index_list()
-        self._feature_msr_indices = (kvm.get_msr_feature_index_list()
-                                     if kvm.check_extension(Cap.GET_MSR_FEATURES) else [])
-        record.notes.append(
-            f"kvm_arch_init: KVM saves and restores {len(self._msr_indices)} MSRs per vCPU "
-            f"(what QEMU migrates); {len(self._feature_msr_indices)} feature MSRs describe "
-            f"the host CPU on /dev/kvm")
-        identity_map = LEGACY_IDENTITY_MAP_ADDR
-        if kvm.check_extension(Cap.SET_IDENTITY_MAP_ADDR):
-            identity_map = IDENTITY_MAP_ADDR
-            self.vm.set_identity_map_addr(identity_map)
-        self.vm.set_tss_addr(identity_map + 0x1000)   # the TSS right above the identity map
-        if self.irqchip:
-            self.vm.create_irqchip()
-            record.notes.append("in-kernel irqchip (PIC, IOAPIC, LAPIC) created "
-                                "(kvm_irqchip_create): HLT now waits in the kernel; the PIT "
-                                "comes later, with the board's devices (pc_memory_init)")
+        return self._stage("kvm_init", partial(bringup.kvm_init, self, choice=choice, reason=reason))
 
     # -- 2. x86_cpu_realizefn ----------------------------------------------------------------------
     def x86_cpu_realizefn(self) -> StageRecord:
         """Build the CPU model's CPUID table in userspace."""
-        def body(record: StageRecord) -> None:
-            host = self.accel.get_supported_cpuid()
-            self.cpuid = CpuidTable.for_model(self.cpu_model, host)
-            changed = self.cpuid.diff_host()
-            record.notes.append(
-                f"CPU model {self.cpu_model}: {len(self.cpuid.entries)} CPUID entries, vendor "
-                f"{self.cpuid.vendor}, {len(self.cpuid.features())} named features"
-                + (f"; {len(changed)} registers masked from the host's" if changed else ""))
-            if not self._kvm():
-                record.actions.append("the CPUID table comes from the software accelerator's "
-                                      "own model (no KVM_GET_SUPPORTED_CPUID)")
-            record.notes.append(f"backend {self.backend.label}: " + (
-                "the guest's CPUID instruction (and KVM_GET_CPUID2) returns the host's raw "
-                "bits for most of leaves 1 and 7, whatever this table says; the bits KVM "
-                "emulates (x2apic, hypervisor, ...) and the other leaves follow it"
-                if not self.backend.cpuid_follows_table else
-                "the software CPU's CPUID instruction answers every leaf from this table"
-                if not self._kvm() else
-                "the guest's CPUID instruction answers from this table once it is set, except "
-                "the fields KVM keeps up to date itself (OSXSAVE, the APIC bit, leaf 0xd's "
-                "XSAVE sizes)") + " (see lab.guest_cpuid())")
-        return self._stage("x86_cpu_realizefn", body)
+        return self._stage("x86_cpu_realizefn", partial(bringup.x86_cpu_realizefn, self))
 
     # -- 3. kvm_init_vcpu ----------------------------------------------------------------------------
     def kvm_init_vcpu(self) -> StageRecord:
         """KVM_CREATE_VCPU and the kvm_run mapping, for every vCPU."""
-        def body(record: StageRecord) -> None:
-            for i in range(self.nr_vcpus):
-                vcpu = self.vm.create_vcpu(i)
-                log = ExitLog()
-                self.vcpus.append(vcpu)
-                self.exit_logs.append(log)
-                self.runners.append(self.machine.add_vcpu(vcpu, log=log))
-                self.registers.append(RegisterModel(i))
-                if self._kvm():
-                    record.actions.append(f"mmap(vcpu{i} fd {vcpu.fd}, {vcpu.mmap_size}, "
-                                          f"MAP_SHARED) = struct kvm_run *")
-                else:
-                    record.actions.append(f"vCPU {i}: a Unicorn engine context in place of "
-                                          f"KVM_CREATE_VCPU; no kvm_run to map")
-            if self._kvm():
-                record.notes.append(f"struct kvm_run mapping: {self.vcpus[0].mmap_size} bytes "
-                                    f"per vCPU (kvm_run, the PIO data page, the coalesced MMIO "
-                                    f"ring)")
-            if self.nr_vcpus > 1:
-                record.notes.append(f"{self.nr_vcpus} vCPUs: each runs in its own thread when "
-                                    f"the guest runs, as QEMU's 'CPU n/KVM' threads")
-        return self._stage("kvm_init_vcpu", body)
+        return self._stage("kvm_init_vcpu", partial(bringup.kvm_init_vcpu, self))
 
     # -- 4. kvm_arch_init_vcpu -------------------------------------------------------------------------
     def kvm_arch_init_vcpu(self) -> StageRecord:
         """TSC frequency, KVM_SET_CPUID2, feature MSRs."""
-        def body(record: StageRecord) -> None:
-            if self._kvm():
-                wanted = [m for m in FEATURE_MSRS_TO_SET if m in self._feature_msr_indices]
-                feature_values = self.accel.kvm.get_msrs(wanted) if wanted else {}
-            for vcpu in self.vcpus:
-                if self._kvm():
-                    khz = vcpu.get_tsc_khz()
-                    record.notes.append(f"vcpu{vcpu.id}: TSC {khz / 1000:.1f} MHz")
-                vcpu.set_cpuid2(self.cpuid.entries)
-                if self._kvm() and feature_values:
-                    vcpu.set_msrs(feature_values)
-            self.cpuid.frozen = True
-            self.cpuid.notify(frozen=True)
-            if self._kvm():
-                record.notes.append(
-                    "feature MSRs set (kvm_init_msrs): "
-                    + (", ".join(f"{FEATURE_MSRS_TO_SET[m]}={v:#x}" for m, v in feature_values.items())
-                       or "none offered")
-                    + "; vlab reads their values from /dev/kvm here, where QEMU 5.0 reads "
-                      "IA32_ARCH_CAPABILITIES while realizing the CPU model (an MSR feature "
-                      "word) and takes IA32_UCODE_REV from the model's ucode-rev")
-            else:
-                record.actions.append("CPUID table kept by the software vCPU: its CPUID "
-                                      "instruction answers from it, every leaf")
-        return self._stage("kvm_arch_init_vcpu", body)
+        return self._stage("kvm_arch_init_vcpu", partial(bringup.kvm_arch_init_vcpu, self))
 
     # -- 5. pc_memory_init ----------------------------------------------------------------------------
     def pc_memory_init(self) -> StageRecord:
         """Guest RAM into memory slots, the guest loaded, the board's devices."""
-        def body(record: StageRecord) -> None:
-            regions = self.machine.init_memory(log_dirty=self._kvm())
-            for region in regions:
-                record.notes.append(f"{region.name}: {region.gpa:#x}-{region.end - 1:#x} "
-                                    f"{region.kind}" + (f" slot {region.slot}" if region.slot is not None else " (hole: exits to userspace)"))
-            if self.guest is None:
-                self.load_example()
-            self._write_guest()
-            record.notes.append(f"guest {self.guest.name}: {len(self.guest.code)} bytes at "
-                                f"{self.guest.load_address:#x}, entry {self.guest.entry:#x}")
-            devices = self.machine.add_standard_devices(self.nr_vcpus)
-            if self.irqchip and self._kvm():
-                self.vm.create_pit2()
-                record.notes.append("in-kernel i8254 PIT created (pc_basic_device_init -> "
-                                    "kvm_pit_realizefn): board init, after the RAM slots")
-            record.notes.append("devices: " + ", ".join(
-                f"{name}" for name in devices) + " (pc_basic_device_init's COM1, debug ports, fw_cfg)")
-            if not self._kvm():
-                record.actions.append("uc_mem_map_ptr() of the same host memory in place of "
-                                      "KVM_SET_USER_MEMORY_REGION")
-        return self._stage("pc_memory_init", body)
+        return self._stage("pc_memory_init", partial(bringup.pc_memory_init, self))
 
     # -- 6. kvm_arch_put_registers -------------------------------------------------------------------
     def kvm_arch_put_registers(self) -> StageRecord:
         """The reset state of the chosen CPU mode, into every vCPU."""
-        def body(record: StageRecord) -> None:
-            if self.mode is CpuMode.LONG and not self.cpuid.has("lm"):
-                raise StageError(
-                    "this CPU model has no lm (CPUID 0x80000001 EDX bit 29 is clear), so the "
-                    "vCPU cannot be reset into long mode. KVM would not stop it: it takes the "
-                    "VMM's KVM_SET_SREGS as given and checks CPUID only when the guest itself "
-                    "sets EFER.LME with WRMSR, which then raises #GP. Create a Lab with "
-                    "mode='protected' and let the guest try.")
-            for i, vcpu in enumerate(self.vcpus):
-                setup = self.machine.setup_cpu(vcpu, self.mode, self.guest.entry,
-                                               stack=GUEST_ORG - 0x200 * i, rbx=i)
-                if i == 0:
-                    record.notes.append(setup.description)
-                    record.notes += [f"wrote {what} at {gpa:#x} ({length} bytes)"
-                                     for gpa, length, what in setup.writes]
-                self.registers[i].refresh(vcpu)
-            if self.nr_vcpus > 1:
-                record.notes.append("each vCPU starts at the same entry with RBX = its index")
-            if not self._kvm():
-                record.actions.append("uc_reg_write() of the segments, control registers, "
-                                      "EFER, GDTR and IDTR in place of KVM_SET_SREGS, and of "
-                                      "the general-purpose registers in place of KVM_SET_REGS; "
-                                      "translated code flushed (uc_ctl_flush_tb)")
-            if self.mode is CpuMode.PAGED and not self.backend.runs_32bit_paging:
-                record.notes.append(f"this {self.backend.label} host does not run 32-bit paging: the guest "
-                                    "will stop with SHUTDOWN at its first instruction")
-        return self._stage("kvm_arch_put_registers", body)
+        return self._stage("kvm_arch_put_registers", partial(bringup.kvm_arch_put_registers, self))
 
     # -- guests -------------------------------------------------------------------------------------
     def load_example(self, name: str | None = None) -> Guest:
@@ -479,7 +210,7 @@ class Lab(Observable):
 
     def _run(self, vcpu: int | None = None, **options):
         self._check_ready()
-        self._forget_history()
+        self._history.clear()
         if vcpu is not None or self.nr_vcpus == 1:
             index = vcpu or 0
             result = self.runners[index].run(**options)
@@ -521,22 +252,11 @@ class Lab(Observable):
         return results
 
     def _explain_lme_refused(self, index: int, result: RunResult) -> None:
-        """A SHUTDOWN at a WRMSR setting EFER.LME on a CPU model without lm: KVM refused the
-        write with #GP, which escalated. The stop reason says so."""
-        if result.last_exit.__class__ is not Shutdown or self.cpuid.has("lm"):
-            return
-        regs, sregs = self.vcpus[index].get_regs(), self.vcpus[index].get_sregs()
-        try:
-            code = self.machine.memory.read(sregs.cs.base + regs.rip, len(WRMSR))
-        except ValueError:
-            return
-        if code != WRMSR or regs.rcx & 0xFFFFFFFF != MSR_EFER or not regs.rax & EFER_LME:
-            return
-        why = (f"the guest's WRMSR at {regs.rip:#x} sets EFER.LME, but this CPU model has no lm "
-               f"(CPUID 0x80000001 EDX bit 29 is clear): KVM refused the write with #GP "
-               f"(kvm_valid_efer, arch/x86/kvm/x86.c), so the guest cannot enter long mode; "
-               f"with no usable IDT the #GP became this triple fault")
-        result.stop_reason = f"SHUTDOWN: {why}"
+        """A SHUTDOWN on a CPU model without lm may be KVM refusing EFER.LME: say so."""
+        if result.last_exit.__class__ is Shutdown and not self.cpuid.has("lm"):
+            why = lme_refused(self.vcpus[index], self.machine.read_physical)
+            if why:
+                result.stop_reason = f"SHUTDOWN: {why}"
 
     def stop(self, cause: str = "stopped") -> None:
         """Stop every running vCPU (from any thread)."""
@@ -553,9 +273,9 @@ class Lab(Observable):
     def step(self, vcpu: int = 0) -> StepResult:
         """Execute one instruction and show what changed (undo with `step_back()`)."""
         self._check_ready()
-        entry = self._history_entry(vcpu)
+        before = self._history.before_step(vcpu, self.vcpus[vcpu])
         result = self.runners[vcpu].step()
-        self._history.append((entry, self._dirty_page_undo()))
+        self._history.after_step(vcpu, before)
         self.registers[vcpu].update(result.after)
         self.notify(event="step")
         return result
@@ -565,75 +285,27 @@ class Lab(Observable):
         self._check_ready()
         self.runners[vcpu].set_breakpoints(addresses)
 
-    def _history_entry(self, vcpu: int) -> tuple[int, VcpuState]:
-        if self._shadow is None:
-            self._shadow = bytearray(self._ram().view)
-            self._dirty_pages()  # start a fresh dirty log
-        return vcpu, VcpuState.capture(self.vcpus[vcpu])
-
-    def _ram(self):
-        return next(r for r in self.machine.memory.regions if r.slot is not None)
-
-    def _dirty_pages(self) -> list[int]:
-        """Pages of RAM written since the last call: KVM's dirty log, or, on an accelerator
-        without one (tcg), the pages that differ from the shadow copy."""
-        ram = self._ram()
-        log = getattr(self.vm, "dirty_pages", None)
-        if log is not None:
-            return log(ram)
-        view, shadow = ram.view, self._shadow
-        return [ram.gpa + offset for offset in range(0, ram.size, PAGE_SIZE)
-                if view[offset:offset + PAGE_SIZE].tobytes() != shadow[offset:offset + PAGE_SIZE]]
-
-    def _dirty_page_undo(self) -> dict[int, bytes]:
-        """The previous contents of the pages the step wrote, from the shadow copy."""
-        ram = self._ram()
-        undo = {}
-        for gpa in self._dirty_pages():
-            offset = gpa - ram.gpa
-            undo[gpa] = bytes(self._shadow[offset:offset + PAGE_SIZE])
-            self._shadow[offset:offset + PAGE_SIZE] = ram.view[offset:offset + PAGE_SIZE]
-        return undo
-
     def step_back(self) -> RegisterSnapshot:
         """Undo the last `step()`: registers and the memory it wrote."""
-        if not self._history:
+        if self._history is None or not len(self._history):
             raise StageError("nothing to step back: no step() since the last run() or restore()")
-        (vcpu, state), undo = self._history.pop()
-        state.restore(self.vcpus[vcpu])
-        if undo:
-            ram = self._ram()
-            for gpa, page in undo.items():
-                offset = gpa - ram.gpa
-                ram.view[offset:offset + PAGE_SIZE] = page
-                self._shadow[offset:offset + PAGE_SIZE] = page
-        self.runners[vcpu].halted = False
+        vcpu = self._history.undo(self.vcpus)
         snapshot = RegisterSnapshot.capture(self.vcpus[vcpu])
         self.registers[vcpu].update(snapshot)
         self.notify(event="step_back")
         return snapshot
 
-    def _forget_history(self) -> None:
-        self._history.clear()
-        self._shadow = None
-
     # -- snapshot / restore ----------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """Save every vCPU's state and guest memory."""
         self._check_ready()
-        return Snapshot([VcpuState.capture(v, self._msr_indices) for v in self.vcpus],
-                        self.machine.memory.snapshot(),
-                        sum(log.total for log in self.exit_logs))
+        return take_snapshot(self.machine, self.vcpus, self._msr_indices)
 
     def restore(self, snapshot: Snapshot) -> None:
         """Put the VM back exactly as `snapshot` found it (registers and memory). IA32_TSC is
         written back too, but KVM may take that as a TSC synchronisation and keep counting."""
-        self.machine.memory.restore(snapshot.memory)
-        for vcpu, state in zip(self.vcpus, snapshot.vcpus):
-            state.restore(vcpu)
-        for runner in self.runners:
-            runner.halted = False
-        self._forget_history()
+        restore_snapshot(self.machine, self.vcpus, snapshot)
+        self._history.clear()
         for model, vcpu in zip(self.registers, self.vcpus):
             model.refresh(vcpu)
         self.notify(event="restore")

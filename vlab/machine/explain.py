@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..kvm.abi import InternalErrorSuberror
 from ..kvm.exits import Exit, FailEntry, InternalError, Shutdown
-from ..x86 import CR0_PE, CR0_PG, EFER_LMA, MAX_INSN, code_bits
+from ..x86 import CR0_PE, CR0_PG, EFER_LMA, EFER_LME, MAX_INSN, MSR_EFER, code_bits
 
 # VMX basic exit reasons of a failed VM entry (SDM Vol. 3C Appendix C); KVM reports them
 # with bit 31 ("VM-entry failure") set.
@@ -100,6 +100,25 @@ def explain_shutdown(regs, sregs, backend=None) -> str:
                      "all: a guest started with CR0.PG outside long mode triple-faults at its "
                      "first instruction")
     return "\n".join(lines)
+
+
+WRMSR = b"\x0f\x30"
+
+
+def lme_refused(vcpu, read_physical) -> str | None:
+    """Why a vCPU on a CPU model without lm triple-faulted, if it did so at a WRMSR that
+    sets EFER.LME: KVM refused the write with #GP, which escalated. None otherwise."""
+    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    try:
+        code = read_physical(sregs.cs.base + regs.rip, len(WRMSR))
+    except ValueError:
+        return None
+    if code != WRMSR or regs.rcx & 0xFFFFFFFF != MSR_EFER or not regs.rax & EFER_LME:
+        return None
+    return (f"the guest's WRMSR at {regs.rip:#x} sets EFER.LME, but this CPU model has no lm "
+            f"(CPUID 0x80000001 EDX bit 29 is clear): KVM refused the write with #GP "
+            f"(kvm_valid_efer, arch/x86/kvm/x86.c), so the guest cannot enter long mode; "
+            f"with no usable IDT the #GP became this triple fault")
 
 
 def explain_fail_entry(exit: FailEntry, backend=None) -> str:

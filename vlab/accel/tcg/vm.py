@@ -12,6 +12,8 @@ from .vcpu import TcgVcpu
 class TcgVm:
     """QEMU's `AddressSpace` and vCPU list for a TCG machine."""
 
+    dirty_pages = None   # no dirty log: who needs written pages compares memory instead
+
     def __init__(self) -> None:
         self._regions: list = []   # backed regions, by address
         self.vcpus: list[TcgVcpu] = []
