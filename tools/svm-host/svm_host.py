@@ -289,14 +289,15 @@ def boot(results: Path, pytest_timeout: float) -> int:
             if re.match(r"\[ *[\d.]+\] reboot: Power down", line):
                 continue
             marker = re.match(r"svm-host: (phase (\w+)|error: (.*)|done)", line)
-            if marker:
-                if marker.group(2) or marker.group(1) == "done":
-                    state["phase"] = marker.group(2) or "done"
-                    state["since"] = time.monotonic()
-                    if state["phase"] == "pytest":
-                        log(f"guest up in {state['since'] - started:.0f} s, running pytest")
+            if marker:   # the harness's own lines: a phase begins, or a step failed
+                if marker.group(3):
+                    state["error"] = marker.group(3)
                     continue
-                state["error"] = marker.group(3)
+                state["phase"] = marker.group(2) or "done"
+                state["since"] = time.monotonic()
+                if state["phase"] == "pytest":
+                    log(f"guest up in {state['since'] - started:.0f} s, running pytest")
+                continue
             sys.stdout.write(line)
             sys.stdout.flush()
             state["line_open"] = not line.endswith("\n")
