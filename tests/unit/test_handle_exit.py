@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from vlab.accel.base import Capabilities
 from vlab.devices import BusError
 from vlab.kvm import ExitReason
 from vlab.kvm.backend import KVM_PVM, SVM, TCG, VMX
@@ -35,7 +36,8 @@ class FakeVm:
 
 @pytest.fixture
 def machine():
-    board = Machine(SimpleNamespace(name="fake", backend=None), FakeVm(), ram_size="1M")
+    board = Machine(SimpleNamespace(name="fake", backend=None, capabilities=Capabilities(
+        kernel=False, dirty_log=False, irqchip=False, inline_port_io=False)), FakeVm(), ram_size="1M")
     board.init_memory()
     board.add_standard_devices()
     yield board

@@ -8,6 +8,7 @@ the machine, the lab and the widgets never ask which one is underneath.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
@@ -68,11 +69,25 @@ class AccelVm(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an accelerator offers beyond the surface every one has. The machine and the lab
+    ask these, never an accelerator's name or type."""
+    kernel: bool          # a real /dev/kvm: fds, kvm_run, the TSC and feature-MSR ioctls
+    dirty_log: bool       # memory slots can log the pages the guest writes
+    irqchip: bool         # in-kernel PIC, IOAPIC, local APICs and PIT
+    inline_port_io: bool  # IN/OUT reach the devices on the vCPU thread, without an exit
+
+
 class Accelerator(Protocol):
     name: str            # "kvm" or "tcg"
     reason: str          # why this accelerator was chosen (shown by `auto`)
     backend: "Backend"   # what runs the guest, and the facts of it (vlab.kvm.backend)
+    capabilities: Capabilities
 
+    def stage_actions(self, stage: str, **facts) -> list[str]:
+        """What this accelerator did for a stage of QEMU's bring-up beyond the ioctls its
+        record lists (on tcg: what it does in their place); `facts` fill in the numbers."""
     def create_vm(self) -> AccelVm: ...
     def get_supported_cpuid(self) -> "list[CpuidEntry]": ...
     def close(self) -> None: ...

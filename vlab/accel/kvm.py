@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..kvm import Kvm, VmFd
 from ..kvm.backend import detect as detect_backend
+from .base import Capabilities
 from ..x86 import PAGE_SIZE
 from ..kvm.abi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
@@ -36,11 +37,23 @@ class KvmVm:
 
 class KvmAccelerator:
     name = "kvm"
+    capabilities = Capabilities(kernel=True, dirty_log=True, irqchip=True, inline_port_io=False)
 
     def __init__(self, reason: str = "asked for kvm", path: str | None = None, tracer=None):
         self.kvm = Kvm(path, tracer)
         self.reason = reason
         self.backend = detect_backend()   # the facts of the KVM module behind /dev/kvm
+
+    def stage_actions(self, stage: str, **facts) -> list[str]:
+        """The system calls of a stage that are not ioctls: opening /dev/kvm, mapping each
+        vCPU's kvm_run."""
+        if stage == "kvm_init":
+            return [f"open('/dev/kvm', O_RDWR|O_CLOEXEC) = fd {self.kvm.fd}"]
+        if stage == "kvm_init_vcpu":
+            vcpu = facts["vcpu"]
+            return [f"mmap(vcpu{vcpu.id} fd {vcpu.fd}, {vcpu.mmap_size}, MAP_SHARED) = "
+                    f"struct kvm_run *"]
+        return []
 
     def create_vm(self) -> KvmVm:
         return KvmVm(self.kvm.create_vm())

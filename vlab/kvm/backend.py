@@ -53,6 +53,10 @@ class Backend:
     counts_io_exits: bool = True
     # DR0-DR3 breakpoints fire (not in an SVM guest emulated by QEMU's TCG).
     hardware_breakpoints: bool = True
+    # What the guest's CPUID instruction answers once KVM_SET_CPUID2 has given the table.
+    guest_cpuid: str = ("the guest's CPUID instruction answers from this table once it is set, "
+                        "except the fields KVM keeps up to date itself (OSXSAVE, the APIC bit, "
+                        "leaf 0xd's XSAVE sizes)")
     caveats: list[str] = field(default_factory=list)
 
     @property
@@ -86,6 +90,9 @@ SVM = replace(VMX, kind="svm", module="kvm_amd", triple_fault_state="reset", cav
 KVM_PVM = Backend(
     "kvm_pvm", "kvm_pvm", emulates_kernel_mode=True, cpuid_follows_table=False,
     get_cpuid2_as_set=False, single_step_reports_hlt=False, out_exit_rip="past",
+    guest_cpuid="the guest's CPUID instruction (and KVM_GET_CPUID2) returns the host's raw bits "
+                "for most of leaves 1 and 7, whatever this table says; the bits KVM emulates "
+                "(x2apic, hypervisor, ...) and the other leaves follow it",
     runs_32bit_paging=False, runs_protected_mode_iret=False, counts_io_exits=False, caveats=[
         "guest code at CPL0 (kernel mode) is executed by KVM's instruction emulator, about "
         "1.8 M instructions/s, visible as the vCPU stat insn_emulation; code at CPL3 runs "
@@ -103,7 +110,9 @@ KVM_PVM = Backend(
         "the vCPU stat io_exits stays 0 even when every exit is port I/O; count in userspace",
         "hardware details (VMX exit reasons, VMCS, FAIL_ENTRY reason codes) are not visible"])
 TCG = Backend(
-    "tcg", None, enforces_cpuid=False, out_exit_rip="past", caveats=[
+    "tcg", None, enforces_cpuid=False, out_exit_rip="past",
+    guest_cpuid="the software CPU's CPUID instruction answers every leaf from this table",
+    caveats=[
         "no KVM: Unicorn (QEMU's TCG code) translates and runs every guest instruction in "
         "software; there are no VM entries, and the counters are the emulator's own",
         "an OUT or IN returns to the run loop past the instruction",

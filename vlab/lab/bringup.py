@@ -32,10 +32,6 @@ FEATURE_MSRS_TO_SET = {MSR_IA32_ARCH_CAPABILITIES: "IA32_ARCH_CAPABILITIES",
 GUEST_ORG = 0x8000
 
 
-def _on_kvm(lab) -> bool:
-    return lab.accel is not None and lab.accel.name == "kvm"
-
-
 def kvm_init(lab, record: StageRecord, choice: str, reason: str | None) -> None:
     """Open the accelerator `choice` and create the VM (QEMU: kvm_init, then kvm_arch_init)."""
     lab.accel = select(choice, tracer=lab.tracer)
@@ -43,18 +39,16 @@ def kvm_init(lab, record: StageRecord, choice: str, reason: str | None) -> None:
         lab.accel.reason = reason
     record.notes.append(f"accelerator: {lab.accel.reason}")
     lab.backend = lab.accel.backend
-    if _on_kvm(lab):
+    record.actions += lab.accel.stage_actions("kvm_init")
+    if lab.accel.capabilities.kernel:
         _kvm_init(lab, record)
     else:
-        record.actions.append("no /dev/kvm to open: Unicorn (QEMU's TCG role) will "
-                              "translate and run the guest's instructions in software")
         record.notes.append(lab.backend.describe())
         lab.vm = lab.accel.create_vm()
-        record.actions.append("uc_open(UC_ARCH_X86, UC_MODE_64) in place of KVM_CREATE_VM")
-        if lab.irqchip:
-            record.actions.append("irqchip=True not honoured: the software accelerator "
-                                  "has no interrupt controller, so HLT still exits to "
-                                  "userspace")
+    if lab.irqchip and not lab.accel.capabilities.irqchip:
+        record.actions.append("irqchip=True not honoured: the software accelerator "
+                              "has no interrupt controller, so HLT still exits to "
+                              "userspace")
     lab.machine = Machine(lab.accel, lab.vm, ram_size=lab.memory_size)
     lab._history = StepHistory(lab.machine)
 
@@ -63,7 +57,6 @@ def _kvm_init(lab, record: StageRecord) -> None:
     """kvm_init's ioctls in QEMU 5.0's order: the API version, KVM_CREATE_VM, the vCPU
     limits and required capabilities, then kvm_arch_init and kvm_irqchip_create."""
     kvm = lab.accel.kvm
-    record.actions.append(f"open('/dev/kvm', O_RDWR|O_CLOEXEC) = fd {kvm.fd}")
     version = kvm.get_api_version()
     if version != 12:
         raise StageError(f"KVM_GET_API_VERSION returned {version}; QEMU and vlab need 12")
@@ -113,19 +106,9 @@ def x86_cpu_realizefn(lab, record: StageRecord) -> None:
         f"CPU model {lab.cpu_model}: {len(lab.cpuid.entries)} CPUID entries, vendor "
         f"{lab.cpuid.vendor}, {len(lab.cpuid.features())} named features"
         + (f"; {len(changed)} registers masked from the host's" if changed else ""))
-    if not _on_kvm(lab):
-        record.actions.append("the CPUID table comes from the software accelerator's "
-                              "own model (no KVM_GET_SUPPORTED_CPUID)")
-    record.notes.append(f"backend {lab.backend.label}: " + (
-        "the guest's CPUID instruction (and KVM_GET_CPUID2) returns the host's raw "
-        "bits for most of leaves 1 and 7, whatever this table says; the bits KVM "
-        "emulates (x2apic, hypervisor, ...) and the other leaves follow it"
-        if not lab.backend.cpuid_follows_table else
-        "the software CPU's CPUID instruction answers every leaf from this table"
-        if not _on_kvm(lab) else
-        "the guest's CPUID instruction answers from this table once it is set, except "
-        "the fields KVM keeps up to date itself (OSXSAVE, the APIC bit, leaf 0xd's "
-        "XSAVE sizes)") + " (see lab.guest_cpuid())")
+    record.actions += lab.accel.stage_actions("x86_cpu_realizefn")
+    record.notes.append(f"backend {lab.backend.label}: {lab.backend.guest_cpuid} "
+                        f"(see lab.guest_cpuid())")
 
 
 def kvm_init_vcpu(lab, record: StageRecord) -> None:
@@ -137,13 +120,8 @@ def kvm_init_vcpu(lab, record: StageRecord) -> None:
         lab.exit_logs.append(log)
         lab.runners.append(lab.machine.add_vcpu(vcpu, log=log))
         lab.registers.append(RegisterModel(i))
-        if _on_kvm(lab):
-            record.actions.append(f"mmap(vcpu{i} fd {vcpu.fd}, {vcpu.mmap_size}, "
-                                  f"MAP_SHARED) = struct kvm_run *")
-        else:
-            record.actions.append(f"vCPU {i}: a Unicorn engine context in place of "
-                                  f"KVM_CREATE_VCPU; no kvm_run to map")
-    if _on_kvm(lab):
+        record.actions += lab.accel.stage_actions("kvm_init_vcpu", vcpu=vcpu)
+    if lab.accel.capabilities.kernel:
         record.notes.append(f"struct kvm_run mapping: {lab.vcpus[0].mmap_size} bytes "
                             f"per vCPU (kvm_run, the PIO data page, the coalesced MMIO "
                             f"ring)")
@@ -154,19 +132,20 @@ def kvm_init_vcpu(lab, record: StageRecord) -> None:
 
 def kvm_arch_init_vcpu(lab, record: StageRecord) -> None:
     """TSC frequency, KVM_SET_CPUID2, feature MSRs."""
-    if _on_kvm(lab):
-        wanted = [m for m in FEATURE_MSRS_TO_SET if m in lab._feature_msr_indices]
-        feature_values = lab.accel.kvm.get_msrs(wanted) if wanted else {}
+    kernel = lab.accel.capabilities.kernel
+    wanted = [m for m in FEATURE_MSRS_TO_SET if m in lab._feature_msr_indices]
+    feature_values = lab.accel.kvm.get_msrs(wanted) if kernel and wanted else {}
     for vcpu in lab.vcpus:
-        if _on_kvm(lab):
+        if kernel:
             khz = vcpu.get_tsc_khz()
             record.notes.append(f"vcpu{vcpu.id}: TSC {khz / 1000:.1f} MHz")
         vcpu.set_cpuid2(lab.cpuid.entries)
-        if _on_kvm(lab) and feature_values:
+        if feature_values:
             vcpu.set_msrs(feature_values)
     lab.cpuid.frozen = True
     lab.cpuid.notify(frozen=True)
-    if _on_kvm(lab):
+    record.actions += lab.accel.stage_actions("kvm_arch_init_vcpu")
+    if kernel:
         record.notes.append(
             "feature MSRs set (kvm_init_msrs): "
             + (", ".join(f"{FEATURE_MSRS_TO_SET[m]}={v:#x}" for m, v in feature_values.items())
@@ -174,14 +153,11 @@ def kvm_arch_init_vcpu(lab, record: StageRecord) -> None:
             + "; vlab reads their values from /dev/kvm here, where QEMU 5.0 reads "
               "IA32_ARCH_CAPABILITIES while realizing the CPU model (an MSR feature "
               "word) and takes IA32_UCODE_REV from the model's ucode-rev")
-    else:
-        record.actions.append("CPUID table kept by the software vCPU: its CPUID "
-                              "instruction answers from it, every leaf")
 
 
 def pc_memory_init(lab, record: StageRecord) -> None:
     """Guest RAM into memory slots, the guest loaded, the board's devices."""
-    regions = lab.machine.init_memory(log_dirty=_on_kvm(lab))
+    regions = lab.machine.init_memory(log_dirty=lab.accel.capabilities.dirty_log)
     for region in regions:
         record.notes.append(f"{region.name}: {region.gpa:#x}-{region.end - 1:#x} "
                             f"{region.kind}" + (f" slot {region.slot}" if region.slot is not None else " (hole: exits to userspace)"))
@@ -191,15 +167,13 @@ def pc_memory_init(lab, record: StageRecord) -> None:
     record.notes.append(f"guest {lab.guest.name}: {len(lab.guest.code)} bytes at "
                         f"{lab.guest.load_address:#x}, entry {lab.guest.entry:#x}")
     devices = lab.machine.add_standard_devices(lab.nr_vcpus)
-    if lab.irqchip and _on_kvm(lab):
+    if lab.irqchip and lab.accel.capabilities.irqchip:
         lab.vm.create_pit2()
         record.notes.append("in-kernel i8254 PIT created (pc_basic_device_init -> "
                             "kvm_pit_realizefn): board init, after the RAM slots")
     record.notes.append("devices: " + ", ".join(
         f"{name}" for name in devices) + " (pc_basic_device_init's COM1, debug ports, fw_cfg)")
-    if not _on_kvm(lab):
-        record.actions.append("uc_mem_map_ptr() of the same host memory in place of "
-                              "KVM_SET_USER_MEMORY_REGION")
+    record.actions += lab.accel.stage_actions("pc_memory_init")
 
 
 def kvm_arch_put_registers(lab, record: StageRecord) -> None:
@@ -221,11 +195,7 @@ def kvm_arch_put_registers(lab, record: StageRecord) -> None:
         lab.registers[i].refresh(vcpu)
     if lab.nr_vcpus > 1:
         record.notes.append("each vCPU starts at the same entry with RBX = its index")
-    if not _on_kvm(lab):
-        record.actions.append("uc_reg_write() of the segments, control registers, "
-                              "EFER, GDTR and IDTR in place of KVM_SET_SREGS, and of "
-                              "the general-purpose registers in place of KVM_SET_REGS; "
-                              "translated code flushed (uc_ctl_flush_tb)")
+    record.actions += lab.accel.stage_actions("kvm_arch_put_registers")
     if lab.mode is CpuMode.PAGED and not lab.backend.runs_32bit_paging:
         record.notes.append(f"this {lab.backend.label} host does not run 32-bit paging: the guest "
                             "will stop with SHUTDOWN at its first instruction")

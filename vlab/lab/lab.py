@@ -104,7 +104,7 @@ class Lab(StagePipeline):
         return state
 
     def _kvm(self) -> bool:
-        return self.accel is not None and self.accel.name == "kvm"
+        return self.accel is not None and self.accel.capabilities.kernel
 
     # -- 1. kvm_init ---------------------------------------------------------------------------------
     def kvm_init(self) -> StageRecord:
@@ -185,14 +185,9 @@ class Lab(StagePipeline):
         def body(record: StageRecord) -> None:
             before = [runner.kernel_counters() for runner in self.runners]
             result.append(self._run(**run_options))
-            if not self._kvm():
-                starts = sum(runner.kernel_counters().get("emu_starts", 0) - b.get("emu_starts", 0)
-                             for runner, b in zip(self.runners, before))
-                record.actions.append(
-                    f"uc_emu_start() {starts} times in place of KVM_RUN: Unicorn translated and "
-                    f"ran the guest's code; port I/O reached the devices from inside the "
-                    f"instruction's hook (QEMU's TCG: cpu_outb/cpu_inb), and only MMIO, a HLT "
-                    f"or a stop condition stopped emulation (uc_emu_stop) to return an exit")
+            starts = sum(runner.kernel_counters().get("emu_starts", 0) - b.get("emu_starts", 0)
+                         for runner, b in zip(self.runners, before))
+            record.actions += self.accel.stage_actions("kvm_cpu_exec", emu_starts=starts)
 
         record = self._stage("kvm_cpu_exec", body, ioctl_limit=RUN_RECORD_LIMIT)
         record.notes.append(str(result[0]) if not isinstance(result[0], list)

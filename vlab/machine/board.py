@@ -127,7 +127,8 @@ class Machine:
     def add_vcpu(self, vcpu, *, log: ExitLog | None = None) -> VcpuRunner:
         """A runner for `vcpu`; its exits go to `log` (the machine's shared log by default)."""
         runner = VcpuRunner(vcpu, self.pio, self.mmio, read_code=self.read_physical,
-                            log=self.log if log is None else log, backend=self.backend)
+                            log=self.log if log is None else log, backend=self.backend,
+                            inline_port_io=self.accel.capabilities.inline_port_io)
         self.runners.append(runner)
         return runner
 

@@ -175,8 +175,10 @@ class VcpuRunner:
     """
 
     def __init__(self, vcpu, pio: Bus, mmio: Bus, *, read_code: Callable[[int, int], bytes] | None = None,
-                 log: ExitLog | None = None, kernel_counters: bool = True, backend=None):
+                 log: ExitLog | None = None, kernel_counters: bool = True, backend=None,
+                 inline_port_io: bool = False):
         self.vcpu = vcpu
+        self.inline_port_io = inline_port_io   # the accelerator's capability (tcg has it)
         self.pio, self.mmio = pio, mmio
         self.log = log if log is not None else ExitLog()
         self.read_code = read_code
@@ -292,7 +294,7 @@ class VcpuRunner:
         stop_reason = None
         started = time.perf_counter()
         # tcg: no exit needs to leave emulation for port I/O (KVM has no such choice)
-        dispatch_port_io = getattr(self.vcpu, "dispatch_port_io", None)
+        dispatch_port_io = self.vcpu.dispatch_port_io if self.inline_port_io else None
         # The exit path makes no reference cycles; without this the cyclic collector would
         # rescan the log's live records over and over (about 1.8 us per exit at 100,000).
         gc_was_enabled = gc.isenabled()

@@ -39,6 +39,7 @@ device output end up as on KVM (tests/tcg/test_tcg_differential.py). What differ
 from __future__ import annotations
 
 from ...kvm.backend import TCG
+from ..base import Capabilities
 from .cpuid import supported_cpuid
 from .vcpu import TcgVcpu
 from .vm import TcgVm
@@ -49,9 +50,14 @@ class TcgAccelerator:
 
     name = "tcg"
     backend = TCG
+    capabilities = Capabilities(kernel=False, dirty_log=False, irqchip=False, inline_port_io=True)
 
     def __init__(self, reason: str = "asked for tcg"):
         self.reason = reason
+
+    def stage_actions(self, stage: str, **facts) -> list[str]:
+        """What the software accelerator does in place of the stage's KVM ioctls."""
+        return [action.format(**facts) for action in IN_PLACE_OF.get(stage, ())]
 
     def create_vm(self) -> TcgVm:
         return TcgVm()
@@ -63,5 +69,32 @@ class TcgAccelerator:
     def close(self) -> None:
         """Nothing to release: VMs close their own engines."""
 
+
+# Per stage of QEMU's bring-up, what tcg does where KVM has an ioctl.
+IN_PLACE_OF = {
+    "kvm_init": (
+        "no /dev/kvm to open: Unicorn (QEMU's TCG role) will translate and run the guest's "
+        "instructions in software",
+        "uc_open(UC_ARCH_X86, UC_MODE_64) in place of KVM_CREATE_VM"),
+    "x86_cpu_realizefn": (
+        "the CPUID table comes from the software accelerator's own model (no "
+        "KVM_GET_SUPPORTED_CPUID)",),
+    "kvm_init_vcpu": (
+        "vCPU {vcpu.id}: a Unicorn engine context in place of KVM_CREATE_VCPU; no kvm_run to map",),
+    "kvm_arch_init_vcpu": (
+        "CPUID table kept by the software vCPU: its CPUID instruction answers from it, every "
+        "leaf",),
+    "pc_memory_init": (
+        "uc_mem_map_ptr() of the same host memory in place of KVM_SET_USER_MEMORY_REGION",),
+    "kvm_arch_put_registers": (
+        "uc_reg_write() of the segments, control registers, EFER, GDTR and IDTR in place of "
+        "KVM_SET_SREGS, and of the general-purpose registers in place of KVM_SET_REGS; "
+        "translated code flushed (uc_ctl_flush_tb)",),
+    "kvm_cpu_exec": (
+        "uc_emu_start() {emu_starts} times in place of KVM_RUN: Unicorn translated and ran the "
+        "guest's code; port I/O reached the devices from inside the instruction's hook "
+        "(QEMU's TCG: cpu_outb/cpu_inb), and only MMIO, a HLT or a stop condition stopped "
+        "emulation (uc_emu_stop) to return an exit",),
+}
 
 __all__ = ["TcgAccelerator", "TcgVm", "TcgVcpu", "supported_cpuid"]
