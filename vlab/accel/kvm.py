@@ -28,9 +28,6 @@ class KvmVm:
         return [region.gpa + (i * 8 + b) * PAGE_SIZE for i, byte in enumerate(bitmap) if byte
                 for b in range(8) if byte >> b & 1]
 
-    def __getattr__(self, name):  # the rest of the VM fd's ioctls (irqchip, PIT, stats...)
-        return getattr(self.vm, name)
-
     def close(self) -> None:
         self.vm.close()
 

@@ -62,7 +62,7 @@ def _kvm_init(lab, record: StageRecord) -> None:
         raise StageError(f"KVM_GET_API_VERSION returned {version}; QEMU and vlab need 12")
     lab.vm = lab.accel.create_vm()
     # kvm_recommended_vcpus asks the VM fd, kvm_max_vcpus /dev/kvm; 0 means "not said"
-    recommended = lab.vm.check_extension(Cap.NR_VCPUS) or 4
+    recommended = lab.vm.vm.check_extension(Cap.NR_VCPUS) or 4
     maximum = kvm.check_extension(Cap.MAX_VCPUS) or recommended
     if lab.nr_vcpus > maximum:
         raise StageError(f"vcpus={lab.nr_vcpus} exceeds the maximum KVM supports here "
@@ -88,10 +88,10 @@ def _kvm_init(lab, record: StageRecord) -> None:
     identity_map = LEGACY_IDENTITY_MAP_ADDR
     if kvm.check_extension(Cap.SET_IDENTITY_MAP_ADDR):
         identity_map = IDENTITY_MAP_ADDR
-        lab.vm.set_identity_map_addr(identity_map)
-    lab.vm.set_tss_addr(identity_map + 0x1000)   # the TSS right above the identity map
+        lab.vm.vm.set_identity_map_addr(identity_map)
+    lab.vm.vm.set_tss_addr(identity_map + 0x1000)   # the TSS right above the identity map
     if lab.irqchip:
-        lab.vm.create_irqchip()
+        lab.vm.vm.create_irqchip()
         record.notes.append("in-kernel irqchip (PIC, IOAPIC, LAPIC) created "
                             "(kvm_irqchip_create): HLT now waits in the kernel; the PIT "
                             "comes later, with the board's devices (pc_memory_init)")
@@ -168,7 +168,7 @@ def pc_memory_init(lab, record: StageRecord) -> None:
                         f"{lab.guest.load_address:#x}, entry {lab.guest.entry:#x}")
     devices = lab.machine.add_standard_devices(lab.nr_vcpus)
     if lab.irqchip and lab.accel.capabilities.irqchip:
-        lab.vm.create_pit2()
+        lab.vm.vm.create_pit2()
         record.notes.append("in-kernel i8254 PIT created (pc_basic_device_init -> "
                             "kvm_pit_realizefn): board init, after the RAM slots")
     record.notes.append("devices: " + ", ".join(

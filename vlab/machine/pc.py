@@ -140,9 +140,9 @@ def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1) -> Mac
     vm = accel.create_vm()
     machine = Machine(accel, vm, ram_size=ram_size)
     try:
-        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        vm.set_tss_addr(TSS_ADDR)
-        vm.create_irqchip()
+        vm.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)   # the VM fd: this board needs KVM
+        vm.vm.set_tss_addr(TSS_ADDR)
+        vm.vm.create_irqchip()
         cpuid = accel.get_supported_cpuid()
         for index in range(smp):
             vcpu = vm.create_vcpu(index)
@@ -151,7 +151,7 @@ def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1) -> Mac
                 vcpu.set_mp_state(MpState.UNINITIALIZED)
             machine.add_vcpu(vcpu, log=ExitLog())  # one log per thread: no shared counters
         machine.init_memory()
-        vm.create_pit2()
+        vm.vm.create_pit2()
         machine.add_standard_devices(nb_cpus=smp)
     except BaseException:
         machine.close()
