@@ -15,6 +15,7 @@ from ..machine.pc import IDENTITY_MAP_ADDR
 from ..accel import select
 from ..x86 import MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_UCODE_REV
 from .cpuid import CpuidTable
+from .cpus import LabCpu
 from .records import StageRecord
 from .registers import RegisterModel
 from .stages import StageError
@@ -116,10 +117,7 @@ def kvm_init_vcpu(lab, record: StageRecord) -> None:
     for i in range(lab.nr_vcpus):
         vcpu = lab.vm.create_vcpu(i)
         log = ExitLog()
-        lab.vcpus.append(vcpu)
-        lab.exit_logs.append(log)
-        lab.runners.append(lab.machine.add_vcpu(vcpu, log=log))
-        lab.registers.append(RegisterModel(i))
+        lab.cpus.append(LabCpu(vcpu, lab.machine.add_vcpu(vcpu, log=log), RegisterModel(i), log))
         record.actions += lab.accel.stage_actions("kvm_init_vcpu", vcpu=vcpu)
     if lab.accel.capabilities.kernel:
         record.notes.append(f"struct kvm_run mapping: {lab.vcpus[0].mmap_size} bytes "

@@ -28,9 +28,10 @@ from ..machine.snapshot import RegisterSnapshot
 from . import bringup
 from .bringup import GUEST_ORG
 from .cpuid import CpuidTable
+from .cpus import LabCpu
 from .pipeline import StagePipeline
 from .records import StageRecord
-from .registers import RegisterModel, cpu_mode
+from .registers import cpu_mode
 from .stages import STAGES, StageError
 
 RUN_RECORD_LIMIT = 64   # ioctls kept in the kvm_cpu_exec record (the rest are counted)
@@ -69,15 +70,18 @@ class Lab(StagePipeline):
         self.vm = None
         self.machine: Machine | None = None
         self.cpuid: CpuidTable | None = None
-        self.vcpus: list = []
-        self.runners: list = []
-        self.registers: list[RegisterModel] = []
-        self.exit_logs: list[ExitLog] = []
+        self.cpus: list[LabCpu] = []    # one per vCPU, from kvm_init_vcpu
         self.guest: Guest | None = None
         self.backend = None
         self._msr_indices: list[int] = []            # KVM_GET_MSR_INDEX_LIST (kvm_init)
         self._feature_msr_indices: list[int] = []    # KVM_GET_MSR_FEATURE_INDEX_LIST
         self._history: StepHistory | None = None   # made with the machine (kvm_init)
+
+    # Each part of every vCPU, in vCPU order (views and lessons index them by vCPU).
+    vcpus = property(lambda self: [cpu.vcpu for cpu in self.cpus])
+    runners = property(lambda self: [cpu.runner for cpu in self.cpus])
+    registers = property(lambda self: [cpu.registers for cpu in self.cpus])
+    exit_logs = property(lambda self: [cpu.exits for cpu in self.cpus])
 
     def _state(self) -> dict:
         state: dict = {}
