@@ -4,9 +4,9 @@ a copy of the notebook with its outputs cleared (so any dashboard on the page co
 live kernel), and are stopped by their own PID, their kernels with them."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -176,7 +176,7 @@ def jupyterlab(tmp_path):
 @pytest.fixture
 def voila(tmp_path):
     """Voilà rendering a copy of notebooks/dashboard.ipynb as a standalone page."""
-    if shutil.which("voila") is None:
+    if importlib.util.find_spec("voila") is None:   # run as `python -m voila`, as JupyterLab
         pytest.skip("voila is not installed (it is in vlab's test extra)")
     root = tmp_path / "root"
     root.mkdir()

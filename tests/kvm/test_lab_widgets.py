@@ -307,4 +307,25 @@ def test_lab_notifies_each_event_in_order():
         lab.step_back()
         lab.run()
         assert [e.get("stage") for e in events[:6]] == [s["stage"] for s in lab.stages[:6]]
-        assert [e["event"] for e in events[6:]] == ["step", "step_back", "run", "stage"]
+        lab.run()
+        # the first run is the kvm_cpu_exec stage: one event, once its record is complete
+        assert [e["event"] for e in events[6:]] == ["step", "step_back", "stage", "run"]
+        assert events[8]["stage"] == "kvm_cpu_exec"
+
+
+def test_a_step_draws_each_dashboard_view_once():
+    """The models tell the views when to redraw; the Lab's event must not draw them again."""
+    with Lab(accel="kvm") as lab:
+        dashboard = Dashboard(lab)
+        drawn = []
+        for view in dashboard.views:   # before the views attach, so they call this one
+            render = view.render
+            view.render = lambda view=view, render=render: (drawn.append(type(view).__name__),
+                                                            render())
+        lab.bring_up()
+        drawn.clear()
+        lab.step()
+        assert sorted(drawn) == sorted(type(view).__name__ for view in dashboard.views
+                                       if type(view).__name__ != "CpuidExplorer")
+        assert "RIP=0x8000" not in dashboard.registers.summary()
+        dashboard.close()

@@ -183,20 +183,18 @@ class Lab(StagePipeline):
 
     # -- 7. kvm_cpu_exec ------------------------------------------------------------------------------
     def kvm_cpu_exec(self, **run_options) -> StageRecord:
-        """Run the guest (the first `run()`), recording the loop's ioctls."""
-        result = []
-
+        """Run the guest (the first `run()`), recording the loop's ioctls. Subscribers hear
+        of it once, as this stage, when its record is complete."""
         def body(record: StageRecord) -> None:
             before = [runner.kernel_counters() for runner in self.runners]
-            result.append(self._run(**run_options))
+            result = self._run(notify=False, **run_options)
             starts = sum(runner.kernel_counters().get("emu_starts", 0) - b.get("emu_starts", 0)
                          for runner, b in zip(self.runners, before))
             record.actions += self.accel.stage_actions("kvm_cpu_exec", emu_starts=starts)
+            record.notes.append(str(result) if not isinstance(result, list)
+                                else "; ".join(f"vcpu{i}: {r}" for i, r in enumerate(result)))
 
-        record = self._stage("kvm_cpu_exec", body, ioctl_limit=RUN_RECORD_LIMIT)
-        record.notes.append(str(result[0]) if not isinstance(result[0], list)
-                            else "; ".join(f"vcpu{i}: {r}" for i, r in enumerate(result[0])))
-        return record
+        return self._stage("kvm_cpu_exec", body, ioctl_limit=RUN_RECORD_LIMIT)
 
     def run(self, vcpu: int | None = None, **options) -> RunResult | list[RunResult]:
         """Run until the guest stops (HLT, fatal exit, breakpoint) or `until`, `predicate`,
@@ -207,7 +205,7 @@ class Lab(StagePipeline):
             return self.last_run
         return self._run(vcpu=vcpu, **options)
 
-    def _run(self, vcpu: int | None = None, **options):
+    def _run(self, vcpu: int | None = None, notify: bool = True, **options):
         self._check_ready()
         self._history.clear()
         if vcpu is not None or self.nr_vcpus == 1:
@@ -218,7 +216,8 @@ class Lab(StagePipeline):
         else:
             result = self._run_threads(options)
         self.last_run = result
-        self.notify(event="run")
+        if notify:
+            self.notify(event="run")
         return result
 
     def _run_threads(self, options) -> list[RunResult]:

@@ -47,7 +47,9 @@ class ExitLog:
         self.counter_names = counter_names
         self.records: deque[ExitRecord] = deque(maxlen=keep)
         self.total = 0
-        self._by_class: Counter = Counter()
+        # Written by the vCPU thread, read by views from others: readers take a copy, which
+        # (a dict's C-level copy) no append can interleave with, so the exit path needs no lock.
+        self._by_class: dict = {}
         self._listeners: list = []
 
     def append(self, record: ExitRecord) -> None:
@@ -82,7 +84,7 @@ class ExitLog:
     def histogram(self) -> dict[str, int]:
         """Userspace exits by reason, most frequent first (over every exit, not just kept ones)."""
         counts: Counter = Counter()
-        for cls, n in list(self._by_class.items()):
+        for cls, n in self._by_class.copy().items():
             counts[cls.name if isinstance(cls, ExitReason) else _LABELS.get(cls) or cls.reason.name] += n
         return dict(counts.most_common())
 

@@ -99,6 +99,12 @@ class LabView(widgets.VBox):
             self._attached = bool(self._attach())
         self.render()
 
+    def on_lab_event(self) -> None:
+        """The Lab did something: attach to (and show) the models it made. An attached view
+        redraws when its models change, so a step draws it once, not once more here."""
+        if not self._attached:
+            self.refresh()
+
     def _attach(self) -> bool:
         return True
 

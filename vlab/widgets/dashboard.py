@@ -17,8 +17,8 @@ from .stepper import StageStepper
 class Dashboard(LabView):
     """The stepper on top; registers beside disassembly, exit histogram and console; memory
     at RIP, CPUID and KVM's counters in tabs. Stages make models appear (the first vCPU, the
-    CPUID table, guest memory), so after each Lab event every view refreshes and attaches to
-    what is new."""
+    CPUID table, guest memory), so after each Lab event every view attaches to what is new;
+    the models then tell each view when to redraw."""
 
     def __init__(self, lab, vcpu: int = 0):
         super().__init__(lab)
@@ -40,11 +40,15 @@ class Dashboard(LabView):
         self.children = (self.stepper, widgets.HBox((self.registers, right)), tabs)
         # Whatever drives the Lab (these buttons, or lab.next_stage() typed in a cell), the
         # Lab says so, and every view refreshes and attaches to what is new.
-        self._unsubscribe_lab = lab.subscribe(lambda _lab, **event: self.refresh())
+        self._unsubscribe_lab = lab.subscribe(lambda _lab, **event: self.on_lab_event())
 
     def render(self) -> None:
         for view in self.views:
             view.refresh()
+
+    def on_lab_event(self) -> None:
+        for view in self.views:
+            view.on_lab_event()
 
     def close(self) -> None:
         self._unsubscribe_lab()

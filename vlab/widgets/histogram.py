@@ -99,11 +99,7 @@ class ExitHistogram(LabView):
             return {}, {}
         counters = self.lab.runners[self.vcpu].kernel_counters()
         kernel = {n: counters[n] for n in log.counter_names if counters.get(n)}
-        while True:
-            try:
-                return log.histogram(), kernel
-            except RuntimeError:   # a timer's redraw raced the vCPU thread adding a reason
-                continue
+        return log.histogram(), kernel
 
     def render(self) -> None:
         with self._lock:

@@ -55,6 +55,10 @@ class StageStepper(LabView):
         self._callbacks: list[Callable[[], None]] = []
         self.refresh()
 
+    def on_lab_event(self) -> None:
+        """Stage statuses and buttons follow the Lab itself: redraw on every event."""
+        self.refresh()
+
     def on_action(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
 
