@@ -236,7 +236,7 @@ def write_job(results: Path, args: list[str]) -> None:
            "COLUMNS": str(shutil.get_terminal_size().columns), **forwarded}
     python = CHECKOUT / ".venv" / "bin" / "python"
     lines = ["mkdir -p /tmp/home/.cache", f"cd {shlex.quote(str(CHECKOUT))}"]
-    # matplotlib's font list, which it would otherwise rebuild from every font (a minute there)
+    # matplotlib's font list, which it would otherwise rebuild from every font (~10 s there)
     fonts = Path.home() / ".cache" / "matplotlib"
     if fonts.is_dir():
         lines.append(f"cp -r {shlex.quote(str(fonts))} /tmp/home/.cache/")
