@@ -28,7 +28,8 @@ from vlab.accel import select
 from vlab.kvm import Hlt, IoOut
 from vlab.machine.board import Machine
 from vlab.machine.exitlog import ExitLog, ExitRecord
-from vlab.machine.runloop import VcpuRunner, handle_exit
+from vlab.machine.dispatch import handle_exit
+from vlab.machine.runloop import VcpuRunner
 
 TARGET = 0.9
 SMALL_KEEP = 10_000

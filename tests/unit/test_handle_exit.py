@@ -19,7 +19,8 @@ from vlab.kvm.exits import (Debug, ExitDecodeError, FailEntry, Hlt, InternalErro
 from vlab.kvm.state import DebugRegs, Regs, Sregs
 from vlab.machine.board import TESTDEV_BASE, Machine
 from vlab.machine.cpu_modes import setup_mode
-from vlab.machine.runloop import RESUME, STOP, VcpuRunner, handle_exit
+from vlab.machine.dispatch import RESUME, STOP, handle_exit
+from vlab.machine.runloop import VcpuRunner
 
 MAGIC = (0x564C4142).to_bytes(4, "little")  # the MMIO test device's ID register
 

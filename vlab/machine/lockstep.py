@@ -35,7 +35,8 @@ from .boot import create_machine
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode
 from .explain import decoder, disassemble
 from .loaders import load_raw
-from .runloop import STOP, StepResult
+from .dispatch import STOP
+from .runloop import StepResult
 from .snapshot import RegisterSnapshot
 from ..x86 import (MAX_INSN, PAGE_SIZE, REP_PREFIXES, RFLAGS_BITS, RFLAGS_RF, RFLAGS_TF, code_bits,
                    opcode_offset)
