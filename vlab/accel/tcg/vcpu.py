@@ -30,7 +30,6 @@ before every instruction, where without one it would finish the whole translated
 """
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from typing import Callable
@@ -41,24 +40,21 @@ from unicorn import x86_const as x86
 from ...kvm.abi import InternalErrorSuberror
 from ...kvm.exits import (Debug, Exit, Hlt, InternalError, Interrupted, IoIn, IoOut,
                           MmioRead, MmioWrite, Shutdown, X86Rdmsr)
-from ...kvm.state import CpuidEntry, DebugRegs, GPR_NAMES, Regs, Segment, Sregs
+from ...kvm.state import Regs, Segment, Sregs
+from ...x86 import HW_BREAKPOINTS, opcode_offset
 from .cpuid import CpuidTable
-from .cpustate import read_segments, read_sregs, write_sregs
+from .cpustate import read_segments
 from .engine import Engine
 from .exceptions import deliver
-from .msrs import READABLE, WRITABLE
-from ...x86 import HW_BREAKPOINTS, opcode_offset
+from .hooks import DR6_FIXED, UnicornHooks
 from .portio import IoShape, io_shape
 from .restart import Access, AccessLog
 from .stats import INDEX, NAMES, TcgStats
+from .vcpu_state import TcgVcpuState
 from .watchdog import WATCHDOG
 
 RUN_FOREVER = 1 << 62        # an instruction count never reached (see the module docstring)
-DR6_FIXED, DR6_BS, DR7_FIXED = 0xFFFF0FF0, 1 << 14, 0x400
-
-_GPRS = tuple(getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES)
-_REGS = _GPRS + (x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS)
-_DEBUG_REGS = tuple(getattr(x86, f"UC_X86_REG_DR{i}") for i in (0, 1, 2, 3, 6, 7))
+DR6_BS, DR7_FIXED = 1 << 14, 0x400
 _HLT = 0xF4
 
 # The architectural reset state, as a fresh KVM vCPU reports it.
@@ -69,7 +65,7 @@ _STAT = {IoIn: "io_exits", IoOut: "io_exits", MmioRead: "mmio_exits", MmioWrite:
          Hlt: "halt_exits", Interrupted: "signal_exits", Debug: "debug_exits",
          Shutdown: "shutdown_exits", InternalError: "insn_emulation_fail"}
 _STAT_INDEX = {kind: INDEX[name] for kind, name in _STAT.items()}
-_EXITS, _IO_EXITS, _EMU_STARTS = INDEX["exits"], INDEX["io_exits"], INDEX["emu_starts"]
+_EXITS, _EMU_STARTS = INDEX["exits"], INDEX["emu_starts"]
 _INJECTIONS = INDEX["exception_injections"]
 _RAN = (IoIn, IoOut, MmioWrite, Hlt)  # exits after which a stepped instruction has completed
 
@@ -98,7 +94,7 @@ class _ClosedEngine:
         raise ValueError(f"vCPU {self._vcpu_id} is closed")
 
 
-class TcgVcpu:
+class TcgVcpu(UnicornHooks, TcgVcpuState):
     """One software vCPU (QEMU's CPUState under TCG), with its own Unicorn engine."""
 
     def __init__(self, vm, vcpu_id: int):
@@ -137,101 +133,6 @@ class TcgVcpu:
         self.set_sregs(RESET_SREGS)
         self.set_regs(RESET_REGS)
         WATCHDOG.watch(self)
-
-    # --- hooks: called by Unicorn in the middle of an instruction -----------------------------
-    def _on_out(self, port, size, value):
-        exit = IoOut(port, size, 1, value.to_bytes(size, "little"))
-        if self._io_handler is not None and not self._single_step:
-            self._dispatch_inline(exit)
-            return
-        self._exit = exit
-        self._engine.stop()
-
-    def _on_in(self, port, size):
-        logged = self._log.replay("in", port, size)
-        if logged is not None:
-            return logged.value or 0
-        exit = IoIn(port, size, 1, 0)
-        if self._io_handler is not None and not self._single_step:
-            return self._dispatch_inline(exit)
-        self._exit = exit
-        self._in_rip = self._engine.rip()
-        self._engine.stop()
-        return 0
-
-    def _dispatch_inline(self, exit: IoIn | IoOut) -> int:
-        """QEMU's cpu_outb/cpu_inb: the device is called from the instruction; an IN's
-        answer (set by `complete_io_in` in the handler) is what the instruction reads."""
-        self._inline, self._inline_reply = exit, 0
-        try:
-            stop = self._io_handler(exit)
-        finally:
-            self._inline = None
-        if stop:  # run() returns it once the instruction (this element of it) completes
-            self._exit = self._handled = exit
-            self._engine.stop()
-        else:  # what run() counts for an I/O exit, done here as it does not return
-            counts = self._counts
-            counts[_EXITS] += 1
-            counts[_IO_EXITS] += 1
-        return self._inline_reply
-
-    def _on_cpuid(self):
-        engine = self._engine
-        answer = self._cpuid.lookup(engine.read(x86.UC_X86_REG_RAX) & 0xFFFFFFFF,
-                                    engine.read(x86.UC_X86_REG_RCX) & 0xFFFFFFFF)
-        for reg, value in zip((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX,
-                               x86.UC_X86_REG_RDX), answer):
-            engine.write(reg, value)
-        return 1  # the hook gave the answer; Unicorn skips its own
-
-    def _on_interrupt(self, uc, vector, _):
-        self._vector = vector
-        self._engine.stop()
-
-    def _on_breakpoint(self, uc, address, size, index):
-        if self._log.replaying:
-            return
-        if address == self._resume_at:  # RF: resuming at the breakpoint does not hit it
-            self._resume_at = None
-            return
-        self._exit = Debug(1, address, DR6_FIXED | 1 << index, self._debug_dr7)
-        self._resume_at = address
-        self._engine.stop()
-
-    def _on_mmio_read(self, address: int, size: int) -> int:
-        if self._exit is not None:  # after the exit: the rest of a split access, or INS's store
-            return 0
-        logged = self._log.replay("read", address, size)
-        if logged is not None:
-            return logged.value or 0
-        self._memory_exit(Access("read", address, size, None), MmioRead(address, size))
-        return 0
-
-    def _on_mmio_write(self, address: int, size: int, value: int) -> None:
-        if self._exit is not None:  # after the exit: the rest of a split access, or INS's store
-            return
-        if self._log.replay("write", address, size) is None:
-            self._memory_exit(Access("write", address, size, value),
-                              MmioWrite(address, size, value.to_bytes(size, "little")))
-
-    def _on_rom_write(self, uc, access, address, size, value, _) -> bool:
-        """A store to ROM; Unicorn reports it with its guest-physical address."""
-        if self._exit is not None:  # after the exit: the rest of a split access, or INS's store
-            return False
-        logged = self._log.replay("rom", address, size)
-        if logged is not None:  # let the replayed store through; AccessLog undoes it
-            host = self.vm.host_address(address)
-            logged.saved = (host, ctypes.string_at(host, size))
-            return True
-        self._memory_exit(Access("rom", address, size, value),
-                          MmioWrite(address, size, value.to_bytes(size, "little")))
-        return False
-
-    def _memory_exit(self, access: Access, exit: Exit) -> None:
-        self._log.record(access)
-        self._exit = exit
-        self._engine.stop()  # Unicorn abandons the instruction: it runs again later
 
     def _tick(self) -> None:
         """Called by the watchdog: end a slice that has lasted a whole period."""
@@ -406,71 +307,7 @@ class TcgVcpu:
         raise ValueError("the tcg accelerator makes no RDMSR exits: the guest's RDMSR is "
                          "answered by the emulated CPU")
 
-    # --- registers ----------------------------------------------------------------------------
-    def get_regs(self) -> Regs:
-        return Regs(*self._engine.read_many(_REGS))
-
-    def set_regs(self, regs: Regs) -> None:
-        """KVM_SET_REGS. Moving RIP abandons an instruction waiting to restart. Translated code
-        is dropped, since the host may have written new code into guest memory."""
-        engine = self._engine
-        if regs.rip != engine.rip():
-            self._log.clear()
-        for reg, name in zip(_GPRS, GPR_NAMES):
-            engine.write(reg, getattr(regs, name))
-        engine.write(x86.UC_X86_REG_RIP, regs.rip)
-        engine.write(x86.UC_X86_REG_RFLAGS, regs.rflags)
-        engine.flush_translations()
-        self._io_shapes.clear()
-
-    def get_sregs(self) -> Sregs:
-        return read_sregs(self._engine.uc, self._shadow)
-
-    def set_sregs(self, sregs: Sregs) -> None:
-        """KVM_SET_SREGS; CR8, the APIC base and the interrupt bitmap are kept but not
-        emulated (Unicorn has no local APIC)."""
-        write_sregs(self._engine.uc, sregs)
-        self._shadow = sregs
-        self._engine.flush_translations()
-        self._io_shapes.clear()
-
-    def get_debugregs(self) -> DebugRegs:
-        """The guest's DR0-DR3, DR6, DR7 (not the breakpoints `set_guest_debug` sets, as
-        KVM_GET_DEBUGREGS)."""
-        *db, dr6, dr7 = (self._engine.uc.reg_read(reg) for reg in _DEBUG_REGS)
-        return DebugRegs(tuple(db), dr6, dr7)
-
-    def set_debugregs(self, debugregs: DebugRegs) -> None:
-        """Stored for the guest to read back; Unicorn does not arm breakpoints set this way."""
-        values = (*debugregs.db, debugregs.dr6, debugregs.dr7)
-        for reg, value in zip(_DEBUG_REGS, values):
-            self._engine.uc.reg_write(reg, value)
-
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        """KVM_GET_MSRS: values up to the first MSR the emulated CPU lacks (see `msrs`)."""
-        out = {}
-        for index in indices:
-            if index not in READABLE:
-                break
-            out[index] = self._engine.uc.msr_read(index)
-        return out
-
-    def set_msrs(self, values: dict[int, int]) -> int:
-        """KVM_SET_MSRS: returns how many were written; stops at the first it cannot write."""
-        for done, (index, value) in enumerate(values.items()):
-            if index not in WRITABLE:
-                return done
-            self._engine.uc.msr_write(index, value)
-        return len(values)
-
-    # --- CPUID, debugging, stats --------------------------------------------------------------
-    def set_cpuid2(self, entries) -> None:
-        """The table the guest's CPUID instruction reads, every leaf (see `cpuid`)."""
-        self._cpuid = CpuidTable(entries)
-
-    def get_cpuid2(self) -> list[CpuidEntry]:
-        return list(self._cpuid.entries)
-
+    # --- debugging, stats ----------------------------------------------------------------------
     def set_guest_debug(self, enable: bool = True, single_step: bool = False,
                         hw_breakpoints: tuple[int, ...] = ()) -> None:
         """Single-step and up to four execution breakpoints (linear addresses)."""
