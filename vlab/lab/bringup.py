@@ -7,11 +7,11 @@ accelerator does in place of each one.
 from __future__ import annotations
 
 from ..kvm import Cap
+from ..machine import builder
 from ..machine.board import Machine
 from ..machine.cpu_modes import CpuMode
 from ..machine.exitlog import ExitLog
 from ..machine.history import StepHistory
-from ..machine.pc import IDENTITY_MAP_ADDR
 from ..accel import select
 from ..x86 import MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_UCODE_REV
 from .cpuid import CpuidTable
@@ -25,8 +25,6 @@ from .stages import StageError
 # IOEVENTFD, IOEVENTFD_ANY_LENGTH, and for x86 SIGNAL_MSI and IRQ_ROUTING.
 REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.DESTROY_MEMORY_REGION_WORKS, Cap.JOIN_MEMORY_REGIONS_WORKS,
                  Cap.SET_TSS_ADDR, Cap.EXT_CPUID, Cap.MP_STATE)
-# QEMU's identity-map base where KVM cannot move it (no KVM_CAP_SET_IDENTITY_MAP_ADDR).
-LEGACY_IDENTITY_MAP_ADDR = 0xFFFBC000
 # MSRs kvm_init_msrs copies from KVM's feature MSRs into the vCPU.
 FEATURE_MSRS_TO_SET = {MSR_IA32_ARCH_CAPABILITIES: "IA32_ARCH_CAPABILITIES",
                        MSR_IA32_UCODE_REV: "IA32_UCODE_REV"}
@@ -86,13 +84,9 @@ def _kvm_init(lab, record: StageRecord) -> None:
         f"kvm_arch_init: KVM saves and restores {len(lab._msr_indices)} MSRs per vCPU "
         f"(what QEMU migrates); {len(lab._feature_msr_indices)} feature MSRs describe "
         f"the host CPU on /dev/kvm")
-    identity_map = LEGACY_IDENTITY_MAP_ADDR
-    if kvm.check_extension(Cap.SET_IDENTITY_MAP_ADDR):
-        identity_map = IDENTITY_MAP_ADDR
-        lab.vm.vm.set_identity_map_addr(identity_map)
-    lab.vm.vm.set_tss_addr(identity_map + 0x1000)   # the TSS right above the identity map
+    builder.kvm_arch_init(lab.accel, lab.vm)   # the identity map, the TSS right above it
     if lab.irqchip:
-        lab.vm.vm.create_irqchip()
+        builder.kvm_irqchip_create(lab.vm)
         record.notes.append("in-kernel irqchip (PIC, IOAPIC, LAPIC) created "
                             "(kvm_irqchip_create): HLT now waits in the kernel; the PIT "
                             "comes later, with the board's devices (pc_memory_init)")
@@ -115,9 +109,10 @@ def x86_cpu_realizefn(lab, record: StageRecord) -> None:
 def kvm_init_vcpu(lab, record: StageRecord) -> None:
     """KVM_CREATE_VCPU and the kvm_run mapping, for every vCPU."""
     for i in range(lab.nr_vcpus):
-        vcpu = lab.vm.create_vcpu(i)
         log = ExitLog()
-        lab.cpus.append(LabCpu(vcpu, lab.machine.add_vcpu(vcpu, log=log), RegisterModel(i), log))
+        runner = builder.kvm_init_vcpu(lab.machine, i, log)
+        vcpu = runner.vcpu
+        lab.cpus.append(LabCpu(vcpu, runner, RegisterModel(i), log))
         record.actions += lab.accel.stage_actions("kvm_init_vcpu", vcpu=vcpu)
     if lab.accel.capabilities.kernel:
         record.notes.append(f"struct kvm_run mapping: {lab.vcpus[0].mmap_size} bytes "
@@ -155,7 +150,7 @@ def kvm_arch_init_vcpu(lab, record: StageRecord) -> None:
 
 def pc_memory_init(lab, record: StageRecord) -> None:
     """Guest RAM into memory slots, the guest loaded, the board's devices."""
-    regions = lab.machine.init_memory(log_dirty=lab.accel.capabilities.dirty_log)
+    regions = builder.pc_memory_init(lab.machine, log_dirty=lab.accel.capabilities.dirty_log)
     for region in regions:
         record.notes.append(f"{region.name}: {region.gpa:#x}-{region.end - 1:#x} "
                             f"{region.kind}" + (f" slot {region.slot}" if region.slot is not None else " (hole: exits to userspace)"))
@@ -164,9 +159,9 @@ def pc_memory_init(lab, record: StageRecord) -> None:
     lab._write_guest()
     record.notes.append(f"guest {lab.guest.name}: {len(lab.guest.code)} bytes at "
                         f"{lab.guest.load_address:#x}, entry {lab.guest.entry:#x}")
-    devices = lab.machine.add_standard_devices(lab.nr_vcpus)
-    if lab.irqchip and lab.accel.capabilities.irqchip:
-        lab.vm.vm.create_pit2()
+    pit = lab.irqchip and lab.accel.capabilities.irqchip
+    devices = builder.pc_basic_device_init(lab.machine, lab.nr_vcpus, pit=pit)
+    if pit:
         record.notes.append("in-kernel i8254 PIT created (pc_basic_device_init -> "
                             "kvm_pit_realizefn): board init, after the RAM slots")
     record.notes.append("devices: " + ", ".join(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..kvm.exits import IoOut
 from ..machine.assembler import assemble
-from ..machine.board import Machine
+from ..machine.builder import build_board
 
 _ORG = 0x1000
 
@@ -13,12 +13,9 @@ def probe_cpuid(accel, entries, queries: list[tuple[int, int]]) -> list[dict[str
     vCPU given `entries` with KVM_SET_CPUID2."""
     source = "".join(f"mov eax, {leaf:#x}\nmov ecx, {subleaf:#x}\ncpuid\nout 0x80, al\n"
                      for leaf, subleaf in queries) + "hlt\n"
-    vm = accel.create_vm()
-    machine = Machine(accel, vm, ram_size=1 << 20)
+    machine = build_board(accel, memory=1 << 20, cpuid=entries)
     try:
-        machine.init_memory()
-        vcpu = vm.create_vcpu(0)
-        vcpu.set_cpuid2(entries)
+        vcpu = machine.runners[0].vcpu
         machine.memory.write(_ORG, assemble(source, bits=16, org=_ORG).code)
         machine.setup_cpu(vcpu, "real", _ORG)
         answers = []

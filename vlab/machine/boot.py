@@ -16,6 +16,7 @@ from typing import Callable
 from ..accel import select
 from .assembler import AssemblyError, assemble
 from .board import Machine
+from .builder import build_board
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode
 from .exitlog import ExitLog
 from .loaders import LoadedImage, load_elf, load_raw, parse_elf
@@ -28,16 +29,8 @@ BOOT_ERRORS = (OSError, ValueError, AssemblyError)
 
 def create_machine(accel, *, memory: int | str = "16M") -> tuple[Machine, VcpuRunner]:
     """A board on `accel` (an accelerator object) with RAM, the standard devices and vCPU 0."""
-    machine = Machine(accel, accel.create_vm(), ram_size=memory)
-    try:
-        machine.init_memory()
-        machine.add_standard_devices()
-        vcpu = machine.vm.create_vcpu(0)
-        vcpu.set_cpuid2(accel.get_supported_cpuid())
-        return machine, machine.add_vcpu(vcpu)
-    except BaseException:
-        machine.close()
-        raise
+    machine = build_board(accel, memory=memory)
+    return machine, machine.runners[0]
 
 
 def guest_mode(path: str | os.PathLike, mode: CpuMode | str | None) -> CpuMode:

@@ -44,13 +44,11 @@ from pathlib import Path
 from ..kvm.abi import MpState
 from ..kvm.vcpu import install_kick_handler
 from .board import TESTDEV_BASE, Machine, parse_size
+from .builder import build_board
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode, initial_regs, setup_mode
-from .exitlog import ExitLog
 from .multiboot import MultibootBoot, load_multiboot
 from .runloop import RunResult, VcpuRunner
 
-IDENTITY_MAP_ADDR = 0xFEFFC000  # QEMU's identity_base; the TSS takes the next three pages
-TSS_ADDR = IDENTITY_MAP_ADDR + 0x1000
 DEFAULT_MEMORY = "128M"  # QEMU's default -m
 MAX_CPUS = 255  # xAPIC IDs are 8 bits and 0xff is the broadcast address
 STOP_GRACE = 2.0  # seconds for kicked vCPU threads to leave KVM_RUN
@@ -115,19 +113,6 @@ def _open_kvm(accel: str):
     return KvmAccelerator("a multiboot PC needs the in-kernel irqchip")
 
 
-def _cpuid_for(table: list, apic_id: int) -> list:
-    """KVM's CPUID table with this vCPU's APIC ID where QEMU's `cpu_x86_cpuid` puts it:
-    leaf 1 EBX[31:24] (initial APIC ID), leaves 0xb and 0x1f EDX (x2APIC ID)."""
-    out = []
-    for entry in table:
-        if entry.function == 1:
-            entry = entry.replace(ebx=entry.ebx & 0x00FFFFFF | apic_id << 24)
-        elif entry.function in (0xB, 0x1F):
-            entry = entry.replace(edx=apic_id)
-        out.append(entry)
-    return out
-
-
 def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1) -> Machine:
     """Steps 1-5 above: a VM with the in-kernel irqchip and PIT, `smp` vCPUs (the APs
     waiting for INIT/SIPI), RAM and the standard devices."""
@@ -137,26 +122,7 @@ def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1) -> Mac
                          f"0x{TESTDEV_BASE:x} (QEMU would split it around the PCI hole)")
     if not 1 <= smp <= MAX_CPUS:
         raise ValueError(f"smp={smp}: give 1 to {MAX_CPUS} vCPUs")
-    vm = accel.create_vm()
-    machine = Machine(accel, vm, ram_size=ram_size)
-    try:
-        vm.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)   # the VM fd: this board needs KVM
-        vm.vm.set_tss_addr(TSS_ADDR)
-        vm.vm.create_irqchip()
-        cpuid = accel.get_supported_cpuid()
-        for index in range(smp):
-            vcpu = vm.create_vcpu(index)
-            vcpu.set_cpuid2(_cpuid_for(cpuid, index))
-            if index:
-                vcpu.set_mp_state(MpState.UNINITIALIZED)
-            machine.add_vcpu(vcpu, log=ExitLog())  # one log per thread: no shared counters
-        machine.init_memory()
-        vm.vm.create_pit2()
-        machine.add_standard_devices(nb_cpus=smp)
-    except BaseException:
-        machine.close()
-        raise
-    return machine
+    return build_board(accel, memory=ram_size, smp=smp, irqchip=True)
 
 
 def _module(spec: str | os.PathLike) -> tuple[str, bytes]:
