@@ -50,7 +50,7 @@ def stores():
 
 
 def capture(lab: Lab) -> VcpuState:
-    return VcpuState.capture(lab.vcpus[0], lab._msr_indices)
+    return VcpuState.capture(lab.vcpus[0], lab._msr_indices, lab.accel.capabilities.vcpu_state)
 
 
 def ram(lab: Lab) -> bytes:

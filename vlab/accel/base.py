@@ -77,6 +77,9 @@ class Capabilities:
     dirty_log: bool       # memory slots can log the pages the guest writes
     irqchip: bool         # in-kernel PIC, IOAPIC, local APICs and PIT
     inline_port_io: bool  # IN/OUT reach the devices on the vCPU thread, without an exit
+    # What a vCPU's saved state holds besides registers and MSRs: the `get_NAME`/`set_NAME`
+    # pairs of "fpu", "xcrs", "vcpu_events", "mp_state", "debugregs" it offers.
+    vcpu_state: tuple[str, ...] = ()
 
 
 class Accelerator(Protocol):

@@ -34,7 +34,8 @@ class KvmVm:
 
 class KvmAccelerator:
     name = "kvm"
-    capabilities = Capabilities(kernel=True, dirty_log=True, irqchip=True, inline_port_io=False)
+    capabilities = Capabilities(kernel=True, dirty_log=True, irqchip=True, inline_port_io=False,
+                                vcpu_state=("fpu", "xcrs", "vcpu_events", "mp_state", "debugregs"))
 
     def __init__(self, reason: str = "asked for kvm", path: str | None = None, tracer=None):
         self.kvm = Kvm(path, tracer)

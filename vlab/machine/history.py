@@ -23,7 +23,8 @@ class Snapshot:
 
 def take_snapshot(machine, vcpus, msr_indices: list[int]) -> Snapshot:
     """Every vCPU's state (with the MSRs in `msr_indices`) and guest memory."""
-    return Snapshot([VcpuState.capture(v, msr_indices) for v in vcpus], machine.memory.snapshot(),
+    parts = machine.accel.capabilities.vcpu_state
+    return Snapshot([VcpuState.capture(v, msr_indices, parts) for v in vcpus], machine.memory.snapshot(),
                     sum(runner.log.total for runner in machine.runners))
 
 
@@ -52,7 +53,7 @@ class StepHistory:
         if self._shadow is None:
             self._shadow = bytearray(self._ram().view)
             self._dirty_pages()  # start a fresh dirty log
-        return VcpuState.capture(vcpu)
+        return VcpuState.capture(vcpu, parts=self.machine.accel.capabilities.vcpu_state)
 
     def after_step(self, index: int, state: VcpuState) -> None:
         self._steps.append((index, state, self._overwritten()))

@@ -43,9 +43,6 @@ class RegisterSnapshot:
         return {name: (mine[name], theirs[name]) for name in mine if mine[name] != theirs[name]}
 
 
-_OPTIONAL_STATE = ("fpu", "xcrs", "vcpu_events", "mp_state", "debugregs")
-
-
 def read_msrs(vcpu, indices) -> dict[int, int]:
     """KVM_GET_MSRS of every MSR in `indices` the vCPU will give. KVM stops at the first MSR
     it refuses (KVM_GET_MSR_INDEX_LIST names what the kernel can save, not what this vCPU
@@ -87,11 +84,10 @@ class VcpuState:
     debugregs: object | None = None
 
     @classmethod
-    def capture(cls, vcpu, msr_indices: list[int] = ()) -> "VcpuState":
-        optional = {}
-        for name in _OPTIONAL_STATE:
-            getter = getattr(vcpu, f"get_{name}", None)
-            optional[name] = getter() if getter else None
+    def capture(cls, vcpu, msr_indices: list[int] = (), parts: tuple[str, ...] = ()) -> "VcpuState":
+        """Registers, the MSRs in `msr_indices`, and the `parts` the accelerator offers
+        (its `capabilities.vcpu_state`)."""
+        optional = {name: getattr(vcpu, f"get_{name}")() for name in parts}
         msrs = read_msrs(vcpu, msr_indices)
         return cls(vcpu.get_regs(), vcpu.get_sregs(), msrs, **optional)
 

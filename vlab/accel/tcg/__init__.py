@@ -50,7 +50,8 @@ class TcgAccelerator:
 
     name = "tcg"
     backend = TCG
-    capabilities = Capabilities(kernel=False, dirty_log=False, irqchip=False, inline_port_io=True)
+    capabilities = Capabilities(kernel=False, dirty_log=False, irqchip=False, inline_port_io=True,
+                                vcpu_state=("debugregs",))
 
     def __init__(self, reason: str = "asked for tcg"):
         self.reason = reason
