@@ -5,14 +5,14 @@ import pytest
 
 from vlab.accel import select
 from vlab.accel.tcg import TcgAccelerator, supported_cpuid
-from vlab.accel.tcg.cpuid import CpuidTable
+from vlab.accel.tcg.cpuid import CpuidAnswers
 from vlab.kvm.exits import Hlt, IoIn, IoOut, MmioWrite
 from vlab.kvm.state import CpuidEntry
 from vlab.machine.memory import GuestMemory
 
 
 def leaf(function, index=0):
-    return CpuidTable(supported_cpuid()).lookup(function, index)
+    return CpuidAnswers(supported_cpuid()).lookup(function, index)
 
 
 def test_supported_cpuid_is_a_qemu64_like_model():
@@ -31,7 +31,7 @@ def test_supported_cpuid_is_a_qemu64_like_model():
 
 
 def test_cpuid_lookup_follows_kvm():
-    intel = CpuidTable([CpuidEntry(0, eax=4, ebx=0x756E6547, edx=0x49656E69, ecx=0x6C65746E),
+    intel = CpuidAnswers([CpuidEntry(0, eax=4, ebx=0x756E6547, edx=0x49656E69, ecx=0x6C65746E),
                         CpuidEntry(2, eax=0x22),
                         CpuidEntry(4, index=1, flags=1, eax=0x41),
                         CpuidEntry(0x80000000, eax=0x80000001)])
@@ -40,8 +40,8 @@ def test_cpuid_lookup_follows_kvm():
     assert intel.lookup(2, 7)[0] == 0x22              # and not for that one
     assert intel.lookup(9, 1)[0] == 0x41              # past the basic range: highest leaf
     assert intel.lookup(0x80000005, 1)[0] == 0x41     # past the extended range too
-    assert CpuidTable(supported_cpuid()).lookup(9, 0) == (0, 0, 0, 0)  # not on AMD
-    assert CpuidTable().lookup(0, 0) == (0, 0, 0, 0)
+    assert CpuidAnswers(supported_cpuid()).lookup(9, 0) == (0, 0, 0, 0)  # not on AMD
+    assert CpuidAnswers().lookup(0, 0) == (0, 0, 0, 0)
 
 
 def test_msrs_round_trip_and_the_guest_reads_them(guest):

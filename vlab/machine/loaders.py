@@ -26,7 +26,7 @@ class LoadError(ValueError):
 
 
 @dataclass(frozen=True)
-class Segment:
+class ImageSegment:
     """Bytes bound for guest memory: `data` at `gpa`, then zeros up to `memsz` bytes."""
     name: str
     gpa: int
@@ -56,7 +56,7 @@ class ElfImage:
     entry: int
     elf_class: int
     machine: str
-    segments: list[Segment] = field(repr=False)
+    segments: list[ImageSegment] = field(repr=False)
 
 
 def read_image(image: bytes | bytearray | memoryview | str | os.PathLike) -> bytes:
@@ -66,7 +66,7 @@ def read_image(image: bytes | bytearray | memoryview | str | os.PathLike) -> byt
     return bytes(image)
 
 
-def place(memory: GuestMemory, segments: list[Segment]) -> None:
+def place(memory: GuestMemory, segments: list[ImageSegment]) -> None:
     """Copy segments into guest memory after checking that all fit and none overlap."""
     present = sorted((s for s in segments if s.memsz), key=lambda s: s.gpa)
     for seg in present:
@@ -87,7 +87,7 @@ def place(memory: GuestMemory, segments: list[Segment]) -> None:
 def load_raw(memory: GuestMemory, gpa: int, data: bytes) -> LoadedImage:
     """Copy flat code to `gpa`, which is also where it starts running."""
     data = bytes(data)
-    place(memory, [Segment("raw image", gpa, data, len(data))])
+    place(memory, [ImageSegment("raw image", gpa, data, len(data))])
     return LoadedImage(entry=gpa, segments=[(gpa, len(data))], format="raw")
 
 
@@ -143,7 +143,7 @@ def parse_elf(image: bytes | str | os.PathLike) -> ElfImage:
         if end > len(data):
             raise LoadError(f"{name}: its file bytes {ph['p_offset']:#x}-{end:#x} lie beyond "
                             f"the end of the image ({len(data):#x} bytes): truncated?")
-        segments.append(Segment(name, ph["p_paddr"], data[ph["p_offset"]:end], ph["p_memsz"]))
+        segments.append(ImageSegment(name, ph["p_paddr"], data[ph["p_offset"]:end], ph["p_memsz"]))
     if not segments:
         raise LoadError("ELF image has no PT_LOAD segment: nothing to load")
     return ElfImage(entry=header["e_entry"], elf_class=elf.elfclass,

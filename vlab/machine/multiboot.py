@@ -18,7 +18,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vlab.machine.loaders import (LoadedImage, LoadError, Segment, parse_elf, place,
+from vlab.machine.loaders import (LoadedImage, LoadError, ImageSegment, parse_elf, place,
                                   read_image)
 from vlab.machine.memory import GuestMemory, GuestMemoryError, span
 from vlab.x86 import PAGE_SIZE
@@ -190,11 +190,11 @@ def parse_header(image: bytes | str | os.PathLike) -> MultibootHeader:
     return MultibootHeader(offset=offset, flags=flags, checksum=checksum, notes=notes, **fields)
 
 
-def _kernel(data: bytes, header: MultibootHeader) -> tuple[LoadedImage, list[Segment]]:
+def _kernel(data: bytes, header: MultibootHeader) -> tuple[LoadedImage, list[ImageSegment]]:
     if header.kludge:
         end = header.bss_end_addr or header.load_addr + header.load_size
         text = data[header.text_offset:header.text_offset + header.load_size]
-        seg = Segment("kernel", header.load_addr, text, end - header.load_addr)
+        seg = ImageSegment("kernel", header.load_addr, text, end - header.load_addr)
         image = LoadedImage(entry=header.entry_addr, segments=[(seg.gpa, seg.memsz)],
                             format="a.out kludge")
         return image, [seg]
@@ -285,7 +285,7 @@ def load_multiboot(memory: GuestMemory, image: bytes | str | os.PathLike, cmdlin
     for name, blob in modules:
         start = -(-cursor // PAGE_SIZE) * PAGE_SIZE
         blob = bytes(blob)
-        segments.append(Segment(f"module {name!r}", start, blob, len(blob)))
+        segments.append(ImageSegment(f"module {name!r}", start, blob, len(blob)))
         placed.append((name, start, start + len(blob)))
         cursor = start + len(blob)
     for seg in segments:
@@ -300,7 +300,7 @@ def load_multiboot(memory: GuestMemory, image: bytes | str | os.PathLike, cmdlin
             (HIGH_MEMORY, ram_end - HIGH_MEMORY, MEMORY_AVAILABLE)]
     info_flags = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOT_LOADER_NAME
     block = _information(info_flags, mem_lower, mem_upper, mmap, placed, cmdline)
-    segments.append(Segment("multiboot information", INFO_ADDRESS, block, len(block)))
+    segments.append(ImageSegment("multiboot information", INFO_ADDRESS, block, len(block)))
 
     try:
         place(memory, segments)

@@ -7,7 +7,7 @@ with the Pentium Pro base set plus SSE/SSE2/SSE3/CX16 (FPU, TSC, MSR, PAE, APIC,
 the brand string "QEMU Virtual CPU version 2.5+", and 40-bit physical / 48-bit virtual
 addresses. Bit 31 of leaf 1 ECX says a hypervisor is present, as QEMU sets it.
 
-`CpuidTable.lookup` answers a guest CPUID the way KVM's `kvm_cpuid()` does: an exact
+`CpuidAnswers.lookup` answers a guest CPUID the way KVM's `kvm_cpuid()` does: an exact
 (function, index) match, the index only where the entry says it matters; unless the vendor
 is AMD or Hygon, a leaf past the highest of its range reads as the highest basic leaf
 (`get_out_of_range_cpuid_entry`); anything else reads zeros.
@@ -54,7 +54,7 @@ def supported_cpuid() -> list[CpuidEntry]:
     ]
 
 
-class CpuidTable:
+class CpuidAnswers:
     """The vCPU's KVM_SET_CPUID2 table, answering the guest's CPUID instructions."""
 
     def __init__(self, entries=()):

@@ -42,7 +42,7 @@ from ...kvm.exits import (Debug, Exit, Hlt, InternalError, Interrupted, IoIn, Io
                           MmioRead, MmioWrite, Shutdown, X86Rdmsr)
 from ...kvm.state import Regs, Segment, Sregs
 from ...x86 import HW_BREAKPOINTS, opcode_offset
-from .cpuid import CpuidTable
+from .cpuid import CpuidAnswers
 from .cpustate import read_segments
 from .engine import Engine
 from .exceptions import deliver
@@ -109,7 +109,7 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
         self._pending: list[Exit] = []
         self._log = AccessLog()
         self._in_rip = 0
-        self._cpuid = CpuidTable()
+        self._cpuid = CpuidAnswers()
         self._single_step = False
         self._breakpoint_hooks: list[int] = []
         self._debug_dr7 = DR7_FIXED

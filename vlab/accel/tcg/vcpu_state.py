@@ -6,7 +6,7 @@ from __future__ import annotations
 from unicorn import x86_const as x86
 
 from ...kvm.state import CpuidEntry, DebugRegs, GPR_NAMES, Regs, Sregs
-from .cpuid import CpuidTable
+from .cpuid import CpuidAnswers
 from .cpustate import read_sregs, write_sregs
 from .msrs import READABLE, WRITABLE
 
@@ -78,7 +78,7 @@ class TcgVcpuState:
     # --- CPUID ---------------------------------------------------------------------------------
     def set_cpuid2(self, entries) -> None:
         """The table the guest's CPUID instruction reads, every leaf (see `cpuid`)."""
-        self._cpuid = CpuidTable(entries)
+        self._cpuid = CpuidAnswers(entries)
 
     def get_cpuid2(self) -> list[CpuidEntry]:
         return list(self._cpuid.entries)
