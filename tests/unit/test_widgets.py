@@ -68,6 +68,16 @@ def test_throttle_calls_at_once_when_due_and_defers_the_rest():
     throttle.cancel()
 
 
+def test_throttle_counts_the_interval_from_the_end_of_a_slow_call():
+    """A draw slower than the interval (as on an emulated host) does not run on every exit."""
+    calls = []
+    throttle = Throttle(0.02, lambda: (calls.append(time.monotonic()), time.sleep(0.05)))
+    for _ in range(5):
+        throttle()                  # back to back, as VM exits come
+    throttle.cancel()
+    assert len(calls) == 1
+
+
 # --- views over hand-built models ---------------------------------------------------------------
 def test_register_view_follows_its_model():
     model = RegisterModel(0)

@@ -44,9 +44,11 @@ def message(text: str, kind: str = "info") -> str:
 
 
 class Throttle:
-    """Calls `action` at most once per `interval` seconds: at once when due, otherwise once
-    when the interval is over, so the last change is never left unshown. Cheap enough to call
-    on every VM exit (no lock unless a deferred call has to be scheduled)."""
+    """Calls `action` at most once per `interval` seconds, counted from the end of the last
+    call (a draw slower than the interval, as on an emulated host, must not run on every VM
+    exit): at once when due, otherwise once when the interval is over, so the last change is
+    never left unshown. Cheap enough to call on every VM exit (no lock unless a deferred call
+    has to be scheduled)."""
 
     def __init__(self, interval: float, action: Callable[[], None]):
         self.interval = interval
@@ -62,6 +64,7 @@ class Throttle:
         if wait <= 0:
             self._last = time.monotonic()
             self.action()
+            self._last = time.monotonic()
             return
         with self._lock:
             if self._timer is None:
@@ -74,6 +77,7 @@ class Throttle:
             self._timer = None
             self._last = time.monotonic()
         self.action()
+        self._last = time.monotonic()
 
     def cancel(self) -> None:
         with self._lock:
