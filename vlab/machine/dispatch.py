@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Callable
 
 from ..devices.bus import Bus, BusError
 from ..kvm.exits import (Debug, Exit, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut,
@@ -31,6 +32,20 @@ class Outcome:
     reply: bytes | None = None       # bytes answering an IN or MMIO read
     stop_reason: str | None = None   # why the guest stopped, in words
     claimed: bool = True             # False: nobody owns that port/address
+    # how the vCPU gets `reply` before it runs again: answer(vcpu, exit, reply)
+    answer: Callable | None = None
+
+
+def _answer_io_in(vcpu, exit: IoIn, reply: bytes) -> None:
+    vcpu.complete_io_in(exit, reply)
+
+
+def _answer_mmio_read(vcpu, exit: MmioRead, reply: bytes) -> None:
+    vcpu.complete_mmio_read(exit, reply)
+
+
+def _refuse_rdmsr(vcpu, exit: X86Rdmsr, reply: bytes) -> None:
+    vcpu.complete_rdmsr(exit, int.from_bytes(reply, "little"), error=True)
 
 
 _HLT = Outcome(STOP, stop_reason="HLT: the guest halted")
@@ -58,8 +73,8 @@ def handle_exit(exit: Exit, pio: Bus, mmio: Bus) -> Outcome:
     if cls is IoIn:
         data, device = pio.pio_in(exit.port, exit.size, exit.count)
         if device is None:
-            return Outcome(RESUME, None, data, claimed=False)
-        return Outcome(RESUME, device.name, data)
+            return Outcome(RESUME, None, data, claimed=False, answer=_answer_io_in)
+        return Outcome(RESUME, device.name, data, answer=_answer_io_in)
     if cls is MmioWrite:
         device = mmio.dispatch_write(exit.address, exit.value, _mmio_size(exit.length))
         if device is None:
@@ -70,8 +85,8 @@ def handle_exit(exit: Exit, pio: Bus, mmio: Bus) -> Outcome:
         value, device = mmio.dispatch_read(exit.address, size)
         reply = value.to_bytes(size, "little")[:exit.length]
         if device is None:
-            return Outcome(RESUME, None, reply, claimed=False)
-        return Outcome(RESUME, device.name, reply)
+            return Outcome(RESUME, None, reply, claimed=False, answer=_answer_mmio_read)
+        return Outcome(RESUME, device.name, reply, answer=_answer_mmio_read)
     if cls is Hlt:
         return _HLT
     if cls is Interrupted:
@@ -90,7 +105,7 @@ def handle_exit(exit: Exit, pio: Bus, mmio: Bus) -> Outcome:
     if cls is X86Rdmsr:
         # No MSR is emulated in userspace: the loop answers with an error, so the guest
         # takes #GP as it would for an MSR the CPU lacks.
-        return Outcome(RESUME, reply=bytes(8), claimed=False)
+        return Outcome(RESUME, reply=bytes(8), claimed=False, answer=_refuse_rdmsr)
     if cls is X86Wrmsr:
         return _UNCLAIMED
     return Outcome(STOP, stop_reason=f"unhandled exit {exit.reason.name}")

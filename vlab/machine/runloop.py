@@ -19,7 +19,7 @@ from typing import Callable
 from ..devices.bus import Bus, BusError
 from ..kvm.abi import KVM_SYNC_X86_REGS, ExitReason
 from ..kvm.exits import (Debug, Exit, ExitDecodeError, Hlt, Interrupted, IoIn, IoOut, MmioRead,
-                         MmioWrite, X86Rdmsr)
+                         MmioWrite)
 from .exitlog import ExitLog, ExitRecord
 from .dispatch import RESUME, STOP, Outcome, handle_exit
 from .explain import explain
@@ -154,14 +154,8 @@ class VcpuRunner:
             outcome = handle_exit(exit, self.pio, self.mmio)
         except BusError as e:
             outcome = Outcome(STOP, stop_reason=f"bad access from the guest ({exit.describe()}): {e}")
-        if outcome.reply is not None:
-            cls = exit.__class__
-            if cls is IoIn:
-                vcpu.complete_io_in(exit, outcome.reply)
-            elif cls is MmioRead:
-                vcpu.complete_mmio_read(exit, outcome.reply)
-            elif cls is X86Rdmsr:
-                vcpu.complete_rdmsr(exit, int.from_bytes(outcome.reply, "little"), error=True)
+        if outcome.answer is not None:
+            outcome.answer(vcpu, exit, outcome.reply)
         counters = self._counters() if self._counters is not None else None
         self.log.append(ExitRecord(vcpu.id, exit, vcpu.synced_rip, outcome.device,
                                    outcome.claimed, duration, self._previous_counters, counters))
