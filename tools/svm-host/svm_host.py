@@ -230,16 +230,17 @@ def write_job(results: Path, args: list[str]) -> None:
     """The script the guest runs in the chroot: pytest in the checkout, with its venv."""
     forwarded = {k: v for k, v in os.environ.items() if k.startswith("VLAB_") and
                  not k.startswith("VLAB_SVM_")}
-    env = {"HOME": "/tmp/home", "TMPDIR": "/tmp", "PATH": "/usr/local/bin:/usr/bin:/bin",
+    env = {"HOME": "/dev/shm/home", "TMPDIR": "/dev/shm/tmp",
+           "PATH": "/usr/local/bin:/usr/bin:/bin",
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
            "PY_COLORS": "1" if sys.stdout.isatty() else "0",
            "COLUMNS": str(shutil.get_terminal_size().columns), **forwarded}
     python = CHECKOUT / ".venv" / "bin" / "python"
-    lines = ["mkdir -p /tmp/home/.cache", f"cd {shlex.quote(str(CHECKOUT))}"]
+    lines = ["mkdir -p /dev/shm/home/.cache /dev/shm/tmp", f"cd {shlex.quote(str(CHECKOUT))}"]
     # matplotlib's font list, which it would otherwise rebuild from every font (~10 s there)
     fonts = Path.home() / ".cache" / "matplotlib"
     if fonts.is_dir():
-        lines.append(f"cp -r {shlex.quote(str(fonts))} /tmp/home/.cache/")
+        lines.append(f"cp -r {shlex.quote(str(fonts))} /dev/shm/home/.cache/")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines.append("exec " + shlex.join([str(python), "-m", "pytest", "-p", "no:cacheprovider",
                                        *args]))
