@@ -12,10 +12,12 @@ from .cpuid import CpuidExplorer
 from .dashboard import Dashboard
 from .disassembly import Disassembly, code_bits
 from .histogram import ExitHistogram
+from .kernel_trace import KernelExitTable, KvmRunTimeline
 from .memory import MemoryView, hexdump
 from .registers import RegisterView
 from .stats import KvmStatsView
 from .stepper import StageStepper
 
 __all__ = ["Dashboard", "StageStepper", "RegisterView", "ExitHistogram", "CpuidExplorer",
-           "MemoryView", "Disassembly", "SerialConsole", "KvmStatsView", "code_bits", "hexdump"]
+           "MemoryView", "Disassembly", "SerialConsole", "KvmStatsView", "KernelExitTable",
+           "KvmRunTimeline", "code_bits", "hexdump"]

@@ -136,3 +136,27 @@ class LabView(widgets.VBox):
     def __repr__(self) -> str:
         # The text/plain of the widget's output: short and stable, so nbval can compare it.
         return f"{type(self).__name__}()"
+
+
+class ExitLogView(LabView):
+    """A view over one vCPU's exit log: redrawn as exits arrive (at most every `interval`
+    seconds, from the vCPU thread or a timer for the last change) and at once when a step
+    or run ends. `render` holds `_lock`: the vCPU thread and the kernel's may both draw."""
+
+    def __init__(self, lab, vcpu: int, interval: float, **kwargs):
+        super().__init__(lab, **kwargs)
+        self.vcpu = vcpu
+        self._throttle = Throttle(interval, self.render)
+        self._lock = threading.Lock()
+
+    @property
+    def exit_log(self):
+        return self.lab.exit_logs[self.vcpu] if len(self.lab.exit_logs) > self.vcpu else None
+
+    def _attach(self) -> bool:
+        log = self.exit_log
+        if log is None:
+            return False
+        log.subscribe(self._throttle)
+        self._detachers += [lambda: log.unsubscribe(self._throttle), self._throttle.cancel]
+        return self._on_registers(self.vcpu, self.render)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import io
 import math
-import threading
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .base import LabView, Throttle
+from .base import ExitLogView
 
 REDRAW_INTERVAL = 0.2   # seconds between live redraws while the guest runs
 ROWS = 8                # bars per chart at most
@@ -58,7 +57,7 @@ class BarChart:
                 value.set_text(f"{count:,}")
 
 
-class ExitHistogram(LabView):
+class ExitHistogram(ExitLogView):
     """Two bar charts in one reused matplotlib figure, rendered to PNG in an Image widget:
     userspace exits by reason (ExitLog.histogram) and KVM's counters for the vCPU from the
     binary stats fd (the run loop's KERNEL_COUNTERS). While the guest runs it redraws at most
@@ -66,29 +65,14 @@ class ExitHistogram(LabView):
     of every run or step redraws at once."""
 
     def __init__(self, lab, vcpu: int = 0, interval: float = REDRAW_INTERVAL):
-        super().__init__(lab)
-        self.vcpu = vcpu
+        super().__init__(lab, vcpu, interval)
         self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.children = (self.image,)
         self.redraws = 0
         self._figure = Figure(figsize=(7.5, 2.2), dpi=80)
         self._user_chart, self._kernel_chart = map(BarChart, self._figure.subplots(1, 2))
-        self._throttle = Throttle(interval, self.render)
-        self._lock = threading.Lock()
         self._drawn: tuple | None = None
         self.refresh()
-
-    @property
-    def exit_log(self):
-        return self.lab.exit_logs[self.vcpu] if len(self.lab.exit_logs) > self.vcpu else None
-
-    def _attach(self) -> bool:
-        log = self.exit_log
-        if log is None:
-            return False
-        log.subscribe(self._throttle)
-        self._detachers += [lambda: log.unsubscribe(self._throttle), self._throttle.cancel]
-        return self._on_registers(self.vcpu, self.render)
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """(userspace exits by reason, KVM's nonzero counters for this vCPU). The counters

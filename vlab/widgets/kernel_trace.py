@@ -1,0 +1,400 @@
+"""Inside KVM_RUN, from KVM's own tracepoints (`vlab.Lab(..., kernel_trace=True)`).
+
+KernelExitTable: exits by reason as the kernel names them, how many KVM handled itself
+beside how many reached userspace (the table `kvm_stat` shows), over
+`ExitLog.kernel_exit_table()`.
+KvmRunTimeline: one KVM_RUN as a sequence diagram in three lanes (userspace, KVM, guest):
+VM entries and exits, the instructions KVM's emulator executed, port and MMIO accesses,
+interrupts injected, and the exit to userspace that ended it. Its model, `RunTimeline`, is
+built from an exit record's `kernel_events` and needs no widget.
+
+Both read only a tracepoint's `name`, `timestamp_ns`, `describe()` and, for `kvm_exit`,
+`reason_name`, so any record type of vlab.kvm.kernel_trace (typed or raw) is shown.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import ipywidgets as widgets
+
+from .base import MONO, TABLE_STYLE, ExitLogView, cell, escape, message, table
+
+REDRAW_INTERVAL = 0.2   # seconds between live redraws while the guest runs
+LANE_WIDTH = "190px"
+HEAD_ROWS, TAIL_ROWS = 24, 12   # a longer KVM_RUN shows its start and its end, the middle counted
+
+# Where each tracepoint happens: (lane it starts in, lane it goes to, kind). A kind names the
+# row's colour and CSS class (vlab-kind-<kind>). Lanes are the three places a vCPU thread can be.
+USERSPACE, KVM, GUEST = "userspace", "KVM", "guest"
+LANES = (USERSPACE, KVM, GUEST)
+_PLACES = {
+    "kvm_entry": (KVM, GUEST, "entry"),
+    "kvm_exit": (GUEST, KVM, "exit"),
+    "kvm_userspace_exit": (KVM, USERSPACE, "userspace"),
+    "kvm_emulate_insn": (KVM, KVM, "emulate"),
+    "kvm_pio": (KVM, KVM, "io"),
+    "kvm_mmio": (KVM, KVM, "io"),
+    "kvm_fast_mmio": (KVM, KVM, "io"),
+    "kvm_inj_virq": (KVM, GUEST, "irq"),
+    "kvm_inj_exception": (KVM, GUEST, "irq"),
+    "kvm_fpu": (KVM, KVM, "fpu"),
+}
+_IRQ_PREFIXES = ("kvm_set_irq", "kvm_apic", "kvm_pic", "kvm_ioapic", "kvm_msi", "kvm_vcpu_wakeup",
+                 "kvm_ack_irq", "kvm_eoi", "kvm_pv_eoi")
+COLORS = {   # kind: (background, text)
+    "call": ("#fff8e1", "#8d6e00"),
+    "entry": ("#e8f5e9", "#2e7d32"),
+    "exit": ("#e3f2fd", "#1565c0"),
+    "emulate": ("#fff3e0", "#e65100"),
+    "io": ("#e0f2f1", "#00695c"),
+    "irq": ("#f3e5f5", "#6a1b9a"),
+    "userspace": ("#ffebee", "#b71c1c"),
+    "fpu": ("#fafafa", "#9e9e9e"),
+    "kernel": ("#f5f5f5", "#424242"),
+    "skipped": ("#ffffff", "#757575"),
+}
+LEGEND = (("entry", "VM entry"), ("exit", "VM exit"), ("emulate", "instruction emulated by KVM"),
+          ("io", "port / MMIO access"), ("irq", "interrupt"), ("userspace", "exit to userspace"))
+
+
+def place(name: str) -> tuple[str, str, str]:
+    """(from lane, to lane, kind) of a tracepoint."""
+    if name in _PLACES:
+        return _PLACES[name]
+    if name.startswith(_IRQ_PREFIXES):
+        return KVM, KVM, "irq"
+    return KVM, KVM, "kernel"
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    offset_ns: int | None    # since the KVM_RUN's first event; None for rows vlab adds
+    name: str                # the tracepoint (or what vlab adds: KVM_RUN, skipped)
+    source: str              # lane the event starts in
+    target: str              # lane it goes to (the same for an event inside one lane)
+    kind: str
+    label: str               # short, in the lane
+    text: str                # the event's own describe()
+    note: str = ""           # what it means for the KVM_RUN (the return convention)
+
+    def offset(self) -> str:
+        return "" if self.offset_ns is None else f"+{self.offset_ns / 1000:.1f} us"
+
+    def line(self) -> str:
+        lane = self.source if self.source == self.target else f"{self.source}->{self.target}"
+        note = f"  ({self.note})" if self.note else ""
+        return f"{self.offset():>12}  {lane:<15} {self.text}{note}"
+
+
+def _label(event) -> str:
+    name = event.name
+    if name == "kvm_exit":
+        return f"exit: {event.reason_name}"
+    if name == "kvm_entry":
+        return "VM entry"
+    if name == "kvm_userspace_exit":
+        return "return to userspace"
+    if name == "kvm_emulate_insn":
+        return getattr(event, "disassembly", "") or "emulated"
+    return name.removeprefix("kvm_")
+
+
+class RunTimeline:
+    """One KVM_RUN from the kernel's side: rows in order, what they add up to, and a short
+    text. An exit followed by another entry was handled in KVM (`handle_exit` returned 1:
+    `vcpu_run` looped); the last exit is the one KVM could not finish (it returned 0), and
+    `kvm_userspace_exit` is `KVM_RUN` returning."""
+
+    def __init__(self, record, head: int = HEAD_ROWS, tail: int = TAIL_ROWS):
+        self.record = record
+        self.events = tuple(getattr(record, "kernel_events", ()) or ())
+        names = [event.name for event in self.events]
+        last_entry = max((i for i, n in enumerate(names) if n == "kvm_entry"), default=-1)
+        self.entries = names.count("kvm_entry")
+        self.handled_in_kernel: Counter = Counter()
+        self.exits_to_userspace: Counter = Counter()
+        for i, event in enumerate(self.events):
+            if event.name == "kvm_exit":
+                (self.handled_in_kernel if i < last_entry else self.exits_to_userspace)[event.reason_name] += 1
+        self.emulated = names.count("kvm_emulate_insn")
+        self.injected = names.count("kvm_inj_virq") + names.count("kvm_inj_exception")
+        self.io = sum(place(n)[2] == "io" for n in names)
+        rows = [self._row(i, event, last_entry) for i, event in enumerate(self.events)]
+        self.rows = [TimelineRow(None, "KVM_RUN", USERSPACE, KVM, "call", "KVM_RUN",
+                                 f"vcpu{record.vcpu} ioctl(KVM_RUN)",
+                                 "kvm_vcpu_ioctl -> kvm_arch_vcpu_ioctl_run -> vcpu_run")]
+        self.rows += _collapse(rows, head, tail)
+
+    def _row(self, i: int, event, last_entry: int) -> TimelineRow:
+        source, target, kind = place(event.name)
+        note = ""
+        if event.name == "kvm_exit":
+            note = ("handled in KVM: handle_exit returned 1, vcpu_run enters again" if i < last_entry
+                    else "handle_exit returned 0: KVM needs userspace")
+        elif event.name == "kvm_userspace_exit":
+            note = "KVM_RUN returns"
+        elif event.name == "kvm_emulate_insn":
+            note = "KVM's emulator executed the guest's instruction"
+        offset = event.timestamp_ns - self.events[0].timestamp_ns
+        return TimelineRow(offset, event.name, source, target, kind, _label(event),
+                           event.describe(), note)
+
+    @property
+    def seq(self) -> int:
+        return self.record.seq
+
+    def headline(self) -> str:
+        """What the KVM_RUN adds up to; what did not happen is left out (kvm_pvm traces no
+        VM entry, VMX and SVM emulate almost nothing)."""
+        handled = sum(self.handled_in_kernel.values())
+        reasons = ", ".join(f"{r} {n}" for r, n in self.handled_in_kernel.most_common())
+        parts = [_count(self.entries, "VM entry", "VM entries"),
+                 _count(handled, "exit handled in KVM", "exits handled in KVM")
+                 + (f" ({reasons})" if reasons else ""),
+                 _count(self.emulated, "instruction emulated", "instructions emulated"),
+                 _count(self.io, "port or MMIO access", "port or MMIO accesses"),
+                 _count(self.injected, "interrupt or exception injected",
+                        "interrupts or exceptions injected")]
+        done = ", ".join(part for part in parts if not part.startswith("0 ")) or "no kernel events"
+        return (f"KVM_RUN #{self.seq} (vCPU {self.record.vcpu}): {done}; "
+                f"then to userspace: {self.record.reason}")
+
+    def summary(self) -> str:
+        return "\n".join([self.headline()] + [row.line() for row in self.rows])
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def _collapse(rows: list[TimelineRow], head: int, tail: int) -> list[TimelineRow]:
+    """The first `head` and last `tail` rows of a long KVM_RUN, the ones between counted by
+    tracepoint in one row (a CPL 0 loop on an emulating backend is one row per instruction)."""
+    if len(rows) <= head + tail + 1:
+        return rows
+    hidden = rows[head:len(rows) - tail]
+    counts = Counter(row.name for row in hidden)
+    text = f"... {len(hidden):,} more events: " + ", ".join(f"{k} {n:,}" for k, n in counts.most_common())
+    skipped = TimelineRow(None, "skipped", KVM, KVM, "skipped", f"{len(hidden):,} more", text)
+    return rows[:head] + [skipped] + rows[-tail:]
+
+
+def _pill(kind: str, text: str, title: str = "") -> str:
+    background, color = COLORS[kind]
+    tip = f" title='{escape(title)}'" if title else ""
+    return (f"<span{tip} style='background:{background};color:{color};border:1px solid {color};"
+            f"border-radius:3px;padding:0 4px;white-space:nowrap'>{escape(text)}</span>")
+
+
+def _lane_cells(row: TimelineRow) -> str:
+    """The three lane cells: the event's label where it happens; for an event that moves
+    the thread between lanes (VM entry: KVM to guest; exit to userspace: KVM to userspace)
+    a line from the middle of its source lane to an arrowhead at its label."""
+    start, end = LANES.index(row.source), LANES.index(row.target)
+    color = COLORS[row.kind][1]
+    rightward = end > start
+    cells = []
+    for i in range(len(LANES)):
+        style = f"padding:1px 0;border-left:1px dashed #ccc;width:{LANE_WIDTH}"
+        content = ""
+        if i == end:
+            label = _pill(row.kind, row.label, row.text)
+            if start == end:
+                style += ";text-align:center"
+                content = label
+            elif rightward:
+                style += ";text-align:left"
+                content = f"<span style='color:{color}'>▶</span>{label}"
+            else:
+                style += ";text-align:right"
+                content = f"{label}<span style='color:{color}'>◀</span>"
+        elif i == start:
+            style += ";" + _line("right" if rightward else "left", "50%", color)
+        elif min(start, end) < i < max(start, end):
+            style += ";" + _line("left", "100%", color)
+        cells.append(f"<td style='{style}'>{content}</td>")
+    return "".join(cells)
+
+
+def _line(side: str, width: str, color: str) -> str:
+    """CSS for a 2px horizontal line over `width` of a cell from its `side`."""
+    return f"background:linear-gradient({color},{color}) no-repeat {side} center / {width} 2px"
+
+
+def timeline_html(timeline: RunTimeline) -> str:
+    """The diagram: a headline, a strip of one mark per row (the KVM_RUN at a glance), the
+    legend, and the rows."""
+    strip = "".join(
+        f"<span title='{escape(row.text)}' style='display:inline-block;width:10px;height:14px;"
+        f"margin-right:1px;background:{COLORS[row.kind][1]}'></span>" if row.kind != "skipped"
+        else f"<span style='{MONO};color:#757575;padding:0 3px'>⋯ {escape(row.label)} ⋯</span>"
+        for row in timeline.rows[1:])
+    legend = " ".join(_pill(kind, text) for kind, text in LEGEND)
+    head = "".join(cell(h, tag="th") for h in ("time", *LANES, "what happened"))
+    body = []
+    for row in timeline.rows:
+        background = "#fafafa" if row.kind in ("fpu", "skipped") else "white"
+        note = (f"<br><span style='color:{COLORS[row.kind][1]}'>{escape(row.note)}</span>"
+                if row.note else "")
+        body.append(f"<tr class='vlab-kind-{row.kind}' style='background:{background}'>"
+                    f"{cell(row.offset(), attrs=' data-col=time')}{_lane_cells(row)}"
+                    f"<td style='padding:1px 6px'>{escape(row.text)}{note}</td></tr>")
+    return (f"<div style='{MONO};font-weight:bold;margin:2px 0'>{escape(timeline.headline())}</div>"
+            f"<div class='vlab-timeline-strip' style='margin:4px 0'>{strip}</div>"
+            f"<div style='{MONO};margin:2px 0 6px'>{legend}</div>"
+            f"<table style='{TABLE_STYLE}'><tr>{head}</tr>{''.join(body)}</table>")
+
+
+def tracing_state(lab) -> str | None:
+    """Why there are no kernel events to show (None: the Lab traces its KVM_RUNs)."""
+    if getattr(lab, "kernel_trace", None) is not None:
+        return None
+    return "kernel tracing is off for this Lab: vlab.Lab(..., kernel_trace=True) turns it on (kvm only)"
+
+
+def lost_note(lab) -> str:
+    """The ring buffer's overruns so far: a timeline with lost events is incomplete."""
+    trace = getattr(lab, "kernel_trace", None)
+    lost = getattr(trace, "lost", 0) if trace is not None else 0
+    return f"{lost:,} events lost (tracefs ring buffer overrun): some KVM_RUNs are incomplete" if lost else ""
+
+
+class _TraceView(ExitLogView):
+    """A view of what the kernel trace adds to one vCPU's exit log, drawn as HTML."""
+
+    def __init__(self, lab, vcpu: int, interval: float):
+        super().__init__(lab, vcpu, interval)
+        self.html = widgets.HTML()
+
+    def _missing(self) -> str | None:
+        if self.exit_log is None:
+            return f"vCPU {self.vcpu} does not exist yet: kvm_init_vcpu creates it"
+        return tracing_state(self.lab)
+
+
+class KernelExitTable(_TraceView):
+    """kvm_stat's table for one vCPU: every exit reason the kernel reported, how many KVM
+    handled itself and how many reached userspace, with bars on a log scale (a CPL 0 loop
+    emulated instruction by instruction counts millions beside a few port writes)."""
+
+    def __init__(self, lab, vcpu: int = 0, interval: float = REDRAW_INTERVAL):
+        super().__init__(lab, vcpu, interval)
+        self.children = (self.html,)
+        self.redraws = 0
+        self.refresh()
+
+    def table(self):
+        """The exit log's kernel_exit_table(), or None while there is nothing to count."""
+        return None if self._missing() else self.exit_log.kernel_exit_table()
+
+    def render(self) -> None:
+        with self._lock:
+            missing = self._missing()
+            if missing:
+                self.html.value = message(missing)
+                return
+            rows = self.table().rows
+            top = max((max(r.in_kernel, r.userspace) for r in rows), default=0)
+            body = [f"<tr data-reason='{escape(r.reason)}'>{cell(r.reason)}"
+                    f"{_bar_cell(r.in_kernel, top, 'exit')}{_bar_cell(r.userspace, top, 'userspace')}</tr>"
+                    for r in rows]
+            notes = [message("no exits yet")] if not rows else []
+            lost = lost_note(self.lab)
+            if lost:
+                notes.append(message(lost, "error"))
+            self.html.value = (message(f"vCPU {self.vcpu}: exits by reason, as the kernel names them")
+                               + table(body, ("exit reason", "handled in KVM", "reached userspace"))
+                               + "".join(notes))
+            self.redraws += 1
+
+    def summary(self) -> str:
+        missing = self._missing()
+        if missing:
+            return missing
+        text = str(self.table())
+        lost = lost_note(self.lab)
+        return f"{text}\n{lost}" if lost else text
+
+    def __repr__(self) -> str:
+        return f"KernelExitTable(vcpu={self.vcpu})"
+
+
+def _bar_cell(count: int, top: int, kind: str) -> str:
+    width = 0 if not count else round(120 * (math.log10(count) + 1) / (math.log10(top) + 1))
+    bar = (f"<span style='display:inline-block;vertical-align:middle;height:10px;width:{width}px;"
+           f"background:{COLORS[kind][1]};margin-right:4px'></span>")
+    return f"<td style='padding:1px 6px;white-space:nowrap'>{bar}{count:,}</td>"
+
+
+class KvmRunTimeline(_TraceView):
+    """One KVM_RUN of one vCPU, from entry to the exit that reached userspace. It follows
+    the latest exit unless `seq` picks one (◀ ▶ step through the kept records; "latest"
+    follows again)."""
+
+    def __init__(self, lab, vcpu: int = 0, seq: int | None = None, interval: float = REDRAW_INTERVAL):
+        super().__init__(lab, vcpu, interval)
+        self.seq = seq
+        self.timeline: RunTimeline | None = None
+        self.previous = widgets.Button(description="◀", tooltip="the KVM_RUN before",
+                                       layout=widgets.Layout(width="40px"))
+        self.next = widgets.Button(description="▶", tooltip="the KVM_RUN after",
+                                   layout=widgets.Layout(width="40px"))
+        self.latest = widgets.Button(description="latest", tooltip="follow the latest KVM_RUN",
+                                     layout=widgets.Layout(width="70px"))
+        self.previous.on_click(lambda _: self.show(self._neighbour(-1)))
+        self.next.on_click(lambda _: self.show(self._neighbour(+1)))
+        self.latest.on_click(lambda _: self.show(None))
+        self.children = (widgets.HBox((self.previous, self.next, self.latest)), self.html)
+        self.refresh()
+
+    def show(self, seq: int | None) -> None:
+        """Show the KVM_RUN that ended in exit record `seq` (None: follow the latest)."""
+        self.seq = seq
+        self.render()
+
+    def record(self):
+        """The exit record shown: number `seq` among the kept ones, or the latest."""
+        log = self.exit_log
+        if log is None or log.last is None:
+            return None
+        if self.seq is None:
+            return log.last
+        return next((r for r in reversed(log.records) if r.seq == self.seq), None)
+
+    def _neighbour(self, step: int) -> int | None:
+        log, shown = self.exit_log, self.record()
+        if log is None or shown is None or not log.records:
+            return self.seq
+        first, last = log.records[0].seq, log.records[-1].seq
+        return min(max(shown.seq + step, first), last)
+
+    def render(self) -> None:
+        with self._lock:
+            missing = self._missing()
+            record = None if missing else self.record()
+            self.timeline = RunTimeline(record) if record is not None else None
+            if missing or record is None:
+                self.html.value = message(missing or (f"no exit record #{self.seq} kept" if self.seq
+                                                      else "no KVM_RUN has returned yet"))
+                return
+            notes = []
+            if not self.timeline.events:
+                notes.append(message("no kernel events were recorded for this KVM_RUN"))
+            lost = lost_note(self.lab)
+            if lost:
+                notes.append(message(lost, "error"))
+            self.html.value = "".join(notes) + timeline_html(self.timeline)
+
+    def summary(self) -> str:
+        missing = self._missing()
+        if missing:
+            return missing
+        record = self.record()
+        if record is None:
+            return "no KVM_RUN has returned yet"
+        return RunTimeline(record).summary()
+
+    def __repr__(self) -> str:
+        return f"KvmRunTimeline(vcpu={self.vcpu})"
