@@ -67,6 +67,7 @@ def test_vmx_run_exits_handled_in_kvm_and_the_one_that_reached_userspace():
     exits = [r for r in rows if r.name == "kvm_exit"]
     assert [r.note.split(":")[0] for r in exits] == [
         "handled in KVM", "handled in KVM", "handle_exit returned 0"]
+    assert rows[-1].note == "KVM_RUN returns 0: kvm_run.exit_reason says why"
     assert (exits[0].source, exits[0].target) == (GUEST, KVM)
     assert (rows[-1].source, rows[-1].target, rows[-1].kind) == (KVM, USERSPACE, "userspace")
     assert rows[1].line() == "     +0.5 us  KVM->guest      VM entry at rip 0x8000"
@@ -83,14 +84,43 @@ def test_kvm_pvm_run_is_instructions_emulated_without_entries():
     assert all(r.source == r.target == KVM for r in emulated)
 
 
+def test_hlt_with_an_in_kernel_irqchip_blocks_in_kvm_until_a_signal():
+    """VMX with an in-kernel irqchip: the HLT exit is handled in KVM (vcpu_block); the
+    timeout's signal wakes the vCPU and KVM_RUN returns EINTR. Events the thread caused
+    before KVM_RUN (the MMU notifier) come before the call, at negative offsets."""
+    events = (event("kvm_unmap_hva_range", 0, "kvm_unmap_hva_range: start=0x7f0000000000"),
+              event("kvm_fpu", 2000, "fpu load", load=True),
+              event("kvm_entry", 2500, "VM entry at rip 0x8004"),
+              event("kvm_exit", 3000, "exit HLT", reason_name="HLT"),
+              event("kvm_vcpu_wakeup", 300_000_000, "wait time 300 ms"),
+              event("kvm_fpu", 300_001_000, "fpu unload", load=False),
+              event("kvm_userspace_exit", 300_002_000, "userspace exit EINTR", errno=-4))
+    timeline = RunTimeline(record(events))
+    assert timeline.handled_in_kernel == {"HLT": 1} and not timeline.exits_to_userspace
+    assert [r.name for r in timeline.rows][:3] == ["kvm_unmap_hva_range", "KVM_RUN", "kvm_fpu"]
+    assert timeline.rows[0].offset() == "-2.0 us" and timeline.rows[2].offset() == "+0.0 us"
+    notes = {r.name: r.note for r in timeline.rows}
+    assert notes["kvm_exit"] == "handled in KVM: the vCPU halts, vcpu_run waits in vcpu_block"
+    assert notes["kvm_userspace_exit"].startswith("KVM_RUN returns an error (EINTR")
+
+
+def test_an_exit_handled_before_a_pending_signal_is_not_one_for_userspace():
+    events = (event("kvm_entry", 0, "VM entry"),
+              event("kvm_exit", 10, "exit EXTERNAL_INTERRUPT", reason_name="EXTERNAL_INTERRUPT"),
+              event("kvm_userspace_exit", 20, "userspace exit EINTR", errno=-4))
+    timeline = RunTimeline(record(events))
+    assert timeline.handled_in_kernel == {"EXTERNAL_INTERRUPT": 1}
+    assert timeline.rows[2].note == "handled in KVM, but a signal is pending: vcpu_run stops"
+
+
 def test_a_long_run_shows_its_start_and_end_and_counts_the_middle():
     loop = tuple(event("kvm_emulate_insn", i, f"emulated {i}", disassembly="dec ecx")
                  for i in range(1000))
     events = PVM_RUN[:1] + loop + PVM_RUN[3:]
     timeline = RunTimeline(record(events), head=5, tail=3)
     kinds = [r.kind for r in timeline.rows]
-    assert kinds == ["call", "fpu"] + ["emulate"] * 4 + ["skipped"] + ["io", "fpu", "userspace"]
-    assert timeline.rows[6].text == "... 996 more events: kvm_emulate_insn 996"
+    assert kinds == ["call", "fpu"] + ["emulate"] * 3 + ["skipped"] + ["io", "fpu", "userspace"]
+    assert timeline.rows[5].text == "... 997 more events: kvm_emulate_insn 997"
     assert timeline.emulated == 1000          # the counts cover every event, shown or not
     assert len(timeline.summary().splitlines()) == 1 + len(timeline.rows)
 

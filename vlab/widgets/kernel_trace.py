@@ -40,6 +40,11 @@ _PLACES = {
     "kvm_inj_virq": (KVM, GUEST, "irq"),
     "kvm_inj_exception": (KVM, GUEST, "irq"),
     "kvm_fpu": (KVM, KVM, "fpu"),
+    "kvm_cpuid": (KVM, KVM, "handled"),
+    "kvm_msr": (KVM, KVM, "handled"),
+    "kvm_cr": (KVM, KVM, "handled"),
+    "kvm_page_fault": (KVM, KVM, "handled"),
+    "kvm_hypercall": (KVM, KVM, "handled"),
 }
 _IRQ_PREFIXES = ("kvm_set_irq", "kvm_apic", "kvm_pic", "kvm_ioapic", "kvm_msi", "kvm_vcpu_wakeup",
                  "kvm_ack_irq", "kvm_eoi", "kvm_pv_eoi")
@@ -49,6 +54,7 @@ COLORS = {   # kind: (background, text)
     "exit": ("#e3f2fd", "#1565c0"),
     "emulate": ("#fff3e0", "#e65100"),
     "io": ("#e0f2f1", "#00695c"),
+    "handled": ("#efebe9", "#6d4c41"),
     "irq": ("#f3e5f5", "#6a1b9a"),
     "userspace": ("#ffebee", "#b71c1c"),
     "fpu": ("#fafafa", "#9e9e9e"),
@@ -56,7 +62,8 @@ COLORS = {   # kind: (background, text)
     "skipped": ("#ffffff", "#757575"),
 }
 LEGEND = (("entry", "VM entry"), ("exit", "VM exit"), ("emulate", "instruction emulated by KVM"),
-          ("io", "port / MMIO access"), ("irq", "interrupt"), ("userspace", "exit to userspace"))
+          ("io", "port / MMIO access"), ("handled", "answered by KVM (CPUID, MSR, CR, page fault)"),
+          ("irq", "interrupt"), ("userspace", "exit to userspace"))
 
 
 def place(name: str) -> tuple[str, str, str]:
@@ -80,7 +87,7 @@ class TimelineRow:
     note: str = ""           # what it means for the KVM_RUN (the return convention)
 
     def offset(self) -> str:
-        return "" if self.offset_ns is None else f"+{self.offset_ns / 1000:.1f} us"
+        return "" if self.offset_ns is None else f"{self.offset_ns / 1000:+.1f} us"
 
     def line(self) -> str:
         lane = self.source if self.source == self.target else f"{self.source}->{self.target}"
@@ -103,43 +110,56 @@ def _label(event) -> str:
 
 class RunTimeline:
     """One KVM_RUN from the kernel's side: rows in order, what they add up to, and a short
-    text. An exit followed by another entry was handled in KVM (`handle_exit` returned 1:
-    `vcpu_run` looped); the last exit is the one KVM could not finish (it returned 0), and
-    `kvm_userspace_exit` is `KVM_RUN` returning."""
+    text. What follows an exit says what `handle_exit` returned: another entry, or a halt
+    in `vcpu_block`, means 1 (handled in KVM, `vcpu_run` goes round again); the last exit
+    before `kvm_userspace_exit` returned 0 (KVM needs userspace), unless KVM_RUN returned an
+    error (-EINTR: a signal ended the loop after the exit was handled)."""
 
     def __init__(self, record, head: int = HEAD_ROWS, tail: int = TAIL_ROWS):
         self.record = record
-        self.events = tuple(getattr(record, "kernel_events", ()) or ())
-        names = [event.name for event in self.events]
-        last_entry = max((i for i, n in enumerate(names) if n == "kvm_entry"), default=-1)
+        self.events = events = tuple(getattr(record, "kernel_events", ()) or ())
+        names = [event.name for event in events]
+        # KVM_RUN starts where kvm_arch_vcpu_ioctl_run loads the guest's FPU; what the thread
+        # caused before (the MMU notifier when it unmapped memory) is shown before the call.
+        start = next((i for i, e in enumerate(events) if e.name == "kvm_fpu" and getattr(e, "load", False)), 0)
+        self._origin = events[start].timestamp_ns if events else 0
+        self.errno = next((getattr(e, "errno", 0) for e in events if e.name == "kvm_userspace_exit"), 0)
         self.entries = names.count("kvm_entry")
         self.handled_in_kernel: Counter = Counter()
         self.exits_to_userspace: Counter = Counter()
-        for i, event in enumerate(self.events):
+        notes = {}
+        for i, event in enumerate(events):
             if event.name == "kvm_exit":
-                (self.handled_in_kernel if i < last_entry else self.exits_to_userspace)[event.reason_name] += 1
+                notes[i], handled = self._outcome(names[i + 1:])
+                (self.handled_in_kernel if handled else self.exits_to_userspace)[event.reason_name] += 1
         self.emulated = names.count("kvm_emulate_insn")
         self.injected = names.count("kvm_inj_virq") + names.count("kvm_inj_exception")
         self.io = sum(place(n)[2] == "io" for n in names)
-        rows = [self._row(i, event, last_entry) for i, event in enumerate(self.events)]
-        self.rows = [TimelineRow(None, "KVM_RUN", USERSPACE, KVM, "call", "KVM_RUN",
-                                 f"vcpu{record.vcpu} ioctl(KVM_RUN)",
-                                 "kvm_vcpu_ioctl -> kvm_arch_vcpu_ioctl_run -> vcpu_run")]
-        self.rows += _collapse(rows, head, tail)
+        rows = [self._row(event, notes.get(i, "")) for i, event in enumerate(events)]
+        call = TimelineRow(None, "KVM_RUN", USERSPACE, KVM, "call", "KVM_RUN",
+                           f"vcpu{record.vcpu} ioctl(KVM_RUN)",
+                           "kvm_vcpu_ioctl -> kvm_arch_vcpu_ioctl_run -> vcpu_run")
+        self.rows = _collapse(rows[:start] + [call] + rows[start:], head, tail)
 
-    def _row(self, i: int, event, last_entry: int) -> TimelineRow:
+    def _outcome(self, after: list[str]) -> tuple[str, bool]:
+        """What handle_exit returned for an exit, from the events after it: (note, handled)."""
+        if "kvm_entry" in after:
+            return "handled in KVM: handle_exit returned 1, vcpu_run enters the guest again", True
+        if "kvm_vcpu_wakeup" in after:
+            return "handled in KVM: the vCPU halts, vcpu_run waits in vcpu_block", True
+        if self.errno:
+            return "handled in KVM, but a signal is pending: vcpu_run stops", True
+        return "handle_exit returned 0: KVM needs userspace", False
+
+    def _row(self, event, note: str) -> TimelineRow:
         source, target, kind = place(event.name)
-        note = ""
-        if event.name == "kvm_exit":
-            note = ("handled in KVM: handle_exit returned 1, vcpu_run enters again" if i < last_entry
-                    else "handle_exit returned 0: KVM needs userspace")
-        elif event.name == "kvm_userspace_exit":
-            note = "KVM_RUN returns"
-        elif event.name == "kvm_emulate_insn":
-            note = "KVM's emulator executed the guest's instruction"
-        offset = event.timestamp_ns - self.events[0].timestamp_ns
-        return TimelineRow(offset, event.name, source, target, kind, _label(event),
-                           event.describe(), note)
+        if event.name == "kvm_userspace_exit":
+            note = ("KVM_RUN returns an error (EINTR: a signal, or immediate_exit)" if self.errno
+                    else "KVM_RUN returns 0: kvm_run.exit_reason says why")
+        elif event.name == "kvm_vcpu_wakeup":
+            note = "vcpu_block: the halted vCPU wakes up"
+        return TimelineRow(event.timestamp_ns - self._origin, event.name, source, target, kind,
+                           _label(event), event.describe(), note)
 
     @property
     def seq(self) -> int:
@@ -230,7 +250,7 @@ def timeline_html(timeline: RunTimeline) -> str:
         f"<span title='{escape(row.text)}' style='display:inline-block;width:10px;height:14px;"
         f"margin-right:1px;background:{COLORS[row.kind][1]}'></span>" if row.kind != "skipped"
         else f"<span style='{MONO};color:#757575;padding:0 3px'>⋯ {escape(row.label)} ⋯</span>"
-        for row in timeline.rows[1:])
+        for row in timeline.rows)
     legend = " ".join(_pill(kind, text) for kind, text in LEGEND)
     head = "".join(cell(h, tag="th") for h in ("time", *LANES, "what happened"))
     body = []
