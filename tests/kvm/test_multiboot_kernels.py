@@ -78,21 +78,23 @@ def passed(result) -> None:
 
 
 def test_hello_sees_magic_memory_map_and_cmdline(kernel):
-    result = boot(kernel("hello"), memory="64M", append="console=ttyS0 quiet")
+    image = kernel("hello")
+    result = boot(image, memory="64M", append="console=ttyS0 quiet")
     passed(result)
     assert result.console.startswith("hello from a multiboot kernel\nA20 on\n")
     upper = (64 << 10) - 1024
     assert f"mem_lower=639 KiB mem_upper={upper} KiB\n" in result.console
     assert "mmap base=0x00000000 length=0x0009fc00 type=1\n" in result.console
     assert f"mmap base=0x00100000 length=0x{upper << 10:08x} type=1\n" in result.console
-    assert "cmdline='console=ttyS0 quiet'\n" in result.console
+    assert f"cmdline='{image} console=ttyS0 quiet'\n" in result.console  # QEMU's argv[0]
     assert result.exit_code == 1
 
 
-def test_empty_command_line_is_still_a_string(kernel):
+def test_empty_append_leaves_argv0_and_a_space(kernel):
+    """QEMU's "%s %s" of the file name and an empty -append."""
     result = boot(kernel("hello"))
     passed(result)
-    assert "cmdline=''\n" in result.console
+    assert f"cmdline='{kernel('hello')} '\n" in result.console
 
 
 def test_the_guest_status_passes_through(kernel):
@@ -260,7 +262,7 @@ def test_cli_exits_with_the_guest_status(kernel, tmp_path, append, status):
     assert run.returncode == status, err.decode()
     assert out.decode().startswith("hello from a multiboot kernel\nA20 on\nmem_lower=639 KiB "
                                    f"mem_upper={31 * 1024} KiB\n")
-    assert f"cmdline='{append}'\n" in out.decode()
+    assert f"cmdline='{kernel('hello')} {append}'\n" in out.decode()
 
 
 def test_cli_ctrl_c_stops_every_vcpu(kernel):

@@ -150,9 +150,13 @@ def test_unclaimed_port_reads_all_ones_and_drops_writes(pio, size, ones):
     assert dev.log == []
 
 
-def test_unclaimed_mmio_reads_all_ones_up_to_eight_bytes():
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+def test_unclaimed_mmio_reads_zero_as_qemu_7_2(size):
+    """Memory nobody claims reads 0 (QEMU 7.2's unassigned_mem_ops), not the all-ones
+    of an unclaimed port."""
     mmio = Bus("mmio")
-    assert mmio.dispatch_read(0xFEE00000, 8) == (2**64 - 1, None)
+    assert mmio.dispatch_read(0xFEE00000, size) == (0, None)
+    assert "reads 0" in mmio.unassigned and "all-ones" in Bus("pio").unassigned
 
 
 @pytest.mark.parametrize("kind, size", [("pio", 0), ("pio", 3), ("pio", 8), ("pio", -1),

@@ -187,7 +187,9 @@ def test_inconsistent_kludge_addresses(mem, fields, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(load_addr=0x10000000), r"kernel 0x10000000-0x1000202a ends beyond the RAM a 32-bit "
                                  r"kernel is told about \(up to 0x800000\)"),
-    (dict(load_addr=0x9000), r"kernel 0x00009000-.* overlaps multiboot information"),
+    (dict(load_addr=0x9F000), r"kernel 0x0009f000-0x000a102a covers part of 0x9fc00-0xfffff "
+                              r"\(the EBDA, VGA memory and the BIOS\), which the memory map "
+                              r"reports reserved"),
     (dict(load_addr=RAM - 0x1000), r"kernel 0x007ff000-0x0080102a ends beyond the RAM"),
 ])
 def test_kernel_that_does_not_fit_writes_nothing(mem, kwargs, message):
@@ -203,8 +205,8 @@ def test_kernel_in_a_hole_below_ram_end_writes_nothing():
         m.add_ram(0, 0xA0000, "low")
         m.add_ram(0x100000, RAM - 0x100000, "high")
         before = m.snapshot()
-        with pytest.raises(MultibootError, match=r"kernel does not fit: load of 8235 bytes at "
-                                                 r"0x000a0000: outside guest memory"):
+        with pytest.raises(MultibootError, match=r"kernel 0x000a0000-0x000a202a covers part "
+                                                 r"of 0x9fc00-0xfffff"):
             load_multiboot(m, kludge_kernel(load_addr=0xA0000))
         assert m.snapshot() == before
 
@@ -216,10 +218,11 @@ def test_module_beyond_ram_writes_nothing(mem):
     assert mem.snapshot() == before
 
 
-def test_strings_that_do_not_fit_low_memory_write_nothing(mem):
+def test_strings_that_do_not_fit_anywhere_write_nothing(mem):
     before = mem.snapshot()
-    with pytest.raises(MultibootError, match=r"information needs \d+ bytes; only 617472 fit"):
-        load_multiboot(mem, kludge_kernel(), cmdline="x" * 700_000)
+    with pytest.raises(MultibootError, match=r"multiboot information 0x00103000-.* ends beyond "
+                                             r"the RAM"):
+        load_multiboot(mem, kludge_kernel(), cmdline="x" * RAM)
     with pytest.raises(MultibootError, match="contains a NUL byte"):
         load_multiboot(mem, kludge_kernel(), cmdline="a\0b")
     assert mem.snapshot() == before
@@ -303,3 +306,42 @@ def test_elf64_kernel_refused(mem, tmp_path):
     with pytest.raises(MultibootError, match="32-bit ELF kernels; this one is ELF64"):
         load_multiboot(mem, image)
     assert mem.snapshot() == before
+
+
+def test_information_goes_after_a_kernel_that_covers_0x9000(mem):
+    """A kernel loaded at 0x8000-0xa02a (QEMU's 0x9000 under it): the information block
+    goes on the first page after the kernel, the modules on the pages after the block."""
+    kernel = kludge_kernel(load_addr=0x8000, bss_end="load_end + 0x2000")
+    boot = load_multiboot(mem, kernel, cmdline="low", modules=[("m", b"M" * 10)])
+    assert boot.ebx == 0xB000 and boot.entry == 0x8020
+    assert mem.read(0x8000, len(kernel)) == kernel  # intact: nothing written over it
+    mbi = info(mem, boot.ebx)
+    assert cstring(mem, mbi["cmdline"]) == "low" and cstring(mem, mbi["boot_loader_name"]) == "vlab"
+    assert 0xB000 < mbi["mmap_addr"] < mbi["mods_addr"] < 0xC000
+    start, end, string, _ = struct.unpack("<IIII", mem.read(mbi["mods_addr"], 16))
+    assert (start, end, cstring(mem, string)) == (0xC000, 0xC00A, "m")
+    assert "info    0x0000b000" in boot.summary()
+
+
+def test_a_long_command_line_moves_the_information_after_the_kernel(mem):
+    """0x9000-0x9fbff holds 603 KiB; a longer block follows the kernel instead."""
+    boot = load_multiboot(mem, kludge_kernel(), cmdline="x" * 700_000)
+    assert boot.ebx == 0x103000
+    assert mem.read(info(mem, boot.ebx)["cmdline"], 3) == b"xxx"
+
+
+def test_information_that_fits_nowhere_writes_nothing(mem):
+    """Below a kernel at 0x8000 and above it the block does not fit below the EBDA; at
+    1 MiB it would run past the RAM."""
+    before = mem.snapshot()
+    with pytest.raises(MultibootError, match=r"multiboot information 0x00100000-.* ends beyond "
+                                             r"the RAM"):
+        load_multiboot(mem, kludge_kernel(load_addr=0x8000), cmdline="x" * RAM)
+    assert mem.snapshot() == before
+
+
+def test_modules_of_a_low_kernel_skip_the_reserved_hole(mem):
+    boot = load_multiboot(mem, kludge_kernel(load_addr=0x8000),
+                          modules=[("small", b"s"), ("big", bytes(0x98000))])
+    assert boot.ebx == 0xB000  # the kernel and its bss: 0x8000-0xa029
+    assert boot.modules == [("small", 0xC000, 0xC001), ("big", 0x100000, 0x198000)]

@@ -67,5 +67,5 @@ def test_behind_the_mmio_bus():
     assert mmio.read(0xD000_0000, 4) == MAGIC
     mmio.write(0xD000_0004, 0xCAFE, 4)
     assert mmio.dispatch_read(0xD000_0004, 4) == (0xCAFE, dev)
-    assert mmio.read(0xD000_0010, 4) == 0xFFFFFFFF  # past the window: nobody
+    assert mmio.read(0xD000_0010, 4) == 0  # past the window: nobody, unassigned memory
     assert dev.state() == {"id": MAGIC, "scratch": 0xCAFE, "counter": 0, "doorbells": 0}

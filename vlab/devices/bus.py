@@ -17,6 +17,11 @@ does not promise to handle either.
 
 Everything the guest controls (address, size, count, data) is validated here, because it
 arrives straight from a VM exit.
+
+An access nobody claims behaves as in QEMU 7.2: a write is dropped; a port read returns
+all-ones (`unassigned_io_ops`, the floating ISA bus), but a memory read returns 0
+(`unassigned_mem_ops`). `Bus.unassigned` names this for the exit trace, where an
+unclaimed read's device column says what the guest got back.
 """
 from __future__ import annotations
 
@@ -36,6 +41,11 @@ _SPACES = {
 }
 
 _ALL_ONES = {size: (1 << (8 * size)) - 1 for size in (1, 2, 4, 8)}
+# What an unclaimed read returns, per access size, and how the trace says so.
+_UNASSIGNED = {
+    "pio": (_ALL_ONES, "unassigned: reads all-ones (QEMU's unassigned_io_ops)"),
+    "mmio": (dict.fromkeys(_ALL_ONES, 0), "unassigned: reads 0 (QEMU's unassigned_mem_ops)"),
+}
 
 
 class BusError(ValueError):
@@ -60,6 +70,7 @@ class Bus:
             raise BusError(f"bus kind must be 'pio' or 'mmio', not {kind!r}")
         self.kind = kind
         self.limit, self.access_sizes = _SPACES[kind]
+        self._unassigned_value, self.unassigned = _UNASSIGNED[kind]
         self._bases: list[int] = []
         self._maps: list[Mapping] = []
         self._last = Mapping(0, 0, None)  # the mapping of the last hit; none yet
@@ -112,11 +123,12 @@ class Bus:
     # -- single accesses ------------------------------------------------------------------
 
     def dispatch_read(self, addr: int, size: int) -> tuple[int, Device | None]:
-        """Read `size` bytes; an unclaimed read floats to all-ones, as on a real bus."""
+        """Read `size` bytes; an unclaimed read gives the space's unassigned value (ports:
+        all-ones, memory: 0)."""
         self._check_size(size)
         hit = self.find(addr)
         if hit is None:
-            return _ALL_ONES[size], None
+            return self._unassigned_value[size], None
         device, offset = hit
         return device.read(offset, size), device
 

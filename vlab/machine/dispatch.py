@@ -28,7 +28,8 @@ RESUME, STOP = Action.RESUME, Action.STOP
 class Outcome:
     """What the loop does with one exit."""
     action: Action
-    device: str | None = None        # the device that handled it, if any
+    device: str | None = None        # the device that handled it; for an unclaimed read,
+                                     # what it returned (Bus.unassigned)
     reply: bytes | None = None       # bytes answering an IN or MMIO read
     stop_reason: str | None = None   # why the guest stopped, in words
     claimed: bool = True             # False: nobody owns that port/address
@@ -73,7 +74,7 @@ def handle_exit(exit: Exit, pio: Bus, mmio: Bus) -> Outcome:
     if cls is IoIn:
         data, device = pio.pio_in(exit.port, exit.size, exit.count)
         if device is None:
-            return Outcome(RESUME, None, data, claimed=False, answer=_answer_io_in)
+            return Outcome(RESUME, pio.unassigned, data, claimed=False, answer=_answer_io_in)
         return Outcome(RESUME, device.name, data, answer=_answer_io_in)
     if cls is MmioWrite:
         device = mmio.dispatch_write(exit.address, exit.value, _mmio_size(exit.length))
@@ -85,7 +86,8 @@ def handle_exit(exit: Exit, pio: Bus, mmio: Bus) -> Outcome:
         value, device = mmio.dispatch_read(exit.address, size)
         reply = value.to_bytes(size, "little")[:exit.length]
         if device is None:
-            return Outcome(RESUME, None, reply, claimed=False, answer=_answer_mmio_read)
+            return Outcome(RESUME, mmio.unassigned, reply, claimed=False,
+                           answer=_answer_mmio_read)
         return Outcome(RESUME, device.name, reply, answer=_answer_mmio_read)
     if cls is Hlt:
         return _HLT
@@ -99,7 +101,7 @@ def handle_exit(exit: Exit, pio: Bus, mmio: Bus) -> Outcome:
         return Outcome(STOP, stop_reason=f"FAIL_ENTRY: VM entry failed "
                                          f"(hardware reason {exit.hardware_entry_failure_reason:#x})")
     if cls is InternalError:
-        return Outcome(STOP, stop_reason=f"INTERNAL_ERROR {exit.suberror_name}: KVM could not go on")
+        return Outcome(STOP, stop_reason=f"INTERNAL_ERROR {exit.suberror_name}: the vCPU cannot go on")
     if cls is SystemEvent:
         return Outcome(STOP, stop_reason=f"SYSTEM_EVENT {exit.type_name}")
     if cls is X86Rdmsr:

@@ -10,6 +10,14 @@ tells the kernel its memory map, command line and modules. It then enters the ke
 QEMU does this in `load_multiboot` and hands the result to a small option ROM; here the
 same layout is written straight into guest memory. Everything is checked before any
 byte is written.
+
+Where the information goes: QEMU's option ROM builds the structure and the memory map at
+0x9000 (MULTIBOOT_STRUCT_ADDR) and keeps the command lines, the module list and the boot
+loader's name in a block right after the kernel's last page, modules after that. Here the
+whole information block goes to 0x9000 when the kernel leaves that free, and otherwise
+right after the kernel, where QEMU keeps the rest of it (a kernel loaded over 0x9000 would
+overwrite QEMU's copy: here it gets one that is intact). What cannot be placed at all is
+refused: a kernel over the reserved hole below 1 MiB, or no room left after the kernel.
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ MMAP_ENTRY = struct.Struct("<IQQI")  # size (of the rest: 20), base_addr, length
 MODULE_ENTRY = struct.Struct("<IIII")  # mod_start, mod_end, string, reserved
 MEMORY_AVAILABLE, MEMORY_RESERVED = 1, 2
 
-INFO_ADDRESS = 0x9000  # QEMU's MULTIBOOT_STRUCT_ADDR: free conventional memory
+INFO_ADDRESS = 0x9000  # QEMU's MULTIBOOT_STRUCT_ADDR, when the kernel leaves it free
 LOW_MEMORY_END = 0x9FC00  # start of the extended BIOS data area: 639 KiB usable below
 HIGH_MEMORY = 0x100000
 BOOTLOADER_NAME = "vlab"
@@ -235,10 +243,11 @@ def _cstring(text: str, what: str) -> bytes:
     return text.encode() + b"\0"
 
 
-def _information(flags: int, mem_lower: int, mem_upper: int, mmap: list[tuple[int, int, int]],
-                 modules: list[tuple[str, int, int]], cmdline: str) -> bytes:
-    """The bytes at INFO_ADDRESS: the structure, the memory map, the module list, strings."""
-    mmap_addr = INFO_ADDRESS + INFO_SIZE
+def _information(base: int, flags: int, mem_lower: int, mem_upper: int,
+                 mmap: list[tuple[int, int, int]], modules: list[tuple[str, int, int]],
+                 cmdline: str) -> bytes:
+    """The bytes at `base`: the structure, the memory map, the module list, strings."""
+    mmap_addr = base + INFO_SIZE
     mods_addr = mmap_addr + MMAP_ENTRY.size * len(mmap)
     string_base = mods_addr + MODULE_ENTRY.size * len(modules)
     strings = bytearray()
@@ -258,12 +267,39 @@ def _information(flags: int, mem_lower: int, mem_upper: int, mmap: list[tuple[in
     struct.pack_into("<II", info, 44, MMAP_ENTRY.size * len(mmap), mmap_addr)
     struct.pack_into("<I", info, 64, name_addr)
     mmap_table = b"".join(MMAP_ENTRY.pack(MMAP_ENTRY.size - 4, *entry) for entry in mmap)
-    block = bytes(info) + mmap_table + module_table + bytes(strings)
-    if INFO_ADDRESS + len(block) > LOW_MEMORY_END:
-        raise MultibootError(f"the multiboot information needs {len(block)} bytes; only "
-                             f"{LOW_MEMORY_END - INFO_ADDRESS} fit between 0x{INFO_ADDRESS:x} "
-                             f"and 0x{LOW_MEMORY_END:x} (cmdline or module names too long?)")
-    return block
+    return bytes(info) + mmap_table + module_table + bytes(strings)
+
+
+def _page_up(address: int) -> int:
+    return -(-address // PAGE_SIZE) * PAGE_SIZE
+
+
+def _following(cursor: int, size: int) -> int:
+    """The first page at or after `cursor` where `size` bytes stay clear of the reserved
+    hole below 1 MiB (a low kernel's followers that do not fit below it go to 1 MiB)."""
+    start = _page_up(cursor)
+    if start < HIGH_MEMORY and start + size > LOW_MEMORY_END:
+        return HIGH_MEMORY
+    return start
+
+
+def _info_address(segments: list[ImageSegment], size: int) -> int:
+    """INFO_ADDRESS if the block fits there below the EBDA without touching the kernel;
+    else the first page after the kernel."""
+    end = INFO_ADDRESS + size
+    if end <= LOW_MEMORY_END and not any(s.gpa < end and INFO_ADDRESS < s.gpa + s.memsz
+                                         for s in segments if s.memsz):
+        return INFO_ADDRESS
+    return _following(max(s.gpa + s.memsz for s in segments), size)
+
+
+def _check_reserved(segments: list[ImageSegment]) -> None:
+    """The kernel may use any RAM the memory map reports available, nothing else."""
+    for seg in segments:
+        if seg.memsz and seg.gpa < HIGH_MEMORY and LOW_MEMORY_END < seg.gpa + seg.memsz:
+            raise MultibootError(f"{seg.name} {span(seg.gpa, seg.memsz)} covers part of "
+                                 f"0x{LOW_MEMORY_END:x}-0x{HIGH_MEMORY - 1:x} (the EBDA, VGA "
+                                 "memory and the BIOS), which the memory map reports reserved")
 
 
 def load_multiboot(memory: GuestMemory, image: bytes | str | os.PathLike, cmdline: str = "",
@@ -277,36 +313,42 @@ def load_multiboot(memory: GuestMemory, image: bytes | str | os.PathLike, cmdlin
     data = read_image(image)
     header = parse_header(data)
     kernel, segments = _kernel(data, header)
+    _check_reserved(segments)
     ram_end = _ram_end(memory, ram_size)
-
-    # Modules go on page boundaries after the kernel, as QEMU places them.
-    cursor = max(s.gpa + s.memsz for s in segments)
-    placed = []
-    for name, blob in modules:
-        start = -(-cursor // PAGE_SIZE) * PAGE_SIZE
-        blob = bytes(blob)
-        segments.append(ImageSegment(f"module {name!r}", start, blob, len(blob)))
-        placed.append((name, start, start + len(blob)))
-        cursor = start + len(blob)
-    for seg in segments:
-        if seg.gpa + seg.memsz > min(ram_end, 1 << 32):
-            raise MultibootError(f"{seg.name} {span(seg.gpa, seg.memsz)} ends beyond the RAM a "
-                                 f"32-bit kernel is told about (up to 0x{min(ram_end, 1 << 32):x})")
-
     mem_lower, mem_upper = LOW_MEMORY_END // 1024, (ram_end - HIGH_MEMORY) // 1024
     mmap = [(0, LOW_MEMORY_END, MEMORY_AVAILABLE),
             (LOW_MEMORY_END, 0xA0000 - LOW_MEMORY_END, MEMORY_RESERVED),
             (0xF0000, HIGH_MEMORY - 0xF0000, MEMORY_RESERVED),
             (HIGH_MEMORY, ram_end - HIGH_MEMORY, MEMORY_AVAILABLE)]
     info_flags = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOT_LOADER_NAME
-    block = _information(info_flags, mem_lower, mem_upper, mmap, placed, cmdline)
-    segments.append(ImageSegment("multiboot information", INFO_ADDRESS, block, len(block)))
+    modules = [(name, bytes(blob)) for name, blob in modules]
+
+    # The block's size does not depend on where it goes: measure it, place it, then the
+    # modules on page boundaries after the kernel (and the block, if it follows the kernel).
+    size = len(_information(0, info_flags, mem_lower, mem_upper, mmap,
+                            [(name, 0, 0) for name, _ in modules], cmdline))
+    info_address = _info_address(segments, size)
+    cursor = max(s.gpa + s.memsz for s in segments)
+    if info_address != INFO_ADDRESS:
+        cursor = info_address + size
+    placed = []
+    for name, blob in modules:
+        start = _following(cursor, len(blob))
+        segments.append(ImageSegment(f"module {name!r}", start, blob, len(blob)))
+        placed.append((name, start, start + len(blob)))
+        cursor = start + len(blob)
+    block = _information(info_address, info_flags, mem_lower, mem_upper, mmap, placed, cmdline)
+    segments.append(ImageSegment("multiboot information", info_address, block, len(block)))
+    for seg in segments:
+        if seg.gpa + seg.memsz > min(ram_end, 1 << 32):
+            raise MultibootError(f"{seg.name} {span(seg.gpa, seg.memsz)} ends beyond the RAM a "
+                                 f"32-bit kernel is told about (up to 0x{min(ram_end, 1 << 32):x})")
 
     try:
         place(memory, segments)
     except LoadError as e:
         raise MultibootError(str(e)) from e
-    return MultibootBoot(entry=kernel.entry, eax=BOOTLOADER_MAGIC, ebx=INFO_ADDRESS,
+    return MultibootBoot(entry=kernel.entry, eax=BOOTLOADER_MAGIC, ebx=info_address,
                          header=header, kernel=kernel, modules=placed, cmdline=cmdline,
                          mem_lower=mem_lower, mem_upper=mem_upper, mmap=mmap,
                          info_flags=info_flags)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from ..kvm.abi import MpState
 from ..kvm.vcpu import install_kick_handler
+from ..x86 import CR0_ET, CR0_PE
 from .board import TESTDEV_BASE, Machine, parse_size
 from .builder import build_board
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode, initial_regs, setup_mode
@@ -132,23 +133,51 @@ def _module(spec: str | os.PathLike) -> tuple[str, bytes]:
     return text, Path(path).read_bytes()
 
 
+# QEMU's option ROM (pc-bios/optionrom/multiboot.S) enters protected mode with
+# `movl $1, %cr0`; ET is hard-wired to 1 on every CPU since the Pentium, so CR0 reads 0x11.
+ENTRY_CR0 = CR0_PE | CR0_ET
+UNNAMED_KERNEL = "kernel"  # argv[0] of a kernel given as bytes, which has no file name
+
+
+def kernel_cmdline(kernel: bytes | str | os.PathLike, append: str) -> str:
+    """QEMU's multiboot command line: the kernel's file name, a space, then -append (so a
+    kernel reading it as argv finds its arguments from argv[1] on)."""
+    name = UNNAMED_KERNEL if isinstance(kernel, (bytes, bytearray)) else os.fspath(kernel)
+    return f"{name} {append}"
+
+
 def load_kernel(machine: Machine, kernel: bytes | str | os.PathLike, *, append: str = "",
                 modules: Sequence[str | os.PathLike] = ()) -> MultibootBoot:
-    """Step 6: load the kernel and its modules, and put the BSP at the entry point in
-    32-bit protected mode, paging off, EAX = 0x2BADB002, EBX = the information structure.
+    """Step 6: load the kernel and its modules, and put the BSP at the entry point in the
+    state QEMU's option ROM leaves it (Multiboot spec 3.2 fixes the first five):
 
-    The flat GDT goes into memory before the kernel, so a kernel loaded over it wins: the
-    BSP's segment caches hold the flat segments anyway, and the spec has the kernel load
-    its own GDT before it touches a segment register."""
+        EAX      0x2BADB002, the boot loader's magic
+        EBX      the information structure's address
+        CS       0x08: flat 32-bit code, base 0, limit 4 GiB, execute/read
+        DS..SS   0x10: flat data, base 0, limit 4 GiB, read/write
+        CR0      0x11: PE (protected mode) and ET; paging, NE, MP and WP off
+        CR3, CR4, EFER   0: no paging, no extensions, no long mode
+        EFLAGS   0x2: IF off (the ROM's `cli`), DF off (`cld`)
+        ECX      the entry point (the ROM jumps through ECX)
+        GDTR     a GDT of its own at 0x500 with the same 0x08 and 0x10 (QEMU's is in the ROM)
+        IDTR     base 0, limit 0 (QEMU leaves the BIOS's real-mode IVT, limit 0x3ff, which
+                 is no protected-mode IDT either): any exception is a triple fault
+        TR       a busy 32-bit TSS at 0x600 (VM entry needs a usable TR)
+        ESP      0x8000 (QEMU: somewhere in the BIOS's stack; the spec leaves it undefined)
+
+    The command line is `kernel_cmdline`'s. The flat GDT goes into memory before the
+    kernel, so a kernel loaded over it wins: the BSP's segment caches hold the flat
+    segments anyway, and the spec has the kernel load its own GDT before it touches a
+    segment register."""
     bsp = machine.runners[0].vcpu
     loaded = [_module(spec) for spec in modules]
     setup = setup_mode(CpuMode.PROTECTED, bsp.get_sregs(), machine.memory,
                        ram_size=machine.ram_size)
-    boot = load_multiboot(machine.memory, kernel, cmdline=append, modules=loaded,
-                          ram_size=machine.ram_size)
-    bsp.set_sregs(setup.sregs)
+    boot = load_multiboot(machine.memory, kernel, cmdline=kernel_cmdline(kernel, append),
+                          modules=loaded, ram_size=machine.ram_size)
+    bsp.set_sregs(setup.sregs.replace(cr0=ENTRY_CR0))
     bsp.set_regs(initial_regs(CpuMode.PROTECTED, boot.entry, DEFAULT_LAYOUT.stack_top)
-                 .replace(rax=boot.eax, rbx=boot.ebx))
+                 .replace(rax=boot.eax, rbx=boot.ebx, rcx=boot.entry))
     return boot
 
 

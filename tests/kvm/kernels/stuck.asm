@@ -7,8 +7,7 @@
 %include "defs.inc"
 
 KERNEL_START
-    mov ebx, [boot_ebx]
-    mov esi, [ebx + MBI_CMDLINE]
+    call cmdline_args
     cmp dword [esi], "faul"
     je .fault
     cmp dword [esi], "halt"
