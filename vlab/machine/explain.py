@@ -46,6 +46,16 @@ _SUBERRORS = {
                                                   "not handle (data[0] is its code)",
 }
 
+# What the software accelerator (vlab.accel.tcg) means by the suberrors it reports.
+_TCG_SUBERRORS = {
+    InternalErrorSuberror.EMULATION: "the software CPU (Unicorn) could not execute the "
+                                     "instruction at RIP",
+    InternalErrorSuberror.DELIVERY_EV: "the software CPU could not deliver an exception or "
+                                       "interrupt to the guest",
+}
+_UNDEFINED = {b"\x0f\x0b": "ud2", b"\x0f\xb9": "ud1", b"\x0f\xff": "ud0"}
+
+
 @functools.cache
 def decoder(bits: int, detail: bool = False):
     """A Capstone x86 disassembler for 16-, 32- or 64-bit code (`detail`: with operands and
@@ -145,21 +155,53 @@ def explain_fail_entry(exit: FailEntry, backend=None) -> str:
 
 
 def explain_internal_error(exit: InternalError, regs, sregs, code: bytes, backend=None) -> str:
+    software = backend is not None and backend.kind == "tcg"
+    words = (_TCG_SUBERRORS if software else _SUBERRORS).get(exit.suberror)
     lines = [f"INTERNAL_ERROR {exit.suberror_name}: "
-             + _SUBERRORS.get(exit.suberror, "KVM stopped for a reason it could not handle") + "."]
+             + (words or "the vCPU stopped for a reason it could not handle") + "."]
     if exit.data:
         lines.append("data: " + " ".join(f"{word:#x}" for word in exit.data))
     bits = code_bits(sregs)
-    source = "reported by KVM" if exit.insn_bytes else "read from guest memory"
+    source = f"reported by {'the software CPU' if software else 'KVM'}" if exit.insn_bytes \
+        else "read from guest memory"
     if code:
         lines.append(f"instruction at RIP ({bits}-bit code, bytes {source}): "
                      + disassemble(code, regs.rip, bits))
-    if exit.suberror == InternalErrorSuberror.EMULATION and backend is not None \
+    if software:
+        lines += _software_detail(exit, sregs, code)
+    elif exit.suberror == InternalErrorSuberror.EMULATION and backend is not None \
             and backend.emulates_kernel_mode:
         lines.append(f"On this backend ({backend.module}) every kernel-mode (CPL0) instruction "
                      "goes through KVM's emulator, which lacks some instructions (cmpxchg16b, "
                      "xrstor, int3, ...); the same code can run at CPL3.")
     return "\n".join(lines)
+
+
+def _software_detail(exit: InternalError, sregs, code: bytes) -> list[str]:
+    """What the software accelerator's INTERNAL_ERROR means (see vlab.accel.tcg)."""
+    if exit.suberror == InternalErrorSuberror.EMULATION:
+        undefined = next((name for prefix, name in _UNDEFINED.items()
+                          if code.startswith(prefix)), None)
+        if undefined:
+            return [f"{undefined} is an undefined opcode on purpose: a CPU raises #UD "
+                    f"(vector 6) there; the software CPU stops instead of delivering it."]
+        return ["Either the bytes are no valid instruction in this mode (a CPU would raise "
+                "#UD) or Unicorn does not implement the instruction."]
+    if exit.suberror != InternalErrorSuberror.DELIVERY_EV or not exit.data:
+        return []
+    vector = exit.data[0]
+    if len(exit.data) == 1:
+        return [f"Vector {vector} is covered by the IDT, but the software CPU does not "
+                f"deliver exceptions through a protected- or long-mode IDT (gate descriptors, "
+                f"privilege and stack switches are not emulated)."]
+    address = exit.data[1]
+    idt = sregs.idt
+    where = ("its entry in the interrupt vector table (IDTR base + 4 * vector)"
+             if idt.base <= address <= idt.base + idt.limit else
+             "the stack, where FLAGS, CS and IP are pushed (SS.base + SP)")
+    return [f"Delivering vector {vector} in real mode needs {where} at {address:#x}, which is "
+            f"outside RAM (a hole, ROM or nothing): nothing was pushed. KVM stops the same way "
+            f"when an event delivery touches MMIO (KVM_INTERNAL_ERROR_DELIVERY_EV)."]
 
 
 def explain(exit: Exit, vcpu, read_code: Callable[[int, int], bytes] | None = None,

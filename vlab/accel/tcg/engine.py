@@ -64,6 +64,7 @@ class Engine:
         self._mmio = (lambda uc, offset, size, base: mmio_read(base + offset, size),
                       lambda uc, offset, size, value, base: mmio_write(base + offset, size, value))
         self._backed: set[int] = set()   # gpa of each region mapped
+        self._regions: tuple = ()        # the regions themselves, by address
         self._holes: set[int] = set()    # hole pages mapped so far
         self.uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED
                          | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_unmapped)
@@ -149,6 +150,7 @@ class Engine:
 
         ROM is mapped read+execute: a guest store to it reaches the UC_HOOK_MEM_WRITE_PROT
         hook, as KVM_MEM_READONLY turns it into an MMIO exit."""
+        self._regions = tuple(regions)
         for region in regions:
             if region.gpa in self._backed:
                 continue
@@ -159,6 +161,12 @@ class Engine:
             self.uc.mem_map_ptr(region.gpa, region.size, perms, region.host_address)
             self._backed.add(region.gpa)
         self.flush_translations()
+
+    def backs(self, address: int, size: int, write: bool = False) -> bool:
+        """Whether guest-physical [address, address+size) is RAM (or, to read, ROM): what
+        the host may access without reaching a device's callback."""
+        return all(any(r.gpa <= a < r.gpa + r.size and not (write and r.readonly)
+                       for r in self._regions) for a in (address, address + size - 1))
 
     def _on_unmapped(self, uc, access, address, size, value, _) -> bool:
         """First touch of a page no region backs: make it a hole page (`uc_mmio_map`) and

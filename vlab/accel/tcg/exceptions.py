@@ -8,7 +8,10 @@ triple fault: the CPU shuts down (KVM_EXIT_SHUTDOWN). So:
 
 - a vector the IDT (IDTR.limit) does not cover ends in `Shutdown`, as it would on KVM;
 - in real mode the vCPU delivers it through the interrupt vector table itself, as the CPU
-  does (push FLAGS, CS, IP; clear IF, TF, AC; jump to the vector's CS:IP);
+  does (push FLAGS, CS, IP; clear IF, TF, AC; jump to the vector's CS:IP). A vector-table
+  entry or a stack outside RAM (MMIO, ROM for the stack, nothing at all) ends in
+  `InternalError(DELIVERY_EV, data=(vector, address))`, as KVM ends an event delivery that
+  touches MMIO (kvm_prepare_event_vectoring_exit); nothing is written;
 - in protected and long mode, with a vector the IDT covers, tcg gives up with an
   `InternalError` (KVM_INTERNAL_ERROR_DELIVERY_EV, data = (vector,)): gate descriptors,
   privilege and stack switches, error codes are not emulated here.
@@ -33,12 +36,21 @@ def deliver(engine, vector: int, shadow) -> Exit | None:
         return Shutdown()
     if sregs.cr0 & CR0_PE:
         return InternalError(InternalErrorSuberror.DELIVERY_EV, (vector,))
-    ip, cs = struct.unpack("<HH", engine.read_linear(sregs.idt.base + 4 * vector, 4))
+    entry_address = (sregs.idt.base + 4 * vector) & 0xFFFFFFFF
     rflags = engine.read(x86.UC_X86_REG_RFLAGS)
     sp = engine.read(x86.UC_X86_REG_RSP)
+    frame = []   # (linear address, word) of FLAGS, CS, IP, pushed in that order
     for word in (rflags, sregs.cs.selector, engine.rip()):
         sp = (sp & ~0xFFFF) | ((sp - 2) & 0xFFFF)
-        engine.write_linear(sregs.ss.base + (sp & 0xFFFF), struct.pack("<H", word & 0xFFFF))
+        frame.append(((sregs.ss.base + (sp & 0xFFFF)) & 0xFFFFFFFF, word & 0xFFFF))
+    outside = [address for address, size, write in
+               [(entry_address, 4, False)] + [(address, 2, True) for address, _ in frame]
+               if not engine.backs(address, size, write)]
+    if outside:
+        return InternalError(InternalErrorSuberror.DELIVERY_EV, (vector, outside[0]))
+    ip, cs = struct.unpack("<HH", engine.read_linear(entry_address, 4))
+    for address, word in frame:
+        engine.write_linear(address, struct.pack("<H", word))
     engine.write(x86.UC_X86_REG_RSP, sp)
     engine.write(x86.UC_X86_REG_RFLAGS, rflags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_AC))
     write_sregs(engine.uc, sregs.replace(cs=sregs.cs.replace(selector=cs, base=cs << 4)))

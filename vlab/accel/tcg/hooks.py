@@ -32,7 +32,10 @@ class UnicornHooks:
             return logged.value or 0
         exit = IoIn(port, size, 1, 0)
         if self._io_handler is not None and not self._single_step:
-            return self._dispatch_inline(exit)
+            value = self._dispatch_inline(exit)
+            if self._log.replaying:  # INS run again: its store may exit again
+                self._log.record_answered(Access("in", port, size, value))
+            return value
         self._exit = exit
         self._in_rip = self._engine.rip()
         self._engine.stop()

@@ -70,6 +70,12 @@ class AccessLog:
     def record(self, access: Access) -> None:
         self.accesses.append(access)
 
+    def record_answered(self, access: Access) -> None:
+        """Log an access made while replaying that got its answer at once (a port read
+        handled inside emulation): if the instruction exits again, it is replayed too."""
+        self.accesses.append(access)
+        self._position = len(self.accesses)
+
     def end_replay(self, completed: bool) -> None:
         """Undo replayed ROM stores; forget the log once the instruction has completed."""
         self.replaying = False

@@ -23,8 +23,8 @@ class TcgVm:
         ROM read/execute (a guest store to it exits as `MmioWrite`). An MMIO region needs no
         mapping: every address no region backs is a hole. The region's memory must stay
         mapped until the VM is closed, as for KVM."""
-        if region.host_address is None:
-            return
+        if region.host_address is None or region in self._regions:
+            return  # a hole; or mapped already, as KVM takes a slot set again unchanged
         for other in self._regions:
             if region.gpa < other.gpa + other.size and other.gpa < region.gpa + region.size:
                 raise ValueError(f"region {region.name!r} at {region.gpa:#x} overlaps "
