@@ -12,10 +12,13 @@ from vlab.devices.device import Device
 from vlab.devices.debugcon import DebugConsole
 from vlab.devices.debugexit import IsaDebugExit
 from vlab.devices.fwcfg import FwCfg
+from vlab.devices.hpet import Hpet, HpetTicker
+from vlab.devices.pc_testdev import PcTestdev
+from vlab.devices.reset import Port92, ResetControl
 from vlab.devices.testdev import MmioTestDevice
 from vlab.devices.uart16550 import Uart16550
 
 __all__ = [
-    "Bus", "BusError", "DebugConsole", "Device", "FwCfg", "IsaDebugExit", "Mapping",
-    "MmioTestDevice", "Uart16550",
+    "Bus", "BusError", "DebugConsole", "Device", "FwCfg", "Hpet", "HpetTicker", "IsaDebugExit",
+    "Mapping", "MmioTestDevice", "PcTestdev", "Port92", "ResetControl", "Uart16550",
 ]
