@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-lab}
 
-# gcc, Python's headers and <linux/kvm.h> build vlab's compiled VM-exit path (setup.py)
-apt_packages=(nasm python3-venv gcc python3-dev libc6-dev linux-libc-dev)
+# gcc, Python's headers and <linux/kvm.h> build vlab's compiled VM-exit path (setup.py);
+# libtraceevent1 and libtracefs1 decode KVM's tracepoints (vlab.kvm.kernel_trace)
+apt_packages=(nasm python3-venv gcc python3-dev libc6-dev linux-libc-dev libtraceevent1 libtracefs1)
 [ "$profile" = test ] && apt_packages+=(chromium)
 
 missing=()

@@ -10,7 +10,7 @@ import pytest
 import vlab.kvm
 from vlab.kvm import abi
 
-MODULES = ["fd", "system", "vm", "vcpu", "vcpu_state", "stats", "trace"]
+MODULES = ["fd", "system", "vm", "vcpu", "vcpu_state", "stats", "trace", "kernel_trace"]
 # What an example may name without importing it: the package's API and the kernel's
 # constants, as a reader of <linux/kvm.h> would.
 NAMESPACE = {**{name: getattr(vlab.kvm, name) for name in vlab.kvm.__all__},
@@ -28,6 +28,10 @@ def examples() -> list:
 @pytest.mark.kvm
 @pytest.mark.parametrize("example", examples())
 def test_docstring_example(example):
+    if "KernelTrace()" in "".join(e.source for e in example.examples):
+        usable, why = vlab.kvm.kernel_trace_usable()
+        if not usable:
+            pytest.skip(why)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     report = []
     runner.run(example, out=report.append)

@@ -12,6 +12,7 @@ from .exits import (Debug, Exception_, Exit, ExitDecodeError, FailEntry, Hlt, Hy
                     InternalError, Interrupted, IoIn, OtherExit, IoOut, MmioRead, MmioWrite, Shutdown,
                     SystemEvent, Unknown, X86Rdmsr, X86Wrmsr, decode)
 from .convert import host_address
+from .kernel_trace import KernelTrace, KernelTraceUnavailable, kernel_trace_usable
 from .state import CpuidEntry, DebugRegs, DTable, Regs, Segment, Sregs
 from .stats import StatDescriptor, StatsFd
 from .system import DEV_KVM, Kvm, kvm_usable
@@ -26,4 +27,5 @@ __all__ = [
     "Shutdown", "SystemEvent", "Unknown", "X86Rdmsr", "X86Wrmsr", "decode", "CpuidEntry",
     "DebugRegs", "DTable", "Regs", "Segment", "Sregs", "StatDescriptor", "StatsFd", "DEV_KVM",
     "Kvm", "kvm_usable", "IoctlRecord", "Tracer", "VcpuFd", "VmFd", "host_address",
+    "KernelTrace", "KernelTraceUnavailable", "kernel_trace_usable",
 ]

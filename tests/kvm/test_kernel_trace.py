@@ -1,0 +1,334 @@
+"""KVM's tracepoints, per KVM_RUN, on real KVM (vlab.kvm.kernel_trace).
+
+What the kernel shows inside KVM_RUN depends on the backend (vlab.kvm.backend): where it
+emulates kernel-mode code (kvm_pvm) each real-mode instruction is a `kvm_emulate_insn` and
+there is no hardware exit; on VMX and SVM the guest runs on the CPU and each trip out of it
+is a `kvm_exit` with the hardware's reason, handled in the kernel (followed by `kvm_entry`)
+or passed to userspace (the run's last one). The tests branch on those facts.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from guestlib import ORG, flat_real_mode
+from vlab.kvm import Hlt, Interrupted, IoOut, MmioRead, Shutdown, detect_backend, host_address
+from vlab.kvm.kernel_events import (KvmCpuid, KvmEmulateInsn, KvmEntry, KvmExit, KvmFpu,
+                                    KvmInjException, KvmMmio, KvmMsr, KvmPio, KvmUserspaceExit,
+                                    RawEvent, decode)
+from vlab.kvm import kernel_events
+from vlab.kvm.kernel_trace import (TRACEFS_ENV, KernelTrace, KernelTraceUnavailable,
+                                   kernel_trace_usable)
+from vlab.machine.assembler import assemble
+
+ROOT = Path(__file__).resolve().parents[2]
+# The kernel's names (kvm_exit's print format) of the hardware exits these guests cause.
+HARDWARE_EXIT = {"VMX": {"out": "IO_INSTRUCTION", "cpuid": "CPUID", "hlt": "HLT"},
+                 "SVM": {"out": "io", "cpuid": "cpuid", "hlt": "hlt"}}
+
+OUT_CPUID_HLT = """
+    mov al, 1
+    out 0x10, al        ; KVM_RUN 1 ends here: KVM_EXIT_IO
+    mov eax, 0
+    cpuid               ; answered inside KVM_RUN 2
+    out 0x11, al        ; KVM_RUN 2 ends here
+    hlt                 ; KVM_RUN 3: KVM_EXIT_HLT, or (irqchip) a sleep in the kernel
+"""
+
+
+def _usable() -> None:
+    usable, why = kernel_trace_usable()
+    if not usable:
+        pytest.skip(why)
+
+
+@pytest.fixture
+def trace(kvm):
+    _usable()
+    with KernelTrace() as kt:
+        yield kt
+
+
+@pytest.fixture
+def guest(kvm):
+    """`guest(source, irqchip=False)`: (vm, vcpu) in flat real mode at ORG, closed after."""
+    made = []
+
+    def make(source: str, irqchip: bool = False):
+        import mmap
+        code = assemble(source, bits=16, org=ORG).code
+        memory = mmap.mmap(-1, 0x8000)
+        memory[ORG:ORG + len(code)] = code
+        vm = kvm.create_vm()
+        made.append((vm, memory))
+        if irqchip:
+            vm.create_irqchip()
+        vm.set_user_memory_region(0, 0, len(memory), host_address(memory))
+        vcpu = vm.create_vcpu(0)
+        flat_real_mode(vcpu, ORG)
+        return vm, vcpu
+
+    yield make
+    for vm, memory in made:
+        vm.close()
+        memory.close()
+
+
+def run_traced(trace: KernelTrace, vcpu):
+    """KVM_RUN once: the exit, and the kernel's events of that KVM_RUN."""
+    since = trace.now()
+    exit = vcpu.run()
+    return exit, trace.take(threading.get_native_id(), since)
+
+
+def hardware_exits(events) -> list[KvmExit]:
+    return [e for e in events if isinstance(e, KvmExit)]
+
+
+def check_run(events, backend, instruction: str, mnemonic: str, to_userspace: bool) -> None:
+    """`instruction` ran inside this KVM_RUN as the backend runs it: emulated (kvm_pvm in
+    real mode), or as a hardware exit that KVM handled itself (re-entered after it) or that
+    ended the KVM_RUN (the last one)."""
+    if backend.emulates_kernel_mode:
+        assert mnemonic in [e.disassembly.split()[0] for e in events if isinstance(e, KvmEmulateInsn)]
+        assert not hardware_exits(events), "kvm_pvm emits no kvm_exit"
+        return
+    exits = hardware_exits(events)
+    names = [e.reason_name for e in exits]
+    expected = HARDWARE_EXIT[backend.label][instruction]
+    assert expected in names, names
+    assert all(e.isa == backend.label for e in exits)
+    if to_userspace:
+        assert exits[-1].reason_name == expected
+    else:
+        index = max(i for i, e in enumerate(events) if isinstance(e, KvmExit) and e.reason_name == expected)
+        assert any(isinstance(e, KvmEntry) for e in events[index:]), "handled: KVM re-entered"
+
+
+def test_out_cpuid_and_hlt_each_in_their_own_kvm_run(trace, guest):
+    backend = detect_backend()
+    vm, vcpu = guest(OUT_CPUID_HLT)
+
+    exit, events = run_traced(trace, vcpu)
+    assert isinstance(exit, IoOut) and exit.port == 0x10
+    assert isinstance(events[-1], KvmUserspaceExit) and events[-1].reason_name == "KVM_EXIT_IO"
+    assert [(e.direction, e.port, e.value) for e in events if isinstance(e, KvmPio)] == [("out", 0x10, 1)]
+    assert not any(isinstance(e, KvmCpuid) for e in events)
+    check_run(events, backend, "out", "out", to_userspace=True)
+
+    exit, events = run_traced(trace, vcpu)
+    assert isinstance(exit, IoOut) and exit.port == 0x11
+    cpuid = [e for e in events if isinstance(e, KvmCpuid)]
+    assert [(c.function, c.index) for c in cpuid] == [(0, 0)], "the CPUID never reached userspace"
+    assert [e.port for e in events if isinstance(e, KvmPio)] == [0x11]
+    check_run(events, backend, "cpuid", "cpuid", to_userspace=False)
+    assert events[-1].reason_name == "KVM_EXIT_IO"
+
+    exit, events = run_traced(trace, vcpu)
+    assert isinstance(exit, Hlt)
+    assert events[-1].reason_name == "KVM_EXIT_HLT" and events[-1].errno == 0
+    assert not any(isinstance(e, (KvmPio, KvmCpuid)) for e in events)
+    check_run(events, backend, "hlt", "hlt", to_userspace=True)
+    assert all(e.tid == threading.get_native_id() for e in events)
+    assert [e.timestamp_ns for e in events] == sorted(e.timestamp_ns for e in events)
+    assert trace.lost == 0
+
+
+def test_hlt_with_the_in_kernel_irqchip_sleeps_until_the_kick(trace, guest):
+    """With an in-kernel irqchip KVM keeps the HLT (the vCPU sleeps in vcpu_block); the
+    KVM_RUN ends only when the signal of `kick` arrives: EINTR, and the HLT is inside it."""
+    backend = detect_backend()
+    vm, vcpu = guest("hlt", irqchip=True)
+    timer = threading.Timer(0.2, vcpu.kick, (threading.get_ident(),))
+    timer.start()
+    exit, events = run_traced(trace, vcpu)
+    timer.join()
+    assert isinstance(exit, Interrupted)
+    last = events[-1]
+    assert isinstance(last, KvmUserspaceExit) and last.reason_name == "EINTR" and last.errno == -4
+    check_run(events, backend, "hlt", "hlt", to_userspace=True)
+    assert last.timestamp_ns - events[0].timestamp_ns > 100_000_000, "it slept until the kick"
+
+
+def test_every_return_of_kvm_run_ends_with_kvm_userspace_exit(trace, guest):
+    """immediate_exit (EINTR before entering) and an exit to userspace both close their
+    KVM_RUN with kvm_userspace_exit, so one KVM_RUN's events never run into the next's."""
+    vm, vcpu = guest("out 0x10, al\nhlt")
+    vcpu.kick()
+    exit, events = run_traced(trace, vcpu)
+    assert isinstance(exit, Interrupted)
+    assert [type(e) for e in events if isinstance(e, KvmUserspaceExit)] == [KvmUserspaceExit]
+    assert events[-1].errno == -4 and not any(isinstance(e, KvmPio) for e in events)
+    exit, events = run_traced(trace, vcpu)
+    assert isinstance(exit, IoOut) and [e.port for e in events if isinstance(e, KvmPio)] == [0x10]
+
+
+def test_events_of_other_ioctls_are_not_the_runs(trace, guest):
+    """`since_ns` leaves out what the thread's other ioctls emitted before KVM_RUN (creating
+    the vCPU writes the TSC offset: kvm_write_tsc_offset)."""
+    vm, vcpu = guest("hlt")
+    since = trace.now()
+    vcpu.run()
+    everything = trace.take(threading.get_native_id())     # nothing left: taken below
+    assert everything == () or isinstance(everything[-1], KvmUserspaceExit)
+    vm2, vcpu2 = guest("hlt")
+    since = trace.now()
+    vcpu2.run()
+    events = trace.take(threading.get_native_id(), since)
+    assert all(e.timestamp_ns >= since for e in events)
+    assert not any(e.name == "kvm_write_tsc_offset" for e in events)
+
+
+def test_what_kvm_did_itself_decodes_into_typed_records(trace, guest):
+    """An MSR read, an MMIO read from unbacked memory and a #UD, each as the kernel traced it."""
+    backend = detect_backend()
+    vm, vcpu = guest("""
+        mov ecx, 0xc0000080     ; EFER
+        rdmsr
+        mov al, [0x7ff0]        ; inside the slot: plain memory
+        mov al, [0xf000]        ; no slot there: MMIO
+        ud2
+    """)
+    exit, events = run_traced(trace, vcpu)
+    assert isinstance(exit, MmioRead) and exit.address == 0xf000
+    assert isinstance(events[0], KvmFpu) and events[0].load
+    assert isinstance(events[-2], KvmFpu) and not events[-2].load
+    msr = [e for e in events if isinstance(e, KvmMsr)]
+    assert [(m.write, m.index, m.exception) for m in msr] == [(False, 0xc0000080, False)]
+    mmio = [e for e in events if isinstance(e, KvmMmio)]
+    assert [(m.kind, m.gpa, m.length) for m in mmio] == [("unsatisfied-read", 0xf000, 1)]
+    assert events[-1].reason_name == "KVM_EXIT_MMIO"
+    if backend.emulates_kernel_mode:
+        insns = [e for e in events if isinstance(e, KvmEmulateInsn)]
+        assert [e.disassembly for e in insns] == [
+            "mov ecx, 0xc0000080", "rdmsr", "mov al, byte ptr [0x7ff0]", "mov al, byte ptr [0xf000]"]
+        assert {e.mode for e in insns} == {"real"} and insns[1].insn == b"\x0f\x32"
+
+    vcpu.complete_mmio_read(exit, b"!")
+    exit, events = run_traced(trace, vcpu)
+    assert [(m.kind, m.value) for m in events if isinstance(m, KvmMmio)] == [("read", 0x21)]
+    injected = [e for e in events if isinstance(e, KvmInjException)]
+    assert injected and injected[0].exception_name == "#UD" and injected[0].error_code is None
+    if backend.emulates_kernel_mode:
+        assert isinstance(exit, Shutdown), "no IVT entry for #UD here: triple fault"
+
+
+def _formats():
+    with KernelTrace() as kt:
+        return kt.formats
+
+
+def _synthetic(formats, name: str, **values):
+    """A record laid out as the running kernel's format file says, decoded: for the events
+    these guests cannot cause here."""
+    fmt = formats.named(name)
+    items = [values.get(field, b"" if code.endswith("s") else 0)
+             for field, code in zip(("common_pid",) + fmt.fields, _codes(fmt))]
+    return decode(fmt, fmt.unpack(fmt.layout.pack(*items), 0), 1, 0)
+
+
+def _codes(fmt) -> list[str]:
+    import re
+    return [c for c in re.findall(r"\d*[a-zA-Z?]", fmt.layout.format[1:]) if not c.endswith("x")]
+
+
+@pytest.mark.kvm
+def test_symbol_tables_come_from_the_kernels_print_formats():
+    _usable()
+    formats = _formats()
+    exit = _synthetic(formats, "kvm_exit", isa=1, exit_reason=30, guest_rip=0x1000, vcpu_id=1)
+    assert (exit.isa, exit.reason_name, exit.rip, exit.vcpu_id) == ("VMX", "IO_INSTRUCTION", 0x1000, 1)
+    assert _synthetic(formats, "kvm_exit", isa=2, exit_reason=0x7b).reason_name == "io"
+    assert _synthetic(formats, "kvm_exit", isa=2, exit_reason=0x72).reason_name == "cpuid"
+    assert _synthetic(formats, "kvm_exit", isa=1, exit_reason=12).reason_name == "HLT"
+    other = _synthetic(formats, "kvm_exit", isa=7, exit_reason=0x12)
+    assert (other.isa, other.reason_name) == ("isa 7", "0x12"), "no table claimed for another isa"
+    insn = _synthetic(formats, "kvm_emulate_insn", rip=0x401000, len=3, flags=1 | 8,
+                      insn=b"\x48\x89\xd8" + bytes(12))
+    assert (insn.mode, insn.disassembly, insn.insn) == ("prot64", "mov rax, rbx", b"\x48\x89\xd8")
+    assert _synthetic(formats, "kvm_emulate_insn", len=2, flags=1 | 4, insn=b"\x0f\xa2").mode == "prot32"
+    assert _synthetic(formats, "kvm_userspace_exit", reason=2).reason_name == "KVM_EXIT_IO"
+    assert _synthetic(formats, "kvm_userspace_exit", reason=5, errno=-4).reason_name == "EINTR"
+    apic = _synthetic(formats, "kvm_apic", rw=1, reg=0xB0, val=0)
+    assert (apic.write, apic.reg_name) == (True, "APIC_EOI")
+    accept = _synthetic(formats, "kvm_apic_accept_irq", apicid=1, dm=4 << 8, tm=1, vec=2)
+    assert (accept.delivery, accept.level_triggered, accept.vector) == ("NMI", True, 2)
+    assert _synthetic(formats, "kvm_apic_ipi", icr_low=0x4500, dest_id=1).delivery == "INIT"
+    gp = _synthetic(formats, "kvm_inj_exception", exception=13, has_error=1, error_code=0x18)
+    assert (gp.exception_name, gp.error_code) == ("#GP", 0x18)
+    assert _synthetic(formats, "kvm_mmio", type=2, len=4, gpa=0xfee000b0).kind == "write"
+    virq = _synthetic(formats, "kvm_inj_virq", vector=0x20, soft=0)
+    assert (virq.vector, virq.soft) == (0x20, False) and "IRQ vector 0x20" in virq.describe()
+    assert _synthetic(formats, "kvm_set_irq", gsi=4, level=1, irq_source_id=0).gsi == 4
+    cr = _synthetic(formats, "kvm_cr", rw=1, cr=4, val=0x20)
+    assert (cr.write, cr.cr, cr.value) == (True, 4, 0x20)
+    fault = _synthetic(formats, "kvm_page_fault", vcpu_id=0, guest_rip=0x8000,
+                       fault_address=0xb8000, error_code=6)
+    assert (fault.rip, fault.address, fault.error_code) == (0x8000, 0xb8000, 6)
+    entry = _synthetic(formats, "kvm_entry", vcpu_id=0, rip=0x8000, immediate_exit=1)
+    assert (entry.rip, entry.immediate_exit) == (0x8000, True)
+    raw = _synthetic(formats, "kvm_halt_poll_ns", grow=1, vcpu_id=0, new=10000, old=0)
+    assert isinstance(raw, RawEvent) and raw.name == "kvm_halt_poll_ns" and raw.fields["new"] == 10000
+    for event in (exit, insn, apic, accept, gp, virq, cr, fault, entry, raw):
+        assert event.describe().startswith(event.name + ":")
+    typed = {cls.name for cls in vars(kernel_events).values()
+             if isinstance(cls, type) and issubclass(cls, kernel_events.KernelEvent) and cls.name}
+    assert typed <= {f.name for f in formats.by_id.values()}, "every typed event exists here"
+
+
+# -- the instance's life ---------------------------------------------------------------------
+def _instances(root: str, pid: int) -> list[str]:
+    return [n for n in os.listdir(os.path.join(root, "instances")) if n.startswith(f"vlab-{pid}-")]
+
+
+@pytest.mark.kvm
+def test_no_instance_is_left_after_a_hundred_traces():
+    _usable()
+    root = None
+    for _ in range(100):
+        trace = KernelTrace()
+        root = trace.root
+        assert os.path.isdir(trace.path)
+        trace.close()
+    dropped = KernelTrace()          # never closed: collected
+    path = dropped.path
+    del dropped
+    assert not os.path.exists(path)
+    assert _instances(root, os.getpid()) == []
+
+
+@pytest.mark.kvm
+def test_a_killed_processs_instance_is_removed_by_the_next_trace():
+    _usable()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom vlab.kvm.kernel_trace import KernelTrace\n"
+         "t = KernelTrace()\nprint(t.path, flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        path = child.stdout.readline().strip()
+        assert os.path.isdir(path)
+    finally:
+        child.kill()
+        child.wait()
+    assert os.path.isdir(path), "SIGKILL gave it no chance to remove it"
+    with KernelTrace():
+        assert not os.path.exists(path)
+
+
+# -- where there is no tracefs ---------------------------------------------------------------
+def test_without_tracefs_the_error_says_why_and_how_to_fix_it(monkeypatch):
+    with pytest.raises(KernelTraceUnavailable) as raised:
+        KernelTrace(tracing_dir="/nonexistent")
+    assert "no tracefs at /nonexistent" in raised.value.reason
+    assert "mount -t tracefs" in raised.value.fix and "fix:" in str(raised.value)
+    monkeypatch.setenv(TRACEFS_ENV, "/nonexistent")
+    with pytest.raises(KernelTraceUnavailable):
+        KernelTrace()
+    usable, why = kernel_trace_usable()
+    assert not usable and "/nonexistent" in why
