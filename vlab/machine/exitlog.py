@@ -26,6 +26,7 @@ class ExitRecord:
     counters_before: tuple[int, ...] | None
     counters_after: tuple[int, ...] | None
     seq: int = 0
+    kernel_events: tuple = ()   # what the kernel traced inside this KVM_RUN (KernelTrace)
 
     @property
     def reason(self) -> str:

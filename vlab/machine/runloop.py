@@ -101,6 +101,9 @@ class VcpuRunner:
         self._exits = 0                        # guest exits in the run so far
         self._resumed = 0.0                    # when the guest last resumed
         self._inline_exit = self._inline_outcome = self._inline_stop = None
+        # A vlab.kvm.KernelTrace: each record then carries its KVM_RUN's kernel events
+        self.kernel_trace = None
+        self._since = 0                        # the trace clock when the guest last entered
         self._stats = None
         self._counters = None
         if kernel_counters:
@@ -131,6 +134,8 @@ class VcpuRunner:
     def _enter(self) -> tuple[Exit, Outcome]:
         """KVM_RUN once, handle the exit, record it: the body of kvm_cpu_exec's loop."""
         self._resumed = start = _clock()
+        if self.kernel_trace is not None:
+            self._since = self.kernel_trace.now()
         exit = self.vcpu.run()
         if exit is self._inline_exit:  # handled in run(), by _on_port_io
             return exit, self._inline_outcome
@@ -157,8 +162,11 @@ class VcpuRunner:
         if outcome.answer is not None:
             outcome.answer(vcpu, exit, outcome.reply)
         counters = self._counters() if self._counters is not None else None
-        self.log.append(ExitRecord(vcpu.id, exit, vcpu.synced_rip, outcome.device,
-                                   outcome.claimed, duration, self._previous_counters, counters))
+        record = ExitRecord(vcpu.id, exit, vcpu.synced_rip, outcome.device, outcome.claimed,
+                            duration, self._previous_counters, counters)
+        if self.kernel_trace is not None:
+            record.kernel_events = self.kernel_trace.take(threading.get_native_id(), self._since)
+        self.log.append(record)
         self._previous_counters = counters
         return outcome
 
