@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from vlab.kvm.exits import Hlt, IoOut
+from vlab.kvm.kernel_events import (KvmCpuid, KvmEmulateInsn, KvmEntry, KvmExit, KvmFpu,
+                                    KvmInjVirq, KvmPio, KvmUserspaceExit, RawEvent)
 from vlab.kvm.state import Regs, Sregs
 from vlab.lab import RegisterModel
 from vlab.machine.exitlog import ExitLog
@@ -16,34 +18,50 @@ from vlab.machine.snapshot import RegisterSnapshot
 from vlab.widgets import KernelExitTable, KvmRunTimeline
 from vlab.widgets.kernel_trace import GUEST, KVM, USERSPACE, RunTimeline, timeline_html
 
+TID, CPU = 1234, 0
 
-def event(name: str, t_ns: int, text: str, **fields) -> SimpleNamespace:
-    return SimpleNamespace(name=name, timestamp_ns=t_ns, describe=lambda: text, **fields)
+
+def at(t_ns: int) -> tuple[int, int, int]:
+    """What every record starts with: timestamp, thread, CPU."""
+    return t_ns, TID, CPU
+
+
+def vmx_exit(t_ns: int, reason: int, name: str, rip: int) -> KvmExit:
+    return KvmExit(*at(t_ns), vcpu_id=0, reason=reason, reason_name=name, isa="VMX", rip=rip)
+
+
+def emulated(t_ns: int, rip: int, insn: bytes) -> KvmEmulateInsn:
+    return KvmEmulateInsn(*at(t_ns), rip=rip, insn=insn, mode="real")
+
+
+def io_exit(t_ns: int, errno: int = 0) -> KvmUserspaceExit:
+    return (KvmUserspaceExit(*at(t_ns), reason=10, reason_name="EINTR", errno=errno) if errno
+            else KvmUserspaceExit(*at(t_ns), reason=2, reason_name="KVM_EXIT_IO"))
 
 
 # One KVM_RUN on VMX: a timer interrupt and a CPUID handled in KVM, then an OUT to userspace.
 VMX_RUN = (
-    event("kvm_fpu", 1000, "fpu load"),
-    event("kvm_entry", 1500, "VM entry at rip 0x8000"),
-    event("kvm_exit", 4500, "exit EXTERNAL_INTERRUPT", reason_name="EXTERNAL_INTERRUPT"),
-    event("kvm_entry", 5100, "VM entry at rip 0x8004"),
-    event("kvm_exit", 6000, "exit CPUID", reason_name="CPUID"),
-    event("kvm_cpuid", 6200, "cpuid 0x0 -> eax 0x1c"),
-    event("kvm_inj_virq", 6300, "inject vector 0x20"),
-    event("kvm_entry", 6600, "VM entry at rip 0x800c"),
-    event("kvm_exit", 8000, "exit IO_INSTRUCTION", reason_name="IO_INSTRUCTION"),
-    event("kvm_pio", 8100, "pio write port 0xe9 <1 byte> value 0x42"),
-    event("kvm_fpu", 8300, "fpu unload"),
-    event("kvm_userspace_exit", 8400, "userspace exit KVM_EXIT_IO"),
+    KvmFpu(*at(1000), load=True),
+    KvmEntry(*at(1500), vcpu_id=0, rip=0x8000),
+    vmx_exit(4500, 1, "EXTERNAL_INTERRUPT", 0x8004),
+    KvmEntry(*at(5100), vcpu_id=0, rip=0x8004),
+    vmx_exit(6000, 10, "CPUID", 0x800A),
+    KvmCpuid(*at(6200), function=0, eax=0x1C),
+    KvmInjVirq(*at(6300), vector=0x20),
+    KvmEntry(*at(6600), vcpu_id=0, rip=0x800C),
+    vmx_exit(8000, 30, "IO_INSTRUCTION", 0x800E),
+    KvmPio(*at(8100), direction="out", port=0xE9, size=1, count=1, value=0x42),
+    KvmFpu(*at(8300), load=False),
+    io_exit(8400),
 )
 # The same OUT on kvm_pvm: CPL 0 code runs in KVM's emulator; no entry or exit is traced.
 PVM_RUN = (
-    event("kvm_fpu", 0, "fpu load"),
-    event("kvm_emulate_insn", 100, "emulated 0:8000 mov al, 0x41", disassembly="mov al, 0x41"),
-    event("kvm_emulate_insn", 400, "emulated 0:8002 out 0xe9, al", disassembly="out 0xe9, al"),
-    event("kvm_pio", 500, "pio write port 0xe9 value 0x41"),
-    event("kvm_fpu", 700, "fpu unload"),
-    event("kvm_userspace_exit", 800, "userspace exit KVM_EXIT_IO"),
+    KvmFpu(*at(0), load=True),
+    emulated(100, 0x8000, b"\xb0\x41"),
+    emulated(400, 0x8002, b"\xe6\xe9"),
+    KvmPio(*at(500), direction="out", port=0xE9, size=1, count=1, value=0x41),
+    KvmFpu(*at(700), load=False),
+    io_exit(800),
 )
 
 
@@ -70,7 +88,7 @@ def test_vmx_run_exits_handled_in_kvm_and_the_one_that_reached_userspace():
     assert rows[-1].note == "KVM_RUN returns 0: kvm_run.exit_reason says why"
     assert (exits[0].source, exits[0].target) == (GUEST, KVM)
     assert (rows[-1].source, rows[-1].target, rows[-1].kind) == (KVM, USERSPACE, "userspace")
-    assert rows[1].line() == "     +0.5 us  KVM->guest      VM entry at rip 0x8000"
+    assert rows[1].line() == "     +0.5 us  KVM->guest      kvm_entry: vcpu 0 enters the guest at rip 0x8000"
 
 
 def test_kvm_pvm_run_is_instructions_emulated_without_entries():
@@ -88,34 +106,34 @@ def test_hlt_with_an_in_kernel_irqchip_blocks_in_kvm_until_a_signal():
     """VMX with an in-kernel irqchip: the HLT exit is handled in KVM (vcpu_block); the
     timeout's signal wakes the vCPU and KVM_RUN returns EINTR. Events the thread caused
     before KVM_RUN (the MMU notifier) come before the call, at negative offsets."""
-    events = (event("kvm_unmap_hva_range", 0, "kvm_unmap_hva_range: start=0x7f0000000000"),
-              event("kvm_fpu", 2000, "fpu load", load=True),
-              event("kvm_entry", 2500, "VM entry at rip 0x8004"),
-              event("kvm_exit", 3000, "exit HLT", reason_name="HLT"),
-              event("kvm_vcpu_wakeup", 300_000_000, "wait time 300 ms"),
-              event("kvm_fpu", 300_001_000, "fpu unload", load=False),
-              event("kvm_userspace_exit", 300_002_000, "userspace exit EINTR", errno=-4))
+    events = (RawEvent(*at(0), "kvm_unmap_hva_range", {"start": 0x7F0000000000}),
+              KvmFpu(*at(2000), load=True),
+              KvmEntry(*at(2500), vcpu_id=0, rip=0x8004),
+              vmx_exit(3000, 12, "HLT", 0x8005),
+              RawEvent(*at(300_000_000), "kvm_vcpu_wakeup", {"ns": 299_997_000, "valid": 1}),
+              KvmFpu(*at(300_001_000), load=False),
+              io_exit(300_002_000, errno=-4))
     timeline = RunTimeline(record(events))
     assert timeline.handled_in_kernel == {"HLT": 1} and not timeline.exits_to_userspace
     assert [r.name for r in timeline.rows][:3] == ["kvm_unmap_hva_range", "KVM_RUN", "kvm_fpu"]
     assert timeline.rows[0].offset() == "-2.0 us" and timeline.rows[2].offset() == "+0.0 us"
+    assert [r.offset() for r in timeline.rows[-3:]] == ["+299.998 ms", "+299.999 ms", "+300.000 ms"]
     notes = {r.name: r.note for r in timeline.rows}
     assert notes["kvm_exit"] == "handled in KVM: the vCPU halts, vcpu_run waits in vcpu_block"
     assert notes["kvm_userspace_exit"].startswith("KVM_RUN returns an error (EINTR")
 
 
 def test_an_exit_handled_before_a_pending_signal_is_not_one_for_userspace():
-    events = (event("kvm_entry", 0, "VM entry"),
-              event("kvm_exit", 10, "exit EXTERNAL_INTERRUPT", reason_name="EXTERNAL_INTERRUPT"),
-              event("kvm_userspace_exit", 20, "userspace exit EINTR", errno=-4))
+    events = (KvmEntry(*at(0), vcpu_id=0, rip=0x8000),
+              vmx_exit(10, 1, "EXTERNAL_INTERRUPT", 0x8000),
+              io_exit(20, errno=-4))
     timeline = RunTimeline(record(events))
     assert timeline.handled_in_kernel == {"EXTERNAL_INTERRUPT": 1}
     assert timeline.rows[2].note == "handled in KVM, but a signal is pending: vcpu_run stops"
 
 
 def test_a_long_run_shows_its_start_and_end_and_counts_the_middle():
-    loop = tuple(event("kvm_emulate_insn", i, f"emulated {i}", disassembly="dec ecx")
-                 for i in range(1000))
+    loop = tuple(emulated(1000 + i, 0x8004, b"\x49") for i in range(1000))   # dec cx
     events = PVM_RUN[:1] + loop + PVM_RUN[3:]
     timeline = RunTimeline(record(events), head=5, tail=3)
     kinds = [r.kind for r in timeline.rows]
@@ -132,10 +150,10 @@ def test_a_run_without_events_says_so():
 
 
 def test_timeline_html_draws_lanes_arrows_and_escapes_text():
-    events = VMX_RUN[:-1] + (event("kvm_userspace_exit", 9000, "exit <IO> & more"),)
+    events = VMX_RUN + (RawEvent(*at(9000), "kvm_test", {"text": "<b> & more"}),)
     html = timeline_html(RunTimeline(record(events)))
     assert html.count("class='vlab-kind-entry'") == 3 and html.count("class='vlab-kind-exit'") == 3
-    assert "exit &lt;IO&gt; &amp; more" in html and "<IO>" not in html
+    assert "kvm_test: text=&lt;b&gt; &amp; more" in html and "<b>" not in html
     assert ">▶</span>" in html and ">◀</span>" in html      # into the guest, back out
     assert html.count("vlab-timeline-strip") == 1
 

@@ -87,7 +87,13 @@ class TimelineRow:
     note: str = ""           # what it means for the KVM_RUN (the return convention)
 
     def offset(self) -> str:
-        return "" if self.offset_ns is None else f"{self.offset_ns / 1000:+.1f} us"
+        """Since KVM_RUN began, in the unit that reads best (a halt waits for milliseconds)."""
+        ns = self.offset_ns
+        if ns is None:
+            return ""
+        if abs(ns) < 1_000_000:
+            return f"{ns / 1e3:+.1f} us"
+        return f"{ns / 1e6:+.3f} ms" if abs(ns) < 1_000_000_000 else f"{ns / 1e9:+.3f} s"
 
     def line(self) -> str:
         lane = self.source if self.source == self.target else f"{self.source}->{self.target}"
