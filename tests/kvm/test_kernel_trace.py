@@ -25,6 +25,8 @@ from vlab.kvm.kernel_events import (KvmCpuid, KvmEmulateInsn, KvmEntry, KvmExit,
 from vlab.kvm import kernel_events
 from vlab.kvm.kernel_trace import (TRACEFS_ENV, KernelTrace, KernelTraceUnavailable,
                                    kernel_trace_usable)
+from vlab import Lab
+from vlab.lab.stages import StageError
 from vlab.machine.assembler import assemble
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,6 +221,71 @@ def test_what_kvm_did_itself_decodes_into_typed_records(trace, guest):
         assert isinstance(exit, Shutdown), "no IVT entry for #UD here: triple fault"
 
 
+# -- a Lab's records ---------------------------------------------------------------------------
+def test_a_labs_exit_records_carry_their_kvm_runs_events(make_lab):
+    _usable()
+    backend = detect_backend()
+    lab = make_lab(kernel_trace=True)
+    lab.load_assembly(OUT_CPUID_HLT)
+    lab.bring_up()
+    step = lab.step()                          # mov al, 1: one instruction, one KVM_RUN
+    stepped = lab.exits().last.kernel_events
+    assert stepped[-1].reason_name == "KVM_EXIT_DEBUG"
+    if backend.emulates_kernel_mode:
+        assert [e.disassembly for e in stepped if isinstance(e, KvmEmulateInsn)] == ["mov al, 1"]
+    assert step.rip_after == step.rip_before + 2
+    result = lab.run()
+    assert result.stop_reason.startswith("HLT")
+    records = list(lab.exits())
+    assert [r.reason for r in records] == ["DEBUG", "IO out", "IO out", "HLT"]
+    assert [r.kernel_events[-1].reason_name for r in records] == [
+        "KVM_EXIT_DEBUG", "KVM_EXIT_IO", "KVM_EXIT_IO", "KVM_EXIT_HLT"]
+    assert [[(c.function, c.index) for c in r.kernel_events if isinstance(c, KvmCpuid)]
+            for r in records] == [[], [], [(0, 0)], []]
+    table = lab.exits().kernel_exit_table()
+    assert table.runs == 4 and sum(row.userspace for row in table.rows) == 4
+    rows = {row.reason: row for row in table.rows}
+    if backend.emulates_kernel_mode:   # no hardware exits: each KVM_RUN under its return
+        assert (rows["KVM_EXIT_IO"].userspace, rows["KVM_EXIT_HLT"].userspace) == (2, 1)
+        assert table.emulated >= 6 and all(row.in_kernel == 0 for row in table.rows)
+    else:
+        names = HARDWARE_EXIT[backend.label]
+        assert rows[names["out"]].userspace == 2 and rows[names["hlt"]].userspace == 1
+        assert rows[names["cpuid"]].in_kernel == 1 and rows[names["cpuid"]].userspace == 0
+    assert "exit reason" in str(table) and "4 KVM_RUNs traced" in str(table)
+    frame = table.to_dataframe()
+    assert list(frame.columns) == ["reason", "in_kernel", "userspace"] and frame.userspace.sum() == 4
+    assert lab.kernel_trace.lost == 0
+
+
+def test_a_lab_with_an_irqchip_keeps_the_hlt_in_the_kernel(make_lab):
+    _usable()
+    backend = detect_backend()
+    lab = make_lab(kernel_trace=True, irqchip=True)
+    lab.load_assembly("hlt")
+    lab.bring_up()
+    result = lab.run(timeout=0.3)
+    assert result.stop_reason.startswith("timeout")
+    last = lab.exits().last
+    assert last.reason == "INTR" and last.kernel_events[-1].reason_name == "EINTR"
+    table = {row.reason: row for row in lab.exits().kernel_exit_table().rows}
+    if backend.emulates_kernel_mode:
+        assert "hlt" in [e.disassembly for e in last.kernel_events if isinstance(e, KvmEmulateInsn)]
+    else:
+        assert table[HARDWARE_EXIT[backend.label]["hlt"]].in_kernel >= 1
+    assert table["EINTR"].userspace >= 1, "the kick's KVM_RUN ends in EINTR on every backend"
+
+
+def test_kernel_tracing_needs_the_kvm_accelerator(monkeypatch):
+    with pytest.raises(ValueError, match="needs the kvm accelerator"):
+        Lab(accel="tcg", kernel_trace=True)
+    monkeypatch.setenv("VLAB_KVM_DEVICE", "/nonexistent")    # auto falls back to tcg
+    lab = Lab(accel="auto", kernel_trace=True)
+    with pytest.raises(StageError, match="needs the kvm accelerator"):
+        lab.kvm_init()
+    lab.close()
+
+
 def _formats():
     with KernelTrace() as kt:
         return kt.formats
@@ -288,14 +355,16 @@ def _instances(root: str, pid: int) -> list[str]:
 
 
 @pytest.mark.kvm
-def test_no_instance_is_left_after_a_hundred_traces():
+def test_no_instance_is_left_after_a_hundred_labs():
     _usable()
     root = None
     for _ in range(100):
-        trace = KernelTrace()
-        root = trace.root
-        assert os.path.isdir(trace.path)
-        trace.close()
+        lab = Lab(accel="kvm", kernel_trace=True)
+        lab.kvm_init()
+        root = lab.kernel_trace.root
+        assert os.path.isdir(lab.kernel_trace.path)
+        lab.close()
+        assert lab.kernel_trace is None
     dropped = KernelTrace()          # never closed: collected
     path = dropped.path
     del dropped
@@ -332,3 +401,14 @@ def test_without_tracefs_the_error_says_why_and_how_to_fix_it(monkeypatch):
         KernelTrace()
     usable, why = kernel_trace_usable()
     assert not usable and "/nonexistent" in why
+
+
+def test_without_tracefs_a_lab_runs_untraced_and_a_traced_one_says_why(make_lab, monkeypatch):
+    monkeypatch.setenv(TRACEFS_ENV, "/nonexistent")
+    with pytest.raises(KernelTraceUnavailable, match="no tracefs at /nonexistent"):
+        make_lab(kernel_trace=True).kvm_init()
+    lab = make_lab()
+    lab.load_assembly("mov al, 'k'\nout 0xe9, al\nhlt")
+    lab.bring_up()
+    assert lab.run().stop_reason.startswith("HLT") and lab.console == "k"
+    assert lab.kernel_trace is None and lab.exits().last.kernel_events == ()

@@ -293,6 +293,23 @@ class RawEvent(KernelEvent):
         return f"{self.name}: {text}"
 
 
+def exit_outcomes(events) -> list[tuple[KvmExit, bool]]:
+    """Each hardware exit (kvm_exit) of one KVM_RUN's events, and whether KVM handled it
+    itself: what `handle_exit` returned. 1 (handled) when `vcpu_run` went round again (a
+    kvm_entry follows, or the vCPU halted in vcpu_block: kvm_vcpu_wakeup) or when KVM_RUN
+    returned an error (EINTR: a signal stopped the loop after the exit was handled); 0 for
+    the last exit before KVM_RUN returned to userspace because KVM needed it."""
+    failed = any(e.errno for e in events if isinstance(e, KvmUserspaceExit))
+    outcomes, resumed = [], failed
+    for event in reversed(events):
+        if event.name in ("kvm_entry", "kvm_vcpu_wakeup"):
+            resumed = True
+        elif isinstance(event, KvmExit):
+            outcomes.append((event, resumed))
+            resumed = True
+    return outcomes[::-1]
+
+
 def _kvm_exit(base, v, fmt):
     isa = v["isa"]
     name = fmt.symbol("exit_reason", v) if isa in ISA_NAMES else None
@@ -360,4 +377,4 @@ def decode(fmt, values: dict, timestamp_ns: int, cpu: int) -> KernelEvent:
 __all__ = ["KernelEvent", "KvmEntry", "KvmExit", "KvmEmulateInsn", "KvmPio", "KvmMmio", "KvmMsr",
            "KvmCr", "KvmCpuid", "KvmInjVirq", "KvmInjException", "KvmSetIrq", "KvmApic",
            "KvmApicAcceptIrq", "KvmApicIpi", "KvmPageFault", "KvmFpu", "KvmUserspaceExit",
-           "RawEvent", "decode", "ISA_NAMES"]
+           "RawEvent", "decode", "exit_outcomes", "ISA_NAMES"]

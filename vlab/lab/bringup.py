@@ -6,7 +6,7 @@ accelerator does in place of each one.
 """
 from __future__ import annotations
 
-from ..kvm import Cap
+from ..kvm import Cap, KernelTrace
 from ..machine import builder
 from ..machine.board import Machine
 from ..machine.cpu_modes import CpuMode
@@ -29,6 +29,8 @@ REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.DESTROY_MEMORY_REGION_WORKS, Cap.JOIN_MEMO
 FEATURE_MSRS_TO_SET = {MSR_IA32_ARCH_CAPABILITIES: "IA32_ARCH_CAPABILITIES",
                        MSR_IA32_UCODE_REV: "IA32_UCODE_REV"}
 GUEST_ORG = 0x8000
+KERNEL_TRACE_NEEDS_KVM = ("kernel_trace=True needs the kvm accelerator: the software "
+                          "accelerator (tcg) has no KVM_RUN for the kernel to trace")
 
 
 def kvm_init(lab, record: StageRecord, choice: str, reason: str | None) -> None:
@@ -38,6 +40,12 @@ def kvm_init(lab, record: StageRecord, choice: str, reason: str | None) -> None:
         lab.accel.reason = reason
     record.notes.append(f"accelerator: {lab.accel.reason}")
     lab.backend = lab.accel.backend
+    if lab.kernel_trace_requested:
+        if not lab.accel.capabilities.kernel:
+            raise StageError(f"{KERNEL_TRACE_NEEDS_KVM} ({lab.accel.reason})")
+        lab.kernel_trace = KernelTrace()
+        record.notes.append(f"kernel trace: KVM's tracepoints of this process, in the tracefs "
+                            f"instance {lab.kernel_trace.name}")
     record.actions += lab.accel.stage_actions("kvm_init")
     if lab.accel.capabilities.kernel:
         _kvm_init(lab, record)
@@ -111,6 +119,7 @@ def kvm_init_vcpu(lab, record: StageRecord) -> None:
     for i in range(lab.nr_vcpus):
         log = ExitLog()
         runner = builder.kvm_init_vcpu(lab.machine, i, log)
+        runner.kernel_trace = lab.kernel_trace
         vcpu = runner.vcpu
         lab.cpus.append(LabCpu(vcpu, runner, RegisterModel(i), log))
         record.actions += lab.accel.stage_actions("kvm_init_vcpu", vcpu=vcpu)

@@ -26,7 +26,7 @@ from ..machine.loaders import load_elf, read_image
 from ..machine.runloop import RunResult, StepResult
 from ..machine.snapshot import RegisterSnapshot
 from . import bringup
-from .bringup import GUEST_ORG
+from .bringup import GUEST_ORG, KERNEL_TRACE_NEEDS_KVM
 from .cpuid import CpuidTable
 from .cpus import LabCpu
 from .pipeline import StagePipeline
@@ -56,16 +56,21 @@ class Lab(StagePipeline):
     attach to what it created."""
 
     def __init__(self, accel: str = "auto", memory: int | str = "16M", cpu: str = "host",
-                 vcpus: int = 1, mode: CpuMode | str = "real", irqchip: bool = False):
+                 vcpus: int = 1, mode: CpuMode | str = "real", irqchip: bool = False,
+                 kernel_trace: bool = False):
         super().__init__()
         if vcpus < 1:
             raise ValueError(f"vcpus={vcpus}: a VM needs at least one vCPU")
+        if kernel_trace and accel == "tcg":
+            raise ValueError(KERNEL_TRACE_NEEDS_KVM)
         self.accel_choice = accel
         self.memory_size = parse_size(memory)
         self.cpu_model = cpu
         self.nr_vcpus = vcpus
         self.mode = CpuMode(mode)
         self.irqchip = irqchip
+        self.kernel_trace_requested = kernel_trace
+        self.kernel_trace = None     # a vlab.kvm.KernelTrace, from kvm_init when requested
         self.accel = None
         self.vm = None
         self.machine: Machine | None = None
@@ -336,6 +341,9 @@ class Lab(StagePipeline):
         if self.accel is not None:
             self.accel.close()
             self.accel = None
+        if self.kernel_trace is not None:
+            self.kernel_trace.close()
+            self.kernel_trace = None
 
     def __enter__(self):
         return self

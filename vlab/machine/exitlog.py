@@ -13,6 +13,7 @@ from typing import Iterator
 
 from ..kvm.abi import ExitReason
 from ..kvm.exits import Exit, IoIn, IoOut, MmioRead, MmioWrite, OtherExit
+from ..kvm.kernel_events import KvmEmulateInsn, KvmUserspaceExit, exit_outcomes
 
 
 @dataclass(slots=True)
@@ -39,6 +40,36 @@ _LABELS = {IoOut: "IO out", IoIn: "IO in", MmioRead: "MMIO read", MmioWrite: "MM
 def reason_label(exit: Exit) -> str:
     """The histogram's name for an exit: KVM_EXIT_* name, IO and MMIO split by direction."""
     return _LABELS.get(exit.__class__) or exit.reason.name
+
+
+@dataclass(frozen=True)
+class KernelExitRow:
+    reason: str         # as the kernel names it: kvm_exit's reason, else kvm_userspace_exit's
+    in_kernel: int      # handled by KVM, which entered the guest again
+    userspace: int      # ended a KVM_RUN
+
+
+@dataclass(frozen=True)
+class KernelExitCounts:
+    """kvm_stat's table over traced KVM_RUNs: each exit reason, how often KVM handled it
+    itself and how often it reached userspace. A KVM_RUN that returned without a hardware
+    exit (kvm_pvm, whose emulator traces none; EINTR before entering) counts under its
+    kvm_userspace_exit reason (KVM_EXIT_IO, EINTR...)."""
+    rows: tuple[KernelExitRow, ...]
+    runs: int           # traced KVM_RUNs counted
+    emulated: int       # instructions KVM's emulator ran (kvm_emulate_insn)
+
+    def __str__(self) -> str:
+        width = max([len(r.reason) for r in self.rows] + [len("exit reason")])
+        lines = [f"{'exit reason':<{width}}  {'in kernel':>9}  {'to userspace':>12}"]
+        lines += [f"{r.reason:<{width}}  {r.in_kernel:>9,}  {r.userspace:>12,}" for r in self.rows]
+        lines.append(f"{self.runs:,} KVM_RUNs traced, {self.emulated:,} instructions emulated in the kernel")
+        return "\n".join(lines)
+
+    def to_dataframe(self):
+        import pandas as pd
+        return pd.DataFrame([(r.reason, r.in_kernel, r.userspace) for r in self.rows],
+                            columns=["reason", "in_kernel", "userspace"])
 
 
 class ExitLog:
@@ -113,6 +144,29 @@ class ExitLog:
                 seen = True
                 totals = [t + d for t, d in zip(totals, deltas)]
         return dict(zip(self.counter_names, totals)) if seen else {}
+
+    def kernel_exit_table(self) -> KernelExitCounts:
+        """The kept records' kernel events (vlab.Lab(kernel_trace=True)) by exit reason:
+        handled inside KVM_RUN, or the one that ended it, most frequent first."""
+        in_kernel: Counter = Counter()
+        userspace: Counter = Counter()
+        runs = emulated = 0
+        for record in list(self.records):
+            events = record.kernel_events
+            if not events:
+                continue
+            runs += 1
+            reached = False
+            for exit, handled in exit_outcomes(events):
+                (in_kernel if handled else userspace)[exit.reason_name] += 1
+                reached = reached or not handled
+            if not reached and isinstance(events[-1], KvmUserspaceExit):
+                userspace[events[-1].reason_name] += 1
+            emulated += sum(1 for e in events if e.__class__ is KvmEmulateInsn)
+        reasons = sorted(in_kernel.keys() | userspace.keys(),
+                         key=lambda r: (-in_kernel[r] - userspace[r], r))
+        return KernelExitCounts(tuple(KernelExitRow(r, in_kernel[r], userspace[r]) for r in reasons),
+                                runs, emulated)
 
     def clear(self) -> None:
         self.records.clear()
