@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .accel import explain_auto
-from .kvm import Cap, Kvm, KvmError, detect_backend, kvm_usable
+from .kvm import Cap, Kvm, KvmError, KvmUnavailable, detect_backend, kvm_usable
 from .kvm import vcpu as vcpu_module
 from .kvm.system import DEV_KVM, DEVICE_ENV, device_path
 from .machine.assembler import AssemblerNotFound, assemble
@@ -213,6 +213,20 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                            help="vCPUs; all but the first wait for the guest's INIT/SIPI")
 
 
+def _without_kvm(error: KvmUnavailable, multiboot: bool) -> str:
+    """KVM cannot be opened: what this command can do instead (the error's own hint names
+    the Python API)."""
+    first = str(error).splitlines()[0]
+    if multiboot:
+        return (f"--multiboot needs KVM, which cannot be used here ({first}): the multiboot "
+                "PC's interrupt controllers and timer are KVM's in-kernel devices, which the "
+                "software accelerator lacks. Without KVM, `vlab run FILE --accel tcg` runs a "
+                "guest program (.asm, .elf or raw code); `vlab doctor` says how to make "
+                "/dev/kvm usable.")
+    return (f"{first}\n  without KVM, `vlab run FILE --accel tcg` runs the guest on the "
+            "software accelerator; `vlab doctor` says how to make /dev/kvm usable.")
+
+
 @command("run", "run a guest program, stream its console output, show its exits", _run_arguments)
 def run(args: argparse.Namespace) -> int:
     """Run a guest program until it halts, fails, writes isa-debug-exit, times out or is
@@ -242,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             booted = boot(args.file, mode=args.mode, org=args.org, accel=args.accel,
                           memory=args.memory, timeout=args.timeout, output=stream)
+    except KvmUnavailable as e:
+        print(f"vlab run: {_without_kvm(e, bool(args.multiboot))}", file=sys.stderr)
+        return 2
     except BOOT_ERRORS as e:
         print(f"vlab run: {e}", file=sys.stderr)
         return 2

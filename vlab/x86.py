@@ -28,6 +28,12 @@ RFLAGS_TF, RFLAGS_IF, RFLAGS_RF, RFLAGS_VM, RFLAGS_AC = (
     1 << RFLAGS_BITS[n] for n in ("TF", "IF", "RF", "VM", "AC"))
 RFLAGS_IOPL = 3 << RFLAGS_BITS["IOPL0"]
 
+# Segment types (SDM Vol. 3A 3.4.5.1, Table 3-1 and 3-2); the accessed bit is preset so the
+# CPU never has to write it back into the GDT.
+SEG_TYPE_DATA_RW = 3    # read/write, accessed
+SEG_TYPE_CODE_XR = 11   # execute/read, accessed
+SEG_TYPE_TSS_BUSY = 11  # system type: busy 32/64-bit TSS, what LTR leaves in TR
+
 # MSRs by their SDM names (Vol. 4).
 MSR_IA32_TSC = 0x10
 MSR_IA32_UCODE_REV = 0x8B

@@ -14,7 +14,7 @@ from vlab.kvm.state import Segment, Sregs
 from vlab.machine.cpu_modes import (
     DEFAULT_LAYOUT, SEL_CODE32, SEL_CODE64, SEL_DATA, SEL_TSS, CpuMode, decode_descriptor,
     encode_descriptor, gdt_segments, initial_regs, setup_mode)
-from vlab.machine.sregs_check import SregsError, check_sregs, validate_sregs
+from vlab.kvm.sregs_check import SregsError, check_sregs, validate_sregs
 from vlab.x86 import CR0_BITS, CR4_BITS, EFER_BITS, RFLAGS_BITS, decode_bits
 from vlab.machine.examples import EXAMPLES, RESULT_GPA
 

@@ -12,9 +12,22 @@ def regs_from_c(c) -> Regs:
     return Regs(*(getattr(c, name) for name in _REG_FIELDS))
 
 
+def _store(c, name: str, value, path: str) -> None:
+    """`c.name = value`, or a ValueError naming the register when the field cannot hold it
+    (cffi would say only "int too big to convert")."""
+    try:
+        setattr(c, name, value)
+    except (OverflowError, TypeError):
+        struct = ffi.typeof(c)
+        struct = struct.item if struct.kind == "pointer" else struct
+        ctype = dict(struct.fields)[name].type
+        raise ValueError(f"{path} = {value!r} does not fit the {8 * ffi.sizeof(ctype)}-bit "
+                         f"unsigned field of {struct.cname}") from None
+
+
 def regs_to_c(regs: Regs, c) -> None:
     for name in _REG_FIELDS:
-        setattr(c, name, getattr(regs, name))
+        _store(c, name, getattr(regs, name), name)
 
 
 def _segment_from_c(c) -> Segment:
@@ -33,13 +46,18 @@ def sregs_to_c(sregs: Sregs, c) -> None:
     for name in SEGMENT_NAMES:
         segment, target = getattr(sregs, name), getattr(c, name)
         for field in _SEG_FIELDS:
-            setattr(target, field, getattr(segment, field))
+            _store(target, field, getattr(segment, field), f"{name}.{field}")
     for name in ("gdt", "idt"):
         table = getattr(sregs, name)
-        getattr(c, name).base, getattr(c, name).limit = table.base, table.limit
+        for field in ("base", "limit"):
+            _store(getattr(c, name), field, getattr(table, field), f"{name}.{field}")
     for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-        setattr(c, name, getattr(sregs, name))
-    c.interrupt_bitmap = list(sregs.interrupt_bitmap)
+        _store(c, name, getattr(sregs, name), name)
+    try:
+        c.interrupt_bitmap = list(sregs.interrupt_bitmap)
+    except (OverflowError, TypeError, IndexError):
+        raise ValueError(f"interrupt_bitmap = {sregs.interrupt_bitmap!r}: four 64-bit "
+                         "unsigned words") from None
 
 
 def to_python(c):

@@ -20,7 +20,7 @@ _HINTS = {
     ("SET_SREGS", _errno.EINVAL): (
         "KVM rejected the special registers: an inconsistent combination of CR0/CR4/EFER "
         "(e.g. CR0.PG without PE, EFER.LME with CR0.PG but without LMA, CR4 bits the host "
-        "lacks). vlab.machine.sregs_check.check_sregs() names the bit."),
+        "lacks). vlab.kvm.sregs_check.check_sregs() names the bit."),
     ("SET_CPUID2", _errno.EINVAL): (
         "KVM rejected the CPUID table: a leaf is malformed or claims something KVM cannot "
         "provide (compare against KVM_GET_SUPPORTED_CPUID)."),

@@ -29,6 +29,8 @@ REQUIRED_CAPS = (Cap.USER_MEMORY, Cap.DESTROY_MEMORY_REGION_WORKS, Cap.JOIN_MEMO
 FEATURE_MSRS_TO_SET = {MSR_IA32_ARCH_CAPABILITIES: "IA32_ARCH_CAPABILITIES",
                        MSR_IA32_UCODE_REV: "IA32_UCODE_REV"}
 GUEST_ORG = 0x8000
+VCPU_STACK = 0x200   # each vCPU's stack, stacked down from GUEST_ORG
+MAX_VCPUS = GUEST_ORG // VCPU_STACK
 KERNEL_TRACE_NEEDS_KVM = ("kernel_trace=True needs the kvm accelerator: the software "
                           "accelerator (tcg) has no KVM_RUN for the kernel to trace")
 
@@ -116,6 +118,10 @@ def x86_cpu_realizefn(lab, record: StageRecord) -> None:
 
 def kvm_init_vcpu(lab, record: StageRecord) -> None:
     """KVM_CREATE_VCPU and the kvm_run mapping, for every vCPU."""
+    if lab.nr_vcpus > MAX_VCPUS:
+        raise StageError(f"vcpus={lab.nr_vcpus}: each vCPU starts with its own {VCPU_STACK}-byte "
+                         f"stack below the guest at {GUEST_ORG:#x}, so a Lab has at most "
+                         f"{MAX_VCPUS}")
     for i in range(lab.nr_vcpus):
         log = ExitLog()
         runner = builder.kvm_init_vcpu(lab.machine, i, log)
@@ -189,7 +195,7 @@ def kvm_arch_put_registers(lab, record: StageRecord) -> None:
             "mode='protected' and let the guest try.")
     for i, vcpu in enumerate(lab.vcpus):
         setup = lab.machine.setup_cpu(vcpu, lab.mode, lab.guest.entry,
-                                       stack=GUEST_ORG - 0x200 * i, rbx=i)
+                                       stack=GUEST_ORG - VCPU_STACK * i, rbx=i)
         if i == 0:
             record.notes.append(setup.description)
             record.notes += [f"wrote {what} at {gpa:#x} ({length} bytes)"

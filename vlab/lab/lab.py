@@ -16,13 +16,13 @@ from functools import partial
 from ..accel import explain_auto
 from ..kvm import Shutdown
 from ..machine.assembler import assemble
-from ..machine.board import Machine, parse_size
+from ..machine.board import Machine, check_ram_size
 from ..machine.cpu_modes import CpuMode
 from ..machine.examples import EXAMPLES
 from ..machine.exitlog import ExitLog
 from ..machine.explain import lme_refused
 from ..machine.history import Snapshot, StepHistory, restore_snapshot, take_snapshot
-from ..machine.loaders import load_elf, read_image
+from ..machine.loaders import load_elf, parse_elf, read_image
 from ..machine.runloop import RunResult, StepResult
 from ..machine.snapshot import RegisterSnapshot
 from . import bringup
@@ -64,7 +64,7 @@ class Lab(StagePipeline):
         if kernel_trace and accel == "tcg":
             raise ValueError(KERNEL_TRACE_NEEDS_KVM)
         self.accel_choice = accel
-        self.memory_size = parse_size(memory)
+        self.memory_size = check_ram_size(memory)
         self.cpu_model = cpu
         self.nr_vcpus = vcpus
         self.mode = CpuMode(mode)
@@ -169,6 +169,7 @@ class Lab(StagePipeline):
     def load_elf(self, image) -> Guest:
         """An ELF executable: its PT_LOAD segments at their physical addresses."""
         data = read_image(image)
+        parse_elf(data)  # refused now, not at pc_memory_init
         self.guest = Guest("elf", data, 0, 0)
         self._write_guest_if_ready()
         return self.guest

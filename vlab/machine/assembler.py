@@ -155,5 +155,8 @@ def assemble(source: str, bits: int = 16, org: int = 0) -> Assembly:
             raise AssemblyError(f"nasm could not assemble the source:\n{report}", errors)
         code = out.read_bytes()
         lines = _line_map(lst.read_text(errors="replace"), org)
+    if not code:
+        raise AssemblyError("the source assembles to no bytes (it is empty, or only comments "
+                            "and directives): there is nothing to run")
     return Assembly(code=code, bits=bits, org=org, source=source, lines=lines,
                     warnings=tuple(warnings))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..devices import DebugConsole, FwCfg, IsaDebugExit, MmioTestDevice, Uart16550
 from ..devices.bus import Bus
+from ..x86 import PAGE_SIZE
 from .cpu_modes import CpuMode, initial_regs, setup_mode
 from .memory import GuestMemory
 from .runloop import VcpuRunner
@@ -33,6 +34,20 @@ def parse_size(size: int | str) -> int:
         return int(text, 0)
     except ValueError:
         raise ValueError(f"memory size {size!r}: write a number of bytes or e.g. 16M, 1G") from None
+
+
+def check_ram_size(size: int | str) -> int:
+    """Guest RAM in bytes, checked against the board: whole pages, and one block from
+    address 0 that ends below the MMIO test device's window (no RAM above 4 GiB here)."""
+    value = parse_size(size)
+    if value <= 0 or value % PAGE_SIZE:
+        raise ValueError(f"memory {size!r}: guest RAM is a positive number of whole "
+                         f"{PAGE_SIZE}-byte pages, e.g. 16M")
+    if value > TESTDEV_BASE:
+        raise ValueError(f"memory {size!r} is more than this board holds: its RAM is one block "
+                         f"from address 0 up to the MMIO window at {TESTDEV_BASE:#x}, so at "
+                         f"most {TESTDEV_BASE >> 20} MiB")
+    return value
 
 
 class Console:
@@ -75,7 +90,7 @@ class Machine:
     def __init__(self, accel, vm, *, ram_size: int | str = 16 * MiB):
         self.accel = accel
         self.vm = vm
-        self.ram_size = parse_size(ram_size)
+        self.ram_size = check_ram_size(ram_size)
         self.memory = GuestMemory()
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")

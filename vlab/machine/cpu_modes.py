@@ -26,7 +26,8 @@ from typing import Protocol
 
 from vlab.kvm.state import DTable, Regs, Segment, Sregs
 from vlab.x86 import (CR0_BITS, CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_PSE,
-                      EFER_LMA, EFER_LME, decode_bits)
+                      EFER_LMA, EFER_LME, SEG_TYPE_CODE_XR, SEG_TYPE_DATA_RW,
+                      SEG_TYPE_TSS_BUSY, decode_bits)
 
 
 class CpuMode(str, Enum):
@@ -68,12 +69,6 @@ DEFAULT_LAYOUT = BootLayout()
 SEL_CODE32, SEL_DATA, SEL_CODE64, SEL_TSS = 0x08, 0x10, 0x18, 0x20
 _GDT_SIZE = 0x30  # five 8-byte slots plus the upper half of the 16-byte TSS descriptor
 TSS_SIZE = 0x68   # a 32-bit TSS is 104 bytes (SDM Vol. 3A 7.2.1); a 64-bit one too (7.7)
-
-# Segment types (SDM Vol. 3A 3.4.5.1, Table 3-1 and 3-2); the accessed bit is preset so the
-# CPU never has to write it back into the GDT.
-SEG_TYPE_DATA_RW = 3    # read/write, accessed
-SEG_TYPE_CODE_XR = 11   # execute/read, accessed
-SEG_TYPE_TSS_BUSY = 11  # system type: busy 32/64-bit TSS, what LTR leaves in TR
 
 # Page-table entry flags, named as in Linux's pgtable_types.h (SDM Vol. 3A 4.3, 4.5).
 PAGE_PRESENT, PAGE_RW, PAGE_USER, PAGE_PSE = 0x1, 0x2, 0x4, 0x80

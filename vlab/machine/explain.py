@@ -150,7 +150,7 @@ def explain_fail_entry(exit: FailEntry, backend=None) -> str:
         return f"{head}\nAMD SVM: exit code {code:#x}."
     module = backend.module if backend is not None and backend.module else "unknown"
     return (f"{head}\nThe KVM backend here is {module}, not VMX or SVM: the meaning of this "
-            "code is backend specific. Check the special registers (vlab.machine.sregs_check."
+            "code is backend specific. Check the special registers (vlab.kvm.sregs_check."
             "check_sregs) for the inconsistent bit.")
 
 

@@ -63,6 +63,9 @@ def read_image(image: bytes | bytearray | memoryview | str | os.PathLike) -> byt
     """Image bytes, from bytes or from a file path."""
     if isinstance(image, (str, os.PathLike)):
         return Path(image).read_bytes()
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise LoadError(f"an image is bytes or a file path, not {type(image).__name__} "
+                        f"{image!r}")  # bytes(12345) would be 12345 zero bytes
     return bytes(image)
 
 
@@ -87,6 +90,8 @@ def place(memory: GuestMemory, segments: list[ImageSegment]) -> None:
 def load_raw(memory: GuestMemory, gpa: int, data: bytes) -> LoadedImage:
     """Copy flat code to `gpa`, which is also where it starts running."""
     data = bytes(data)
+    if not data:
+        raise LoadError(f"the image is empty: no code to load at {gpa:#x}, nothing to run")
     place(memory, [ImageSegment("raw image", gpa, data, len(data))])
     return LoadedImage(entry=gpa, segments=[(gpa, len(data))], format="raw")
 
@@ -151,8 +156,13 @@ def parse_elf(image: bytes | str | os.PathLike) -> ElfImage:
 
 
 def load_elf(memory: GuestMemory, image: bytes | str | os.PathLike) -> LoadedImage:
-    """Load an ELF executable at its physical addresses, as QEMU's `load_elf` does."""
+    """Load an ELF executable at its physical addresses, as QEMU's `load_elf` does; one
+    whose entry point is outside guest RAM is refused (it could not start)."""
     elf = parse_elf(image)
+    try:
+        memory.check(elf.entry, 1, "entry point")
+    except GuestMemoryError as e:
+        raise LoadError(f"the ELF image's entry point cannot run: {e}") from e
     place(memory, elf.segments)
     return LoadedImage(entry=elf.entry, segments=[(s.gpa, s.memsz) for s in elf.segments],
                        format="elf", elf_class=elf.elf_class, machine=elf.machine)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from unicorn import x86_const as x86
 
+from ...kvm.abi import ffi
+from ...kvm.convert import regs_to_c, sregs_to_c
+from ...kvm.sregs_check import validate_set_sregs
 from ...kvm.state import CpuidEntry, DebugRegs, GPR_NAMES, Regs, Sregs
 from .cpuid import CpuidAnswers
 from .cpustate import read_sregs, write_sregs
@@ -24,7 +27,9 @@ class TcgVcpuState:
 
     def set_regs(self, regs: Regs) -> None:
         """KVM_SET_REGS. Moving RIP abandons an instruction waiting to restart. Translated code
-        is dropped, since the host may have written new code into guest memory."""
+        is dropped, since the host may have written new code into guest memory. Values
+        kvm_regs cannot hold are refused, as the kvm accelerator refuses them."""
+        regs_to_c(regs, ffi.new("struct kvm_regs *"))
         engine = self._engine
         if regs.rip != engine.rip():
             self._log.clear()
@@ -40,7 +45,10 @@ class TcgVcpuState:
 
     def set_sregs(self, sregs: Sregs) -> None:
         """KVM_SET_SREGS; CR8, the APIC base and the interrupt bitmap are kept but not
-        emulated (Unicorn has no local APIC)."""
+        emulated (Unicorn has no local APIC). What KVM_SET_SREGS would refuse (a value
+        kvm_sregs cannot hold, or EINVAL: CR0.PG without PE, ...) is refused here too."""
+        sregs_to_c(sregs, ffi.new("struct kvm_sregs *"))
+        validate_set_sregs(sregs)
         write_sregs(self._engine.uc, sregs)
         self._shadow = sregs
         self._engine.flush_translations()

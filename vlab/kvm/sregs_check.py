@@ -1,15 +1,17 @@
 """The special registers checked the way KVM will check them, before KVM is asked.
 
-KVM_SET_SREGS refuses some states with EINVAL (a CR4 bit the host cannot virtualise, EFER.LME
-without the CPU model's lm) and VM entry refuses others (inconsistent segments, CR0.PG
-without PE): `check_sregs` names each broken bit in words instead.
+KVM_SET_SREGS refuses some states with EINVAL (CR0.PG without PE, a CR4 bit the host cannot
+virtualise, EFER.LME without the CPU model's lm) and VM entry refuses others (inconsistent
+segments): `check_sregs` names each broken bit in words instead. The software accelerator,
+which has no kernel to ask, refuses what KVM_SET_SREGS would (`validate_set_sregs`), so a
+state is accepted or refused alike on every accelerator.
 """
 from __future__ import annotations
 
 from vlab.kvm.state import Sregs
-from vlab.machine.cpu_modes import SEG_TYPE_CODE_XR, SEG_TYPE_DATA_RW, SEG_TYPE_TSS_BUSY
 from vlab.x86 import (CR0_BITS, CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_BITS, CR4_PAE, EFER_BITS,
-                      EFER_LMA, EFER_LME, decode_bits)
+                      EFER_LMA, EFER_LME, SEG_TYPE_CODE_XR, SEG_TYPE_DATA_RW,
+                      SEG_TYPE_TSS_BUSY, decode_bits)
 
 # CR4 bits KVM can ever allow (the complement of CR4_RESERVED_BITS in arch/x86/kvm/x86.h);
 # SMXE, KL, PKS and UINTR are architectural but never virtualised by KVM.
@@ -26,8 +28,8 @@ _APIC_BSP, _APIC_EXTD, _APIC_EN = 1 << 8, 1 << 10, 1 << 11
 class SregsError(ValueError):
     """Special registers KVM_SET_SREGS or VM entry would refuse; `problems` says why."""
 
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
+    def __init__(self, problems: list[str], heading: str | None = None):
+        super().__init__("\n".join(([heading] if heading else []) + problems))
         self.problems = problems
 
 
@@ -89,6 +91,18 @@ def check_sregs(sregs: Sregs, *, cpuid_has_lm: bool = True, host_cr4_mask: int |
     CPUID allows (before KVM_SET_CPUID2 only VME..OSXMMEXCPT are), `cpuid_has_lm` whether
     CPUID 0x80000001 EDX.LM is set, `maxphyaddr` the guest's physical address width.
     """
+    return (set_sregs_problems(sregs, cpuid_has_lm=cpuid_has_lm, host_cr4_mask=host_cr4_mask,
+                               maxphyaddr=maxphyaddr)
+            + _segment_problems(sregs, _long_mode(sregs)))
+
+
+def _long_mode(sregs: Sregs) -> bool:
+    return bool(sregs.efer & EFER_LME and sregs.cr0 & CR0_PG)
+
+
+def set_sregs_problems(sregs: Sregs, *, cpuid_has_lm: bool = True,
+                       host_cr4_mask: int | None = None, maxphyaddr: int = 52) -> list[str]:
+    """The reasons KVM_SET_SREGS itself would fail with EINVAL (see `check_sregs`)."""
     out = []
     cr0, cr4, efer = sregs.cr0, sregs.cr4, sregs.efer
     pe, pg = cr0 & CR0_PE, cr0 & CR0_PG
@@ -126,8 +140,7 @@ def check_sregs(sregs: Sregs, *, cpuid_has_lm: bool = True, host_cr4_mask: int |
                    "of long mode.")
 
     # kvm_is_valid_sregs
-    long_mode = bool(efer & EFER_LME and pg)
-    if long_mode:
+    if _long_mode(sregs):
         if not cr4 & CR4_PAE:
             out.append("EFER.LME and CR0.PG are set but CR4.PAE is clear "
                        "(kvm_is_valid_sregs): long mode uses PAE-format page tables; "
@@ -157,7 +170,7 @@ def check_sregs(sregs: Sregs, *, cpuid_has_lm: bool = True, host_cr4_mask: int |
         out.append("apic_base.EXTD (x2APIC) is set without apic_base.EN "
                    "(kvm_set_apic_base): set EN too, or clear EXTD.")
 
-    return out + _segment_problems(sregs, long_mode)
+    return out
 
 
 def validate_sregs(sregs: Sregs, **kwargs) -> None:
@@ -165,3 +178,11 @@ def validate_sregs(sregs: Sregs, **kwargs) -> None:
     problems = check_sregs(sregs, **kwargs)
     if problems:
         raise SregsError(problems)
+
+
+def validate_set_sregs(sregs: Sregs, **kwargs) -> None:
+    """Raise `SregsError` for what KVM_SET_SREGS would refuse with EINVAL."""
+    problems = set_sregs_problems(sregs, **kwargs)
+    if problems:
+        raise SregsError(problems, "KVM_SET_SREGS would refuse these special registers "
+                                   "(EINVAL):")
