@@ -120,7 +120,7 @@ def test_hlt_with_an_in_kernel_irqchip_blocks_in_kvm_until_a_signal():
     assert [r.offset() for r in timeline.rows[-3:]] == ["+299.998 ms", "+299.999 ms", "+300.000 ms"]
     notes = {r.name: r.note for r in timeline.rows}
     assert notes["kvm_exit"] == "handled in KVM: the vCPU halts, vcpu_run waits in vcpu_block"
-    assert notes["kvm_userspace_exit"].startswith("KVM_RUN returns an error (EINTR")
+    assert notes["kvm_userspace_exit"].startswith("KVM_RUN returns -EINTR (a signal")
 
 
 def test_an_exit_handled_before_a_pending_signal_is_not_one_for_userspace():

@@ -8,8 +8,8 @@ VM entries and exits, the instructions KVM's emulator executed, port and MMIO ac
 interrupts injected, and the exit to userspace that ended it. Its model, `RunTimeline`, is
 built from an exit record's `kernel_events` and needs no widget.
 
-Both read only a tracepoint's `name`, `timestamp_ns`, `describe()` and, for `kvm_exit`,
-`reason_name`, so any record type of vlab.kvm.kernel_trace (typed or raw) is shown.
+Both show any record of vlab.kvm.kernel_events, typed or raw, by its tracepoint name and
+`describe()`; which exits KVM handled itself is `exit_outcomes`' answer, as in the table.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import ipywidgets as widgets
 
+from ..kvm.kernel_events import KvmExit, exit_outcomes
 from .base import MONO, TABLE_STYLE, ExitLogView, cell, escape, message, table
 
 REDRAW_INTERVAL = 0.2   # seconds between live redraws while the guest runs
@@ -116,10 +117,9 @@ def _label(event) -> str:
 
 class RunTimeline:
     """One KVM_RUN from the kernel's side: rows in order, what they add up to, and a short
-    text. What follows an exit says what `handle_exit` returned: another entry, or a halt
-    in `vcpu_block`, means 1 (handled in KVM, `vcpu_run` goes round again); the last exit
-    before `kvm_userspace_exit` returned 0 (KVM needs userspace), unless KVM_RUN returned an
-    error (-EINTR: a signal ended the loop after the exit was handled)."""
+    text. Each exit says what `handle_exit` returned (`exit_outcomes`): 1, handled in KVM,
+    and why `vcpu_run` went on (another entry, a halt in `vcpu_block`, or a pending signal
+    that ended the loop); or 0, the exit KVM needed userspace for."""
 
     def __init__(self, record, head: int = HEAD_ROWS, tail: int = TAIL_ROWS):
         self.record = record
@@ -134,10 +134,11 @@ class RunTimeline:
         self.handled_in_kernel: Counter = Counter()
         self.exits_to_userspace: Counter = Counter()
         notes = {}
-        for i, event in enumerate(events):
-            if event.name == "kvm_exit":
-                notes[i], handled = self._outcome(names[i + 1:])
-                (self.handled_in_kernel if handled else self.exits_to_userspace)[event.reason_name] += 1
+        exits = [i for i, event in enumerate(events) if isinstance(event, KvmExit)]
+        for i, (event, handled) in zip(exits, exit_outcomes(events)):
+            notes[i] = (self._outcome(names[i + 1:]) if handled
+                        else "handle_exit returned 0: KVM needs userspace")
+            (self.handled_in_kernel if handled else self.exits_to_userspace)[event.reason_name] += 1
         self.emulated = names.count("kvm_emulate_insn")
         self.injected = names.count("kvm_inj_virq") + names.count("kvm_inj_exception")
         self.io = sum(place(n)[2] == "io" for n in names)
@@ -147,21 +148,21 @@ class RunTimeline:
                            "kvm_vcpu_ioctl -> kvm_arch_vcpu_ioctl_run -> vcpu_run")
         self.rows = _collapse(rows[:start] + [call] + rows[start:], head, tail)
 
-    def _outcome(self, after: list[str]) -> tuple[str, bool]:
-        """What handle_exit returned for an exit, from the events after it: (note, handled)."""
+    @staticmethod
+    def _outcome(after: list[str]) -> str:
+        """Why KVM went on after an exit it handled (exit_outcomes says which it handled)."""
         if "kvm_entry" in after:
-            return "handled in KVM: handle_exit returned 1, vcpu_run enters the guest again", True
+            return "handled in KVM: handle_exit returned 1, vcpu_run enters the guest again"
         if "kvm_vcpu_wakeup" in after:
-            return "handled in KVM: the vCPU halts, vcpu_run waits in vcpu_block", True
-        if self.errno:
-            return "handled in KVM, but a signal is pending: vcpu_run stops", True
-        return "handle_exit returned 0: KVM needs userspace", False
+            return "handled in KVM: the vCPU halts, vcpu_run waits in vcpu_block"
+        return "handled in KVM, but a signal is pending: vcpu_run stops"
 
     def _row(self, event, note: str) -> TimelineRow:
         source, target, kind = place(event.name)
         if event.name == "kvm_userspace_exit":
-            note = ("KVM_RUN returns an error (EINTR: a signal, or immediate_exit)" if self.errno
-                    else "KVM_RUN returns 0: kvm_run.exit_reason says why")
+            note = ("KVM_RUN returns 0: kvm_run.exit_reason says why" if not self.errno else
+                    "KVM_RUN returns -EINTR (a signal, or immediate_exit): KVM_EXIT_INTR"
+                    if event.reason_name == "EINTR" else f"KVM_RUN fails: {event.reason_name}")
         elif event.name == "kvm_vcpu_wakeup":
             note = "vcpu_block: the halted vCPU wakes up"
         return TimelineRow(event.timestamp_ns - self._origin, event.name, source, target, kind,
