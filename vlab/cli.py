@@ -21,6 +21,7 @@ from typing import Callable
 from .accel import explain_auto
 from .kvm import Cap, Kvm, KvmError, KvmUnavailable, detect_backend, kvm_usable
 from .kvm import vcpu as vcpu_module
+from .kvm.kernel_trace import KernelTrace, KernelTraceUnavailable, kernel_trace_usable
 from .kvm.system import DEV_KVM, DEVICE_ENV, device_path
 from .machine.assembler import AssemblerNotFound, assemble
 
@@ -122,6 +123,14 @@ def _exit_path() -> tuple[str, str, str]:
             "(python3-dev), then `pip install -e .` again")
 
 
+def _kernel_trace() -> tuple[str, str, str]:
+    """Whether KVM's tracepoints can be read (vlab.Lab(kernel_trace=True), run --kernel-trace)."""
+    usable, why = kernel_trace_usable()
+    purpose = "inside KVM_RUN, from KVM's tracepoints (kernel_trace=True)"
+    return ("ok" if usable else "MISSING", "kernel trace",
+            f"{purpose}: {why.removeprefix('kernel tracing is unavailable: ')}".replace("\n  fix: ", "; fix: "))
+
+
 @command("doctor", "can this machine run the lab? (KVM, backend, capabilities, tools)")
 def doctor(args: argparse.Namespace) -> int:
     """Check that this machine can run the lab; exit 0 when it can (on kvm or on tcg)."""
@@ -149,7 +158,7 @@ def doctor(args: argparse.Namespace) -> int:
     tools = {"nasm": (*_nasm(), "assembling guest code typed in a cell")}
     tools.update((name, (*_import(name), purpose)) for name, purpose in PYTHON_MODULES.items())
     _rows([("ok" if found else "MISSING", name, f"{purpose}: {detail}")
-           for name, (found, detail, purpose) in tools.items()] + [_exit_path()])
+           for name, (found, detail, purpose) in tools.items()] + [_exit_path(), _kernel_trace()])
 
     tcg_usable = tools["unicorn"][0]
     _section("verdict")
@@ -202,15 +211,44 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accel", choices=["kvm", "tcg", "auto"], default="auto")
     parser.add_argument("--memory", default="16M", help="guest RAM, e.g. 16M or 1G")
     parser.add_argument("--timeout", type=float, help="stop the guest after this many seconds")
+    parser.add_argument("--kernel-trace", action="store_true",
+                        help="trace KVM inside each KVM_RUN (its tracepoints; root, kvm only) and "
+                             "print its exits by reason, handled in the kernel or not")
+    parser.add_argument("--cpu", type=_cpu_spec, metavar="MODEL[,+feat,-feat]",
+                        help="the CPU model, as QEMU's -cpu: host (default), max or qemu64, "
+                             "then features turned on (+feat, feat=on) or off (-feat, feat=off)")
     multiboot = parser.add_argument_group("Multiboot kernels, as QEMU's -kernel on a pc machine")
     multiboot.add_argument("--multiboot", metavar="KERNEL",
                            help="boot a Multiboot kernel instead of FILE (in-kernel irqchip and "
                                 "PIT; kvm only)")
-    multiboot.add_argument("--append", default="", help="the kernel's command line")
+    multiboot.add_argument("--append", default="",
+                           help="the kernel's arguments: its command line is the KERNEL path, a "
+                                "space, then these (QEMU's -append)")
     multiboot.add_argument("--module", action="append", default=[], metavar="'FILE [ARGS]'",
                            help="a boot module, as QEMU's -initrd (repeatable)")
     multiboot.add_argument("--smp", type=int, default=1,
                            help="vCPUs; all but the first wait for the guest's INIT/SIPI")
+    multiboot.add_argument("--reboot", action="store_true",
+                           help="when the guest resets the machine (port 0x92, 0xcf9), boot "
+                                "again instead of stopping (QEMU without -no-reboot)")
+
+
+def _cpu_spec(text: str) -> str:
+    """Check a --cpu value's model and feature names before anything runs."""
+    from .lab.cpuid import parse_cpu_spec
+    try:
+        parse_cpu_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _cpu_model(spec: str | None):
+    """The CPUID table builder for --cpu (None: KVM's whole table, as -cpu host)."""
+    if spec is None:
+        return None
+    from .lab.cpuid import CpuidTable
+    return lambda host: CpuidTable.from_spec(spec, host).entries
 
 
 def _without_kvm(error: KvmUnavailable, multiboot: bool) -> str:
@@ -234,8 +272,6 @@ def run(args: argparse.Namespace) -> int:
     it comes, then the stop reason and the histogram of its exits. The exit status is the
     guest's isa-debug-exit status, else 0 when it halted and 1 otherwise; with --multiboot,
     where HLT sleeps in the kernel, else 2 (a vCPU stopped), 124 (timeout) or 130 (Ctrl-C)."""
-    from .machine.boot import BOOT_ERRORS, boot
-
     ended_line = True
 
     def stream(data: bytes) -> None:
@@ -247,22 +283,46 @@ def run(args: argparse.Namespace) -> int:
     if (args.file is None) == (args.multiboot is None):
         print("vlab run: give either FILE or --multiboot KERNEL", file=sys.stderr)
         return 2
+    if args.kernel_trace and args.multiboot:
+        print("vlab run: --kernel-trace traces a FILE's run, not --multiboot", file=sys.stderr)
+        return 2
+    try:
+        trace = KernelTrace() if args.kernel_trace else None
+    except KernelTraceUnavailable as e:
+        print(f"vlab run: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, stream, trace, lambda: ended_line)
+    finally:
+        if trace is not None:
+            trace.close()
+
+
+def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line) -> int:
+    """`vlab run` once its arguments are checked: boot, then the summary (and the kernel's
+    table of exits with --kernel-trace)."""
+    from .machine.boot import BOOT_ERRORS, boot
     try:
         if args.multiboot:
             from .machine.pc import boot_multiboot
             booted = boot_multiboot(args.multiboot, append=args.append, modules=args.module,
                                     smp=args.smp, memory=args.memory, accel=args.accel,
-                                    timeout=args.timeout, output=stream)
+                                    timeout=args.timeout, output=stream,
+                                    cpu_model=_cpu_model(args.cpu), reboot=args.reboot)
         else:
             booted = boot(args.file, mode=args.mode, org=args.org, accel=args.accel,
-                          memory=args.memory, timeout=args.timeout, output=stream)
+                          memory=args.memory, timeout=args.timeout, output=stream,
+                          cpu_model=_cpu_model(args.cpu), kernel_trace=trace)
     except KvmUnavailable as e:
         print(f"vlab run: {_without_kvm(e, bool(args.multiboot))}", file=sys.stderr)
         return 2
     except BOOT_ERRORS as e:
         print(f"vlab run: {e}", file=sys.stderr)
         return 2
-    print(("" if ended_line else "\n") + booted.summary())
+    print(("" if ended_line() else "\n") + booted.summary())
+    if trace is not None:
+        print(f"\nexits by reason inside KVM_RUN (KVM's tracepoints):\n"
+              f"{booted.log.kernel_exit_table()}\nkernel events lost: {trace.lost}")
     return booted.exit_code
 
 

@@ -76,6 +76,7 @@ TN_WRITABLE = 0x7F4E        # QEMU's HPET_TN_CFG_WRITE_MASK
 ROUTE_CAP = 1 << 2          # QEMU's `pc` (i440FX): IOAPIC input 2 only
 TIMER_CAPS = TN_PERIODIC_CAP | TN_SIZE_64_CAP | ROUTE_CAP << 32
 
+MAX_WAIT = 1.0              # seconds the ticker sleeps at most (a deadline may be centuries off)
 LEGACY_GSI = (0, 8)         # timers 0 and 1 with LEG_RT_CNF: IRQ 0 and the RTC's IRQ 8
 MASK64 = (1 << 64) - 1
 
@@ -109,12 +110,17 @@ class Hpet:
         self._clock = clock
         self._lock = threading.RLock()
         self.on_change: Callable[[], None] | None = None  # a timer was (re)programmed
-        self.config = 0
-        self.status = 0
-        self._counter = 0           # the counter's value when last halted or enabled
-        self._since = 0             # clock() at enable
-        self.timers = [HpetTimer() for _ in range(NUM_TIMERS)]
-        self.fired = [0] * NUM_TIMERS  # interrupts delivered, per timer
+        self.reset()
+
+    def reset(self) -> None:
+        """The power-on state (QEMU's hpet_reset): halted at 0, every timer off."""
+        with self._lock:
+            self.config = 0
+            self.status = 0
+            self._counter = 0           # the counter's value when last halted or enabled
+            self._since = 0             # clock() at enable
+            self.timers = [HpetTimer() for _ in range(NUM_TIMERS)]
+            self.fired = [0] * NUM_TIMERS  # interrupts delivered, per timer
 
     # -- time --------------------------------------------------------------------------
     def counter(self, now: int | None = None) -> int:
@@ -314,7 +320,7 @@ class HpetTicker(threading.Thread):
     def run(self) -> None:
         while not self._stopped:
             due = self.hpet.deadline()
-            wait = None if due is None else max(due - self._clock(), 0) / 1e9
+            wait = None if due is None else min(max(due - self._clock(), 0) / 1e9, MAX_WAIT)
             if due is not None and wait == 0:
                 self.hpet.service()
                 continue

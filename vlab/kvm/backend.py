@@ -30,6 +30,9 @@ class Backend:
     emulates_kernel_mode: bool = False
     # The guest's CPUID instruction answers every leaf from the KVM_SET_CPUID2 table.
     cpuid_follows_table: bool = True
+    # Leaves whose feature bits the guest's CPUID takes from the host instead (where
+    # cpuid_follows_table is False): a model cannot hide a feature there.
+    cpuid_raw_leaves: tuple[int, ...] = ()
     # What the table lacks, the guest cannot turn on (KVM: EFER.LME without lm is a #GP,
     # kvm_valid_efer); False where a masked feature is only hidden from CPUID.
     enforces_cpuid: bool = True
@@ -89,6 +92,7 @@ SVM = replace(VMX, kind="svm", module="kvm_amd", triple_fault_state="reset", cav
     "(RIP 0xfff0), not where it faulted"])
 KVM_PVM = Backend(
     "kvm_pvm", "kvm_pvm", emulates_kernel_mode=True, cpuid_follows_table=False,
+    cpuid_raw_leaves=(0x1, 0x7),
     get_cpuid2_as_set=False, single_step_reports_hlt=False, out_exit_rip="past",
     guest_cpuid="the guest's CPUID instruction (and KVM_GET_CPUID2) returns the host's raw bits "
                 "for most of leaves 1 and 7, whatever this table says; the bits KVM emulates "

@@ -68,8 +68,32 @@ QEMU64_FEATURES = frozenset((
 ))
 CPU_MODELS = {
     "host": "every feature KVM supports on this host (KVM_GET_SUPPORTED_CPUID), as -cpu host",
+    "max": "as host: under KVM, QEMU's max model enables everything KVM supports",
     "qemu64": "QEMU's qemu64 baseline: " + ", ".join(sorted(QEMU64_FEATURES)),
 }
+
+
+def parse_cpu_spec(spec: str) -> tuple[str, list[tuple[str, bool]]]:
+    """QEMU's `-cpu MODEL[,+feat][,-feat][,feat=on|off]`: the model and the feature edits,
+    in order (the last word on a feature wins). Names are checked, not the host."""
+    model, *edits = [part.strip() for part in spec.split(",")]
+    if model not in CPU_MODELS:
+        raise ValueError(f"unknown CPU model {model!r}; choose one of {', '.join(CPU_MODELS)}")
+    changes = []
+    for edit in edits:
+        name, _, value = edit.partition("=")
+        if edit[:1] in "+-" and not value:
+            name, enabled = edit[1:], edit[0] == "+"
+        elif value in ("on", "off"):
+            enabled = value == "on"
+        else:
+            raise ValueError(f"CPU feature edit {edit!r}: write +feat, -feat or feat=on|off")
+        try:
+            CpuidTable._locate(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        changes.append((name, enabled))
+    return model, changes
 
 
 # Bits KVM keeps up to date in a vCPU's table after KVM_SET_CPUID2, on every backend
@@ -141,6 +165,20 @@ class CpuidTable(Observable):
                 for bit, name in bits.items():
                     if name and name not in QEMU64_FEATURES and table.has(name):
                         table._set_bit(leaf, subleaf, reg, bit, False)
+        return table
+
+    @classmethod
+    def from_spec(cls, spec: str, host: list[CpuidEntry]) -> "CpuidTable":
+        """The table QEMU's `-cpu SPEC` gives (`parse_cpu_spec`): the model, then each
+        feature edit. A feature the host's KVM lacks cannot be turned on."""
+        model, changes = parse_cpu_spec(spec)
+        table = cls.for_model(model, host)
+        table.model = spec
+        for name, enabled in changes:
+            if enabled and not cls(host, host).has(name):
+                raise ValueError(f"-cpu {spec}: this host's KVM does not support {name}, so "
+                                 "it cannot be turned on (KVM_GET_SUPPORTED_CPUID lacks it)")
+            table.set_feature(name, enabled)
         return table
 
     def find(self, leaf: int, subleaf: int = 0) -> CpuidEntry | None:

@@ -98,6 +98,8 @@ class Machine:
         self.log = ExitLog()
         self.runners: list[VcpuRunner] = []
         self.exit_request: ExitRequest | None = None
+        self.reset_request: str | None = None   # what the guest wrote to ask for a reset
+        self.on_close: list = []                # called before the VM closes (device threads)
         self.devices: dict[str, object] = {}
         # Which backend runs the guest shapes how fatal exits are explained.
         self.backend = accel.backend
@@ -133,6 +135,13 @@ class Machine:
         self.devices = {d.name: d for d in (serial, debugcon, debug_exit, fw_cfg, testdev)}
         return self.devices
 
+    def request_reset(self, cause: str) -> None:
+        """The guest asked for a reset (port 0x92, 0xcf9): stop every vCPU, as QEMU does
+        with -no-reboot; whoever runs the machine decides whether to reboot it."""
+        self.reset_request = cause
+        for runner in self.runners:
+            runner.stop(f"the guest asked for a reset: {cause}")
+
     def _on_debug_exit(self, status: int) -> None:
         self.exit_request = ExitRequest(status)
         for runner in self.runners:
@@ -159,6 +168,9 @@ class Machine:
         return setup
 
     def close(self) -> None:
+        for callback in self.on_close:
+            callback()
+        self.on_close.clear()
         for runner in self.runners:
             runner.close()
         self.runners.clear()

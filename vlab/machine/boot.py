@@ -20,6 +20,7 @@ from .builder import build_board
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode
 from .exitlog import ExitLog
 from .loaders import LoadedImage, load_elf, load_raw, parse_elf
+from ..kvm.kernel_trace import KERNEL_TRACE_NEEDS_KVM
 from .runloop import RunResult, VcpuRunner
 
 # What `boot` may raise for a guest that cannot be run (the file, the assembler, the image,
@@ -27,9 +28,13 @@ from .runloop import RunResult, VcpuRunner
 BOOT_ERRORS = (OSError, ValueError, AssemblyError)
 
 
-def create_machine(accel, *, memory: int | str = "16M") -> tuple[Machine, VcpuRunner]:
-    """A board on `accel` (an accelerator object) with RAM, the standard devices and vCPU 0."""
-    machine = build_board(accel, memory=memory)
+def create_machine(accel, *, memory: int | str = "16M",
+                   cpu_model: Callable[[list], list] | None = None
+                   ) -> tuple[Machine, VcpuRunner]:
+    """A board on `accel` (an accelerator object) with RAM, the standard devices and vCPU 0;
+    `cpu_model` turns the accelerator's supported CPUID table into the vCPU's (-cpu)."""
+    cpuid = cpu_model(accel.get_supported_cpuid()) if cpu_model is not None else None
+    machine = build_board(accel, memory=memory, cpuid=cpuid)
     return machine, machine.runners[0]
 
 
@@ -98,20 +103,27 @@ class BootResult:
 
 def boot(path: str | os.PathLike, *, mode: CpuMode | str | None = None, org: int | None = None,
          accel: str = "auto", memory: int | str = "16M", timeout: float | None = None,
-         output: Callable[[bytes], None] | None = None) -> BootResult:
+         output: Callable[[bytes], None] | None = None,
+         cpu_model: Callable[[list], list] | None = None, kernel_trace=None) -> BootResult:
     """Build a machine on `accel` ("kvm", "tcg" or "auto"), load the guest in `path`, set
     up `mode`, and run it until it halts, fails, asks to exit, or `timeout` seconds pass.
-    `output(bytes)` is called with console output (serial and debug console) as it comes.
+    `output(bytes)` is called with console output (serial and debug console) as it comes;
+    `cpu_model` is `create_machine`'s; `kernel_trace` (a vlab.kvm.KernelTrace, kvm only)
+    gives each exit record the kernel's events of its KVM_RUN.
     """
     mode = guest_mode(path, mode)
     accelerator = select(accel)
+    if kernel_trace is not None and not accelerator.capabilities.kernel:
+        accelerator.close()
+        raise ValueError(f"{KERNEL_TRACE_NEEDS_KVM} ({accelerator.reason})")
     try:
-        machine, runner = create_machine(accelerator, memory=memory)
+        machine, runner = create_machine(accelerator, memory=memory, cpu_model=cpu_model)
         try:
             if output is not None:
                 machine.console.listeners.append(output)
             image = load_guest(machine, path, mode, org)
             machine.setup_cpu(runner.vcpu, mode, image.entry)
+            runner.kernel_trace = kernel_trace
             result = runner.run(timeout=timeout)
             request = machine.exit_request
             return BootResult(result, machine.log, machine.console.data, accelerator.name, mode,

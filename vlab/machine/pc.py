@@ -16,7 +16,9 @@ The board is put together in QEMU's order:
    (SDM Vol. 3A 8.4, "Multiple-Processor (MP) Initialization").
 4. `pc_memory_init` (hw/i386/pc.c): RAM from guest-physical 0.
 5. `pc_basic_device_init`: the i8254 PIT, in the kernel (KVM_CREATE_PIT2, hw/i386/kvm/
-   i8254.c), COM1, isa-debug-exit and fw_cfg (RAM size, CPU count).
+   i8254.c), COM1, isa-debug-exit and fw_cfg (RAM size, CPU count); then `add_pc_devices`:
+   the HPET at 0xfed00000, port 0x92, the PIIX3's reset register at 0xcf9 and pc-testdev
+   (kvm-unit-tests' `-device pc-testdev`).
 6. `load_multiboot` (hw/i386/multiboot.c): kernel, modules and information structure.
    QEMU then runs an option ROM (pc-bios/optionrom/multiboot.S) that enters protected
    mode and jumps to the kernel with EAX = 0x2BADB002 and EBX = the structure's address;
@@ -27,9 +29,11 @@ Multiboot requires (QEMU's port 0x92 and keyboard-controller A20 bits only act u
 
 Each vCPU then runs in its own thread, as QEMU's "CPU n/KVM" threads do. With the
 irqchip in the kernel, HLT no longer exits to userspace (KVM sleeps the vCPU until an
-interrupt arrives), so the machine stops when the guest writes isa-debug-exit, when any
-vCPU stops for good (a triple fault: QEMU would reset, here the run ends as with
-`-no-reboot`), on timeout, or on Ctrl-C; every vCPU thread is then kicked out of KVM_RUN.
+interrupt arrives), so the machine stops when the guest writes isa-debug-exit, when it
+asks for a reset (port 0x92 or 0xcf9: the run ends as QEMU's with `-no-reboot`, unless
+`reboot` is asked for), when any vCPU stops for good (a triple fault: QEMU would reset,
+here the run ends), on timeout, or on Ctrl-C; every vCPU thread is then kicked out of
+KVM_RUN.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..kvm.abi import MpState
+from ..devices import Hpet, HpetTicker, PcTestdev, Port92, ResetControl
+from ..devices.hpet import BASE as HPET_BASE, SIZE as HPET_SIZE
 from ..kvm.vcpu import install_kick_handler
 from ..x86 import CR0_ET, CR0_PE
 from .board import TESTDEV_BASE, Machine, parse_size
@@ -54,10 +60,13 @@ DEFAULT_MEMORY = "128M"  # QEMU's default -m
 MAX_CPUS = 255  # xAPIC IDs are 8 bits and 0xff is the broadcast address
 STOP_GRACE = 2.0  # seconds for kicked vCPU threads to leave KVM_RUN
 
-# How a run ended: the guest wrote isa-debug-exit, a vCPU stopped for good, time ran out,
-# Ctrl-C; the last three give the process exit codes below (guest statuses are odd).
+# How a run ended: the guest wrote isa-debug-exit, asked for a reset, a vCPU stopped for
+# good, time ran out, Ctrl-C; all but the first give the process exit codes below (guest
+# statuses are odd). A guest's reset exits 0, as QEMU with -no-reboot does.
 BY_GUEST, BY_VCPU, BY_TIMEOUT, BY_INTERRUPT = "isa-debug-exit", "vcpu", "timeout", "interrupt"
-EXIT_CODES = {BY_VCPU: 2, BY_TIMEOUT: 124, BY_INTERRUPT: 130}  # 124 as timeout(1), 130 as SIGINT
+BY_RESET = "reset"
+EXIT_CODES = {BY_RESET: 0, BY_VCPU: 2, BY_TIMEOUT: 124, BY_INTERRUPT: 130}  # 124 as timeout(1),
+# 130 as SIGINT
 
 
 @dataclass
@@ -71,13 +80,17 @@ class VcpuReport:
     mp_state: str
     histogram: dict[str, int]
     kernel: dict[str, int]
+    explanation: str | None = None  # a fatal exit's: the instruction's bytes, disassembled
 
     def __str__(self) -> str:
         exits = ", ".join(f"{name} {n}" for name, n in self.histogram.items()) or "none"
         kernel = ", ".join(f"{name}={n}" for name, n in self.kernel.items()) or "none"
-        return (f"vCPU {self.index}: {self.stop_reason}; KVM_MP_STATE_{self.mp_state}, "
+        text = (f"vCPU {self.index}: {self.stop_reason}; KVM_MP_STATE_{self.mp_state}, "
                 f"RIP={self.rip:#x}\n    {self.exits} userspace exits ({exits})"
                 f"\n    in the kernel: {kernel}")
+        if self.explanation:
+            text += "".join(f"\n    {line}" for line in self.explanation.splitlines())
+        return text
 
 
 @dataclass
@@ -91,6 +104,7 @@ class MultibootResult:
     seconds: float
     boot: MultibootBoot
     vcpus: list[VcpuReport]
+    resets: int = 0  # times the guest reset the machine and booted again (`reboot`)
 
     @property
     def exit_code(self) -> int:
@@ -99,7 +113,9 @@ class MultibootResult:
         return self.status & 0xFF if self.status is not None else EXIT_CODES[self.ended_by]
 
     def summary(self) -> str:
-        lines = [f"{self.stop_reason} ({self.seconds:.3f} s; exit code {self.exit_code})"]
+        rebooted = f", after {self.resets} guest resets" if self.resets else ""
+        lines = [f"{self.stop_reason} ({self.seconds:.3f} s{rebooted}; exit code "
+                 f"{self.exit_code})"]
         lines += [f"  {report}" for report in self.vcpus]
         return "\n".join(lines)
 
@@ -114,16 +130,45 @@ def _open_kvm(accel: str):
     return KvmAccelerator("a multiboot PC needs the in-kernel irqchip")
 
 
-def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1) -> Machine:
+def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1,
+              cpu_model: Callable[[list], list] | None = None) -> Machine:
     """Steps 1-5 above: a VM with the in-kernel irqchip and PIT, `smp` vCPUs (the APs
-    waiting for INIT/SIPI), RAM and the standard devices."""
+    waiting for INIT/SIPI), RAM and the devices. `cpu_model` turns KVM's supported CPUID
+    table into the vCPUs' (QEMU's -cpu; default: all of it, as -cpu host)."""
     ram_size = parse_size(memory)
     if ram_size > TESTDEV_BASE:
         raise ValueError(f"memory {ram_size:#x}: this board keeps RAM in one slot below "
                          f"0x{TESTDEV_BASE:x} (QEMU would split it around the PCI hole)")
     if not 1 <= smp <= MAX_CPUS:
         raise ValueError(f"smp={smp}: give 1 to {MAX_CPUS} vCPUs")
-    return build_board(accel, memory=ram_size, smp=smp, irqchip=True)
+    cpuid = cpu_model(accel.get_supported_cpuid()) if cpu_model is not None else None
+    machine = build_board(accel, memory=ram_size, smp=smp, irqchip=True, cpuid=cpuid)
+    try:
+        add_pc_devices(machine)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def add_pc_devices(machine: Machine) -> None:
+    """What QEMU's `pc` has beyond the lab's board: the HPET (pc_basic_device_init), its
+    interrupts through KVM_IRQ_LINE and timed by its own thread; port 0x92
+    (pc_superio_init) and the PIIX3's reset control register, which stop the machine
+    through `Machine.request_reset`; and pc-testdev."""
+    vm = machine.vm.vm
+    hpet = Hpet(irq=vm.irq_line)
+    machine.mmio.register(HPET_BASE, HPET_SIZE, hpet)
+    for device in (Port92(machine.request_reset), ResetControl(machine.request_reset)):
+        machine.pio.register(device.IOBASE, device.SIZE, device)
+        machine.devices[device.name] = device
+    testdev = PcTestdev()
+    testdev.register(machine.pio, machine.mmio)
+    machine.devices.update({hpet.name: hpet, testdev.ports.name: testdev.ports,
+                            testdev.iomem.name: testdev.iomem})
+    ticker = HpetTicker(hpet)
+    ticker.start()
+    machine.on_close.append(ticker.stop)
 
 
 def _module(spec: str | os.PathLike) -> tuple[str, bytes]:
@@ -259,6 +304,9 @@ def run_vcpus(machine: Machine, *, timeout: float | None = None
     for thread in threads:
         if thread.error is not None:
             raise thread.error
+    if machine.reset_request is not None:
+        ended_by = BY_RESET
+        reason = f"the guest asked for a reset: {machine.reset_request}"
     if machine.exit_request is not None:
         ended_by = BY_GUEST
         reason = f"the guest wrote isa-debug-exit: status {machine.exit_request.status}"
@@ -269,22 +317,43 @@ def _report(runner: VcpuRunner, result: RunResult) -> VcpuReport:
     counters = runner.kernel_counters()
     kernel = {name: counters[name] for name in runner.counter_names if counters[name]}
     return VcpuReport(runner.vcpu.id, result.stop_reason, result.exits, result.rip,
-                      MpState(runner.vcpu.get_mp_state()).name, runner.log.histogram(), kernel)
+                      MpState(runner.vcpu.get_mp_state()).name, runner.log.histogram(), kernel,
+                      result.explanation)
+
+
+def reset_pc(machine: Machine, kernel, *, append: str = "",
+             modules: Sequence[str | os.PathLike] = ()) -> MultibootBoot:
+    """A guest's reset, followed through (QEMU without -no-reboot): the devices back to
+    their reset state, every AP waiting for INIT/SIPI again, and, as the firmware would
+    run the multiboot option ROM again, the kernel reloaded and the BSP at its entry.
+    RAM keeps what the guest wrote, as on a PC. Unlike QEMU's, the in-kernel irqchip, PIT
+    and local APICs keep their state."""
+    machine.reset_request = None
+    for name in ("hpet", "port92"):
+        machine.devices[name].reset()
+    for runner in machine.runners[1:]:
+        runner.vcpu.set_mp_state(MpState.UNINITIALIZED)
+    machine.runners[0].vcpu.set_mp_state(MpState.RUNNABLE)
+    return load_kernel(machine, kernel, append=append, modules=modules)
 
 
 def boot_multiboot(kernel: bytes | str | os.PathLike, *, append: str = "",
                    modules: Sequence[str | os.PathLike] = (), smp: int = 1,
                    memory: int | str = DEFAULT_MEMORY, accel: str = "kvm",
                    timeout: float | None = None,
-                   output: Callable[[bytes], None] | None = None) -> MultibootResult:
+                   output: Callable[[bytes], None] | None = None,
+                   cpu_model: Callable[[list], list] | None = None,
+                   reboot: bool = False) -> MultibootResult:
     """Build the PC, load `kernel` with its command line `append` and `modules` (each
     "FILE [ARGS]", as QEMU's -initrd), run until the guest exits, stops or `timeout`
-    seconds pass, and close the machine. `output` receives console bytes as they come."""
+    seconds pass, and close the machine. `output` receives console bytes as they come;
+    `cpu_model` is `create_pc`'s. A guest's reset ends the run unless `reboot`: then the
+    machine is reset (`reset_pc`) and runs on, within the same `timeout`."""
     started = time.perf_counter()
     kvm = _open_kvm(accel)
     stuck = False
     try:
-        machine = create_pc(kvm, memory=memory, smp=smp)
+        machine = create_pc(kvm, memory=memory, smp=smp, cpu_model=cpu_model)
     except BaseException:
         kvm.close()
         raise
@@ -292,10 +361,17 @@ def boot_multiboot(kernel: bytes | str | os.PathLike, *, append: str = "",
         if output is not None:
             machine.console.listeners.append(output)
         boot = load_kernel(machine, kernel, append=append, modules=modules)
-        ended_by, reason, reports = run_vcpus(machine, timeout=timeout)
+        resets = 0
+        while True:
+            left = None if timeout is None else max(timeout - (time.perf_counter() - started), 0)
+            ended_by, reason, reports = run_vcpus(machine, timeout=left)
+            if ended_by != BY_RESET or not reboot:
+                break
+            resets += 1
+            boot = reset_pc(machine, kernel, append=append, modules=modules)
         status = machine.exit_request.status if machine.exit_request else None
         return MultibootResult(status, ended_by, reason, machine.console.text,
-                               time.perf_counter() - started, boot, reports)
+                               time.perf_counter() - started, boot, reports, resets)
     except VcpuStuckError:
         stuck = True  # closing would unmap kvm_run under a thread still inside KVM_RUN
         raise
