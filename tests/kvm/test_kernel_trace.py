@@ -412,3 +412,45 @@ def test_without_tracefs_a_lab_runs_untraced_and_a_traced_one_says_why(make_lab,
     lab.bring_up()
     assert lab.run().stop_reason.startswith("HLT") and lab.console == "k"
     assert lab.kernel_trace is None and lab.exits().last.kernel_events == ()
+
+
+# -- the command line -------------------------------------------------------------------------
+def vlab(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlab.cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+def test_vlab_run_kernel_trace_prints_the_kernels_table(kvm, tmp_path):
+    _usable()
+    backend = detect_backend()
+    guest = tmp_path / "guest.asm"
+    guest.write_text("bits 16\norg 0x8000\n" + OUT_CPUID_HLT)
+    proc = vlab("run", str(guest), "--accel", "kvm", "--kernel-trace")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = proc.stdout.split("exits by reason inside KVM_RUN (KVM's tracepoints):\n")[1].splitlines()
+    assert table[0].split() == ["exit", "reason", "in", "kernel", "to", "userspace"]
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:-2]}
+    if backend.emulates_kernel_mode:
+        assert rows == {"KVM_EXIT_IO": ["0", "2"], "KVM_EXIT_HLT": ["0", "1"]}
+    else:
+        names = HARDWARE_EXIT[backend.label]
+        assert rows[names["out"]][1] == "2" and rows[names["cpuid"]] == ["1", "0"]
+    assert table[-2].startswith("3 KVM_RUNs traced") and table[-1] == "kernel events lost: 0"
+
+
+def test_vlab_run_kernel_trace_refuses_tcg_and_a_missing_tracefs(tmp_path):
+    guest = tmp_path / "guest.asm"
+    guest.write_text("hlt")
+    proc = vlab("run", str(guest), "--accel", "tcg", "--kernel-trace")
+    assert proc.returncode == 2 and "needs the kvm accelerator" in proc.stderr
+    proc = vlab("run", str(guest), "--kernel-trace", VLAB_TRACEFS="/nonexistent")
+    assert proc.returncode == 2 and "fix: mount tracefs" in proc.stderr
+    proc = vlab("run", str(guest), "--accel", "tcg", VLAB_TRACEFS="/nonexistent")
+    assert proc.returncode == 0, "without --kernel-trace nothing needs tracefs"
+
+
+def test_vlab_doctor_has_a_kernel_trace_row():
+    proc = vlab("doctor", VLAB_TRACEFS="/nonexistent")
+    row = next(line for line in proc.stdout.splitlines() if "kernel trace" in line)
+    assert row.split()[0] == "MISSING" and "no tracefs at /nonexistent" in row and "; fix: mount" in row

@@ -56,6 +56,8 @@ _INSTANCE = re.compile(rf"{INSTANCE_PREFIX}-(\d+)-\d+$")
 BACKLOG_LIMIT = 1 << 17
 _counter = itertools.count()
 _FIX_ROOT = "run as root (tracefs instances need CAP_SYS_ADMIN)"
+KERNEL_TRACE_NEEDS_KVM = ("kernel tracing needs the kvm accelerator: the software "
+                          "accelerator (tcg) has no KVM_RUN for the kernel to trace")
 
 
 class KernelTraceUnavailable(RuntimeError):
@@ -282,4 +284,4 @@ class KernelTrace:
 
 
 __all__ = ["KernelTrace", "KernelTraceUnavailable", "kernel_trace_usable", "tracing_root",
-           "remove_stale_instances", "TRACEFS_ENV"]
+           "remove_stale_instances", "TRACEFS_ENV", "KERNEL_TRACE_NEEDS_KVM"]

@@ -7,6 +7,7 @@ accelerator does in place of each one.
 from __future__ import annotations
 
 from ..kvm import Cap, KernelTrace
+from ..kvm.kernel_trace import KERNEL_TRACE_NEEDS_KVM
 from ..machine import builder
 from ..machine.board import Machine
 from ..machine.cpu_modes import CpuMode
@@ -31,8 +32,6 @@ FEATURE_MSRS_TO_SET = {MSR_IA32_ARCH_CAPABILITIES: "IA32_ARCH_CAPABILITIES",
 GUEST_ORG = 0x8000
 VCPU_STACK = 0x200   # each vCPU's stack, stacked down from GUEST_ORG
 MAX_VCPUS = GUEST_ORG // VCPU_STACK
-KERNEL_TRACE_NEEDS_KVM = ("kernel_trace=True needs the kvm accelerator: the software "
-                          "accelerator (tcg) has no KVM_RUN for the kernel to trace")
 
 
 def kvm_init(lab, record: StageRecord, choice: str, reason: str | None) -> None:
