@@ -1,0 +1,345 @@
+"""The `vlab` command.
+
+`vlab doctor` says whether this machine can run the lab and what to do when something is
+missing; `vlab caps` lists every KVM capability with its value. Each subcommand is one
+function registered with `@command`; `main` builds the argparse parser from that table.
+
+The KVM device is /dev/kvm, or the path in $VLAB_KVM_DEVICE: `VLAB_KVM_DEVICE=/nonexistent
+vlab doctor` shows what a machine without KVM gets.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+from .accel import explain_auto
+from .kvm import Cap, Kvm, KvmError, KvmUnavailable, detect_backend, kvm_usable
+from .kvm import vcpu as vcpu_module
+from .kvm.kernel_trace import KernelTrace, KernelTraceUnavailable, kernel_trace_usable
+from .kvm.system import DEV_KVM, DEVICE_ENV, device_path
+from .machine.assembler import AssemblerNotFound, assemble
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace], int]  # returns the exit status
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Register the decorated function as `vlab NAME`."""
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = Command(run, help, arguments)
+        return run
+    return register
+
+
+def _section(title: str) -> None:
+    print(f"\n{title}")
+
+
+def _rows(rows: list[tuple[str, ...]], indent: str = "  ") -> None:
+    """Print rows as aligned columns (the last column is free text)."""
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
+        print(indent + "  ".join(cells).rstrip())
+
+
+def _indented(text: str, indent: str) -> None:
+    """Print `text` indented, long lines wrapped under their own start."""
+    for line in text.splitlines():
+        body = line.lstrip()
+        lead = indent + line[:len(line) - len(body)]
+        print(textwrap.fill(body, width=100, initial_indent=lead,
+                            subsequent_indent=lead + "  " * body.startswith("- ")))
+
+
+# --- vlab doctor ----------------------------------------------------------------------------
+DOCTOR_CAPS = {
+    Cap.USER_MEMORY: "guest RAM from this process's memory (SET_USER_MEMORY_REGION)",
+    Cap.SET_TSS_ADDR: "real-mode support pages on Intel (SET_TSS_ADDR)",
+    Cap.EXT_CPUID: "CPUID tables (GET_SUPPORTED_CPUID, SET_CPUID2)",
+    Cap.IRQCHIP: "in-kernel PIC, IOAPIC and local APICs",
+    Cap.PIT2: "in-kernel i8254 timer",
+    Cap.SET_GUEST_DEBUG: "single-step and hardware breakpoints",
+    Cap.IMMEDIATE_EXIT: "stopping a running vCPU without a race",
+    Cap.SYNC_REGS: "registers in kvm_run at every exit, without GET_REGS",
+    Cap.BINARY_STATS_FD: "KVM's own counters (GET_STATS_FD)",
+    Cap.X86_USER_SPACE_MSR: "RDMSR/WRMSR exits to userspace",
+    Cap.X86_MSR_FILTER: "choosing which MSRs exit (X86_SET_MSR_FILTER)",
+    Cap.GET_TSC_KHZ: "reading the guest's TSC frequency",
+    Cap.TSC_CONTROL: "setting the guest's TSC frequency (SET_TSC_KHZ)",
+    Cap.READONLY_MEM: "read-only slots: ROM whose writes exit as MMIO",
+    Cap.XSAVE: "extended FPU/vector state",
+    Cap.XCRS: "XCR0 (GET/SET_XCRS)",
+    Cap.DEBUGREGS: "DR0-DR7 (GET/SET_DEBUGREGS)",
+    Cap.VCPU_EVENTS: "pending exceptions, interrupts, NMIs (GET/SET_VCPU_EVENTS)",
+    Cap.NR_VCPUS: "recommended most vCPUs per VM",
+    Cap.MAX_VCPUS: "most vCPUs per VM",
+}
+
+PYTHON_MODULES = {"unicorn": "the tcg accelerator (software emulation)",
+                  "capstone": "disassembly at RIP"}
+
+
+def _nasm() -> tuple[bool, str]:
+    """(found, version or the install hint), asking the assembler the lab uses."""
+    try:
+        assemble("nop")
+    except AssemblerNotFound as missing:
+        return False, str(missing)
+    version = subprocess.run(["nasm", "-v"], capture_output=True, text=True, timeout=10)
+    return True, version.stdout.strip()
+
+
+def _import(name: str) -> tuple[bool, str]:
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        return False, f"cannot import {name} ({e}); install it with `pip install {name}`"
+    return True, getattr(module, "__version__", "installed")
+
+
+def _exit_path() -> tuple[str, str, str]:
+    """Whether setup.py built the C exit path; the lab works without it, a little slower."""
+    purpose = "VcpuFd.run() decoding port-I/O exits in C"
+    if vcpu_module._exitpath is not None:
+        return "ok", "exit path", f"{purpose}: compiled (vlab.kvm._exitpath)"
+    return ("python", "exit path", f"{purpose}: not built, so exits are decoded in Python "
+            "(about 0.05 of a C loop's rate slower); install gcc and Python's headers "
+            "(python3-dev), then `pip install -e .` again")
+
+
+def _kernel_trace() -> tuple[str, str, str]:
+    """Whether KVM's tracepoints can be read (vlab.Lab(kernel_trace=True), run --kernel-trace)."""
+    usable, why = kernel_trace_usable()
+    purpose = "inside KVM_RUN, from KVM's tracepoints (kernel_trace=True)"
+    return ("ok" if usable else "MISSING", "kernel trace",
+            f"{purpose}: {why.removeprefix('kernel tracing is unavailable: ')}".replace("\n  fix: ", "; fix: "))
+
+
+@command("doctor", "can this machine run the lab? (KVM, backend, capabilities, tools)")
+def doctor(args: argparse.Namespace) -> int:
+    """Check that this machine can run the lab; exit 0 when it can (on kvm or on tcg)."""
+    print("vlab doctor: can this machine run the lab?")
+    path = device_path()
+    usable, why = kvm_usable(path)
+    _section("KVM")
+    first, *hint = why.splitlines()
+    print(f"  {'ok' if usable else 'NOT USABLE'}  {first}")
+    _indented("\n".join(hint), "    ")
+    _indented(detect_backend().describe(), "  ")
+
+    if usable:
+        with Kvm(path) as kvm:
+            rows = [(cap.name, str(kvm.check_extension(cap)), phrase)
+                    for cap, phrase in DOCTOR_CAPS.items()]
+        _section("capabilities (KVM_CHECK_EXTENSION; 0 = absent)")
+        _rows(rows)
+
+    _section("accelerator")
+    accel, reason = explain_auto()
+    _indented(reason.splitlines()[0], "  ")  # the hint, if any, is printed above
+
+    _section("tools")
+    tools = {"nasm": (*_nasm(), "assembling guest code typed in a cell")}
+    tools.update((name, (*_import(name), purpose)) for name, purpose in PYTHON_MODULES.items())
+    _rows([("ok" if found else "MISSING", name, f"{purpose}: {detail}")
+           for name, (found, detail, purpose) in tools.items()] + [_exit_path(), _kernel_trace()])
+
+    tcg_usable = tools["unicorn"][0]
+    _section("verdict")
+    if usable or tcg_usable:
+        print(f"  the lab can run here: `auto` picks {accel}")
+        return 0
+    print("  the lab cannot run here: KVM is not usable and Unicorn (for tcg) is missing")
+    return 1
+
+
+# --- vlab caps --------------------------------------------------------------------------------
+def _caps_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--all", action="store_true",
+                        help="also list the capabilities this KVM lacks (value 0)")
+    parser.add_argument("--json", action="store_true", help="print a JSON object {name: value}")
+
+
+@command("caps", "every KVM capability with its value", _caps_arguments)
+def caps(args: argparse.Namespace) -> int:
+    """Every KVM_CAP with the value KVM_CHECK_EXTENSION gives on the KVM device: present
+    ones first, each group in the kernel's numbering."""
+    try:
+        with Kvm() as kvm:
+            values = kvm.capabilities()
+    except KvmError as e:
+        print(f"vlab caps: {e}", file=sys.stderr)
+        return 1
+    listed = sorted(values.items(), key=lambda item: item[1] == 0)
+    if not args.all:
+        listed = [(cap, value) for cap, value in listed if value]
+    if args.json:
+        print(json.dumps({cap.name: value for cap, value in listed}, indent=2))
+        return 0
+    _rows([(str(int(cap)), f"KVM_CAP_{cap.name}", str(value)) for cap, value in listed], indent="")
+    present = sum(1 for value in values.values() if value)
+    print(f"\n{present} of {len(values)} capabilities present"
+          + ("" if args.all else "; --all lists the absent ones too"))
+    return 0
+
+
+# --- vlab run ---------------------------------------------------------------------------------
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", nargs="?",
+                        help="guest program: .asm (nasm source), .elf, or raw code")
+    parser.add_argument("--mode", choices=["real", "protected", "paged", "long"],
+                        help="CPU mode to start in (default: real; for an ELF, from its class)")
+    parser.add_argument("--org", type=lambda text: int(text, 0),
+                        help="load address of raw code, and the default org of .asm "
+                             "(default 0x8000)")
+    parser.add_argument("--accel", choices=["kvm", "tcg", "auto"], default="auto")
+    parser.add_argument("--memory", default="16M", help="guest RAM, e.g. 16M or 1G")
+    parser.add_argument("--timeout", type=float, help="stop the guest after this many seconds")
+    parser.add_argument("--kernel-trace", action="store_true",
+                        help="trace KVM inside each KVM_RUN (its tracepoints; root, kvm only) and "
+                             "print its exits by reason, handled in the kernel or not")
+    parser.add_argument("--cpu", type=_cpu_spec, metavar="MODEL[,+feat,-feat]",
+                        help="the CPU model, as QEMU's -cpu: host (default), max or qemu64, "
+                             "then features turned on (+feat, feat=on) or off (-feat, feat=off)")
+    multiboot = parser.add_argument_group("Multiboot kernels, as QEMU's -kernel on a pc machine")
+    multiboot.add_argument("--multiboot", metavar="KERNEL",
+                           help="boot a Multiboot kernel instead of FILE (in-kernel irqchip and "
+                                "PIT; kvm only)")
+    multiboot.add_argument("--append", default="",
+                           help="the kernel's arguments: its command line is the KERNEL path, a "
+                                "space, then these (QEMU's -append)")
+    multiboot.add_argument("--module", action="append", default=[], metavar="'FILE [ARGS]'",
+                           help="a boot module, as QEMU's -initrd (repeatable)")
+    multiboot.add_argument("--smp", type=int, default=1,
+                           help="vCPUs; all but the first wait for the guest's INIT/SIPI")
+    multiboot.add_argument("--reboot", action="store_true",
+                           help="when the guest resets the machine (port 0x92, 0xcf9), boot "
+                                "again instead of stopping (QEMU without -no-reboot)")
+
+
+def _cpu_spec(text: str) -> str:
+    """Check a --cpu value's model and feature names before anything runs."""
+    from .lab.cpuid import parse_cpu_spec
+    try:
+        parse_cpu_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _cpu_model(spec: str | None):
+    """The CPUID table builder for --cpu (None: KVM's whole table, as -cpu host)."""
+    if spec is None:
+        return None
+    from .lab.cpuid import CpuidTable
+    return lambda host: CpuidTable.from_spec(spec, host).entries
+
+
+def _without_kvm(error: KvmUnavailable, multiboot: bool) -> str:
+    """KVM cannot be opened: what this command can do instead (the error's own hint names
+    the Python API)."""
+    first = str(error).splitlines()[0]
+    if multiboot:
+        return (f"--multiboot needs KVM, which cannot be used here ({first}): the multiboot "
+                "PC's interrupt controllers and timer are KVM's in-kernel devices, which the "
+                "software accelerator lacks. Without KVM, `vlab run FILE --accel tcg` runs a "
+                "guest program (.asm, .elf or raw code); `vlab doctor` says how to make "
+                "/dev/kvm usable.")
+    return (f"{first}\n  without KVM, `vlab run FILE --accel tcg` runs the guest on the "
+            "software accelerator; `vlab doctor` says how to make /dev/kvm usable.")
+
+
+@command("run", "run a guest program, stream its console output, show its exits", _run_arguments)
+def run(args: argparse.Namespace) -> int:
+    """Run a guest program until it halts, fails, writes isa-debug-exit, times out or is
+    interrupted (Ctrl-C); print what it writes to the serial port and the debug console as
+    it comes, then the stop reason and the histogram of its exits. The exit status is the
+    guest's isa-debug-exit status, else 0 when it halted and 1 otherwise; with --multiboot,
+    where HLT sleeps in the kernel, else 2 (a vCPU stopped), 124 (timeout) or 130 (Ctrl-C)."""
+    ended_line = True
+
+    def stream(data: bytes) -> None:
+        nonlocal ended_line
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        ended_line = data.endswith(b"\n")
+
+    if (args.file is None) == (args.multiboot is None):
+        print("vlab run: give either FILE or --multiboot KERNEL", file=sys.stderr)
+        return 2
+    if args.kernel_trace and args.multiboot:
+        print("vlab run: --kernel-trace traces a FILE's run, not --multiboot", file=sys.stderr)
+        return 2
+    try:
+        trace = KernelTrace() if args.kernel_trace else None
+    except KernelTraceUnavailable as e:
+        print(f"vlab run: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, stream, trace, lambda: ended_line)
+    finally:
+        if trace is not None:
+            trace.close()
+
+
+def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line) -> int:
+    """`vlab run` once its arguments are checked: boot, then the summary (and the kernel's
+    table of exits with --kernel-trace)."""
+    from .machine.boot import BOOT_ERRORS, boot
+    try:
+        if args.multiboot:
+            from .machine.pc import boot_multiboot
+            booted = boot_multiboot(args.multiboot, append=args.append, modules=args.module,
+                                    smp=args.smp, memory=args.memory, accel=args.accel,
+                                    timeout=args.timeout, output=stream,
+                                    cpu_model=_cpu_model(args.cpu), reboot=args.reboot)
+        else:
+            booted = boot(args.file, mode=args.mode, org=args.org, accel=args.accel,
+                          memory=args.memory, timeout=args.timeout, output=stream,
+                          cpu_model=_cpu_model(args.cpu), kernel_trace=trace)
+    except KvmUnavailable as e:
+        print(f"vlab run: {_without_kvm(e, bool(args.multiboot))}", file=sys.stderr)
+        return 2
+    except BOOT_ERRORS as e:
+        print(f"vlab run: {e}", file=sys.stderr)
+        return 2
+    print(("" if ended_line() else "\n") + booted.summary())
+    if trace is not None:
+        print(f"\nexits by reason inside KVM_RUN (KVM's tracepoints):\n"
+              f"{booted.log.kernel_exit_table()}\nkernel events lost: {trace.lost}")
+    return booted.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlab", description="vlab: build a real KVM virtual machine step by step.",
+        epilog=f"The KVM device is {DEV_KVM}, or the path in ${DEVICE_ENV} (a missing path shows "
+               "what a machine without KVM gets).")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        sub = subcommands.add_parser(name, help=cmd.help, description=cmd.run.__doc__)
+        if cmd.arguments:
+            cmd.arguments(sub)
+        sub.set_defaults(run=cmd.run)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
