@@ -282,9 +282,10 @@ def tracing_state(lab) -> str | None:
 
 
 def lost_note(lab) -> str:
-    """The ring buffer's overruns so far: a timeline with lost events is incomplete."""
+    """The ring buffer's overruns so far: a timeline with lost events is incomplete. (A
+    redraw the throttle deferred may come after the Lab closed its trace.)"""
     trace = getattr(lab, "kernel_trace", None)
-    lost = getattr(trace, "lost", 0) if trace is not None else 0
+    lost = trace.lost if trace is not None and not trace.closed else 0
     return f"{lost:,} events lost (tracefs ring buffer overrun): some KVM_RUNs are incomplete" if lost else ""
 
 

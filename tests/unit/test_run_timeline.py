@@ -174,7 +174,7 @@ class FakeTable:
 
 def traced_lab(log: ExitLog, lost: int = 0) -> SimpleNamespace:
     return SimpleNamespace(registers=[RegisterModel(0)], exit_logs=[log], runners=[],
-                           kernel_trace=SimpleNamespace(lost=lost))
+                           kernel_trace=SimpleNamespace(lost=lost, closed=False))
 
 
 def test_views_say_when_kernel_tracing_is_off():
