@@ -186,9 +186,7 @@ class KernelTrace:
             raise KernelTraceUnavailable(str(e), "check that tracefs is mounted and readable "
                                          "(vlab doctor)") from None
         self._exit_format = self.formats.named(KvmUserspaceExit.name)
-        self._page = bytearray(self.formats.sub_buffer_size)
-        self._buffer = traceevent.ffi.from_buffer(self._page)
-        self._kbuf = traceevent.new_kbuffer()
+        self._reader = traceevent.SubBufferReader(self.formats)
         self._lock = threading.Lock()
         self._pending: dict[int, list] = {}     # tid -> [(ts, cpu, offset-free record)]
         self._dropped = 0
@@ -217,11 +215,10 @@ class KernelTrace:
     # -- reading ------------------------------------------------------------------------------
     def _drain(self) -> None:
         """Read every CPU's ring buffer dry, sorting what was read by thread."""
-        read, size, buffer, page = traceevent.libc.read, len(self._page), self._buffer, self._page
+        read, page = self._reader.read, self._reader.page
         pending, limit = self._pending, BACKLOG_LIMIT
         for cpu, fd in zip(self.cpus, self._fds):
-            while read(fd, buffer, size) > 0:
-                records, _ = self.formats.records(page, self._kbuf)
+            while (records := read(fd)) is not None:
                 for ts, offset, fmt in records:
                     if fmt is None:
                         continue

@@ -62,9 +62,9 @@ void tep_free(struct tep_handle *tep);
 struct kbuffer *kbuffer_alloc(int size, int endian);   /* enum kbuffer_long_size, _endian */
 void kbuffer_free(struct kbuffer *kbuf);
 int kbuffer_load_subbuffer(struct kbuffer *kbuf, void *subbuffer);
-void *kbuffer_read_event(struct kbuffer *kbuf, unsigned long long *ts);
-void *kbuffer_next_event(struct kbuffer *kbuf, unsigned long long *ts);
-int kbuffer_missed_events(struct kbuffer *kbuf);
+/* void * in kbuffer.h: a byte pointer here, so that its offset in the page is a subtraction */
+unsigned char *kbuffer_read_event(struct kbuffer *kbuf, unsigned long long *ts);
+unsigned char *kbuffer_next_event(struct kbuffer *kbuf, unsigned long long *ts);
 struct tep_handle *tracefs_local_events_system(const char *tracing_dir, const char * const *sys_names);
 int tracefs_tracing_dir_is_mounted(bool mount, const char **path);
 ssize_t read(int fd, void *buf, size_t count);
@@ -187,7 +187,8 @@ class EventFormat:
     fields: tuple[str, ...]               # the event's own fields, in record order
     layout: struct.Struct                 # common fields first, then `fields`
     args: tuple = ()                      # the print format's arguments, as trees
-    symbolic: frozenset = field(default_factory=frozenset)  # fields a symbol table names
+    deciding: tuple[str, ...] = ()        # the fields a symbol depends on, conditions' too
+    _named: dict = field(default_factory=dict, repr=False, compare=False)
 
     def unpack(self, page, offset: int) -> dict:
         """The record at `offset` of a sub-buffer, field by field (arrays as bytes)."""
@@ -198,11 +199,17 @@ class EventFormat:
         """What the print format prints for field `name` through `__print_symbolic`, taking
         the branch its conditions choose for these values (kvm_exit: VMX's table when
         isa == 1, SVM's otherwise); None where no table names the value."""
-        for arg in self.args:
-            found = self._symbol(arg, name, values)
-            if found is not None:
-                return found
-        return None
+        key = (name, *[values.get(f) for f in self.deciding])
+        try:
+            return self._named[key]
+        except KeyError:
+            pass
+        found = next((n for n in (self._symbol(arg, name, values) for arg in self.args)
+                      if n is not None), None)
+        if len(self._named) > 4096:   # the fields' values seen are few: bounded all the same
+            self._named.clear()
+        self._named[key] = found
+        return found
 
     def _symbol(self, node, name: str, values: dict) -> str | None:
         if node[0] == "symbol" and name in _fields_of(node[1]):
@@ -280,38 +287,50 @@ class Formats:
             while arg != ffi.NULL:
                 args.append(_node(arg))
                 arg = arg.next
-            symbolic = frozenset(name for node in args for name in _symbol_fields(node))
+            deciding = tuple(sorted(set().union(*(_deciding(node) for node in args))))
             by_id[event.id] = EventFormat(event.id, system, ffi.string(event.name).decode(),
-                                          fields, layout, tuple(args), symbolic)
+                                          fields, layout, tuple(args), deciding)
         return cls(tep, by_id, traceevent.tep_get_sub_buffer_size(tep))
 
     def named(self, name: str) -> EventFormat | None:
         return next((f for f in self.by_id.values() if f.name == name), None)
 
-    def records(self, page: bytes, kbuf):
-        """Each record of one sub-buffer read from trace_pipe_raw, walked with `kbuf` (one
-        `new_kbuffer()` per reader): (timestamp, offset of its data in `page`, its
-        EventFormat or None), and the count of events the kernel dropped before this
-        sub-buffer (kbuffer_missed_events: -1 when it did not count)."""
-        traceevent, _ = libraries()
-        buffer = ffi.from_buffer(page)
-        base = int(ffi.cast("uintptr_t", buffer))
-        ts = ffi.new("unsigned long long *")
-        if traceevent.kbuffer_load_subbuffer(kbuf, buffer) < 0:
-            return [], 0
-        missed = traceevent.kbuffer_missed_events(kbuf)
-        found, by_id = [], self.by_id
-        data = traceevent.kbuffer_read_event(kbuf, ts)
-        while data != ffi.NULL:
-            offset = int(ffi.cast("uintptr_t", data)) - base
-            found.append((ts[0], offset, by_id.get(int.from_bytes(page[offset:offset + 2], "little"))))
-            data = traceevent.kbuffer_next_event(kbuf, ts)
-        return found, missed
 
 
-def _symbol_fields(node) -> set[str]:
+class SubBufferReader:
+    """Reads a CPU's `trace_pipe_raw` one sub-buffer at a time into its own page, and walks
+    it with its own kbuffer (one reader per thread at a time)."""
+
+    def __init__(self, formats: Formats):
+        self.formats = formats
+        self.page = bytearray(formats.sub_buffer_size)
+        self._buffer = ffi.from_buffer("unsigned char[]", self.page)
+        self._ts = ffi.new("unsigned long long *")
+        self._kbuf = new_kbuffer()
+        self._lib, _ = libraries()
+
+    def read(self, fd: int) -> list | None:
+        """The records of the next sub-buffer from `fd` (opened O_NONBLOCK), None when the
+        CPU's buffer is empty: (timestamp, offset of the data in `page`, its EventFormat,
+        None for an event of another system)."""
+        lib, kbuf, ts, base, page = self._lib, self._kbuf, self._ts, self._buffer, self.page
+        if libc.read(fd, base, len(page)) <= 0 or lib.kbuffer_load_subbuffer(kbuf, base) < 0:
+            return None
+        found, by_id, null = [], self.formats.by_id, ffi.NULL
+        data = lib.kbuffer_read_event(kbuf, ts)
+        while data != null:
+            offset = data - base
+            found.append((ts[0], offset, by_id.get(page[offset] | page[offset + 1] << 8)))
+            data = lib.kbuffer_next_event(kbuf, ts)
+        return found
+
+
+def _deciding(node) -> set[str]:
+    """The fields that decide what a print-format argument's symbols print."""
     if node[0] == "symbol":
         return _fields_of(node[1])
+    if node[0] == "op" and node[1] == "?":
+        return _fields_of(node[2]) | _deciding(node[3])
     if node[0] == "op":
-        return set().union(*(_symbol_fields(n) for n in node[2:] if n is not None))
+        return set().union(*(_deciding(n) for n in node[2:] if n is not None))
     return set()
