@@ -156,11 +156,12 @@ def page(browser, request):
 
 
 @pytest.fixture
-def jupyterlab(tmp_path):
-    """JupyterLab serving a copy of notebooks/dashboard.ipynb."""
+def jupyterlab(tmp_path, request):
+    """JupyterLab serving a copy of notebooks/dashboard.ipynb, or of the notebook the test
+    module names in NOTEBOOK."""
     root = tmp_path / "root"
     root.mkdir()
-    notebook_copy("dashboard.ipynb", root)
+    notebook_copy(getattr(request.module, "NOTEBOOK", "dashboard.ipynb"), root)
     port = free_port()
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.root_dir={root}",
                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",

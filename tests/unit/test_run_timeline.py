@@ -3,7 +3,6 @@ per-reason exit table over hand-built kernel events, as VMX (entries and exits) 
 kvm_pvm (instructions emulated, no entries) report them."""
 from __future__ import annotations
 
-from collections import namedtuple
 from types import SimpleNamespace
 
 import pytest
@@ -159,19 +158,6 @@ def test_timeline_html_draws_lanes_arrows_and_escapes_text():
 
 
 # --- the views, over a hand-built lab ----------------------------------------------------------
-TableRow = namedtuple("TableRow", "reason in_kernel userspace")
-
-
-class FakeTable:
-    """What ExitLog.kernel_exit_table() returns, built by hand."""
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __str__(self):
-        return "\n".join(f"{r.reason} {r.in_kernel} {r.userspace}" for r in self.rows)
-
-
 def traced_lab(log: ExitLog, lost: int = 0) -> SimpleNamespace:
     return SimpleNamespace(registers=[RegisterModel(0)], exit_logs=[log], runners=[],
                            kernel_trace=SimpleNamespace(lost=lost, closed=False))
@@ -221,14 +207,16 @@ def test_timeline_redraws_when_a_run_ends(log_with_runs):
     assert log_with_runs._listeners == []
 
 
-def test_kernel_exit_table_rows_bars_and_lost_events(log_with_runs, monkeypatch):
-    rows = [TableRow("EXTERNAL_INTERRUPT", 120, 0), TableRow("IO_INSTRUCTION", 0, 2),
-            TableRow("HLT", 0, 1)]
-    monkeypatch.setattr(ExitLog, "kernel_exit_table", lambda self: FakeTable(rows), raising=False)
+def test_kernel_exit_table_rows_bars_and_lost_events(log_with_runs):
+    """kvm_pvm's run counts under its userspace exit, VMX's under its hardware exits."""
     view = KernelExitTable(traced_lab(log_with_runs, lost=5))
+    table = log_with_runs.kernel_exit_table()
+    assert [(r.reason, r.in_kernel, r.userspace) for r in table.rows] == [
+        ("CPUID", 1, 0), ("EXTERNAL_INTERRUPT", 1, 0), ("IO_INSTRUCTION", 0, 1), ("KVM_EXIT_IO", 0, 1)]
     html = view.html.value
-    assert [r.reason for r in rows] == [part.split("'")[0] for part in html.split("data-reason='")[1:]]
-    assert "120</td>" in html and "5 events lost" in html
-    assert view.summary() == str(FakeTable(rows)) + "\n" + \
+    assert [r.reason for r in table.rows] == [part.split("'")[0] for part in html.split("data-reason='")[1:]]
+    assert "2 KVM_RUNs traced, 2 instructions emulated by KVM" in html and "5 events lost" in html
+    assert html.count("width:120px") == 4      # every nonzero count is 1: full bars
+    assert view.summary() == str(table) + "\n" + \
         "5 events lost (tracefs ring buffer overrun): some KVM_RUNs are incomplete"
     assert repr(view) == "KernelExitTable(vcpu=0)"

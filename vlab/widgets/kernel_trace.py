@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import ipywidgets as widgets
 
 from ..kvm.kernel_events import KvmExit, exit_outcomes
-from .base import MONO, TABLE_STYLE, ExitLogView, cell, escape, message, table
+from .base import CELL_STYLE, MONO, TABLE_STYLE, ExitLogView, cell, escape, message, table
 
 REDRAW_INTERVAL = 0.2   # seconds between live redraws while the guest runs
 LANE_WIDTH = "190px"
+# Rows as dense as text: an HTML widget's content otherwise gets the widget line height
+BLOCK = "line-height:1.4"
 HEAD_ROWS, TAIL_ROWS = 24, 12   # a longer KVM_RUN shows its start and its end, the middle counted
 
 # Where each tracepoint happens: (lane it starts in, lane it goes to, kind). A kind names the
@@ -266,12 +268,13 @@ def timeline_html(timeline: RunTimeline) -> str:
         note = (f"<br><span style='color:{COLORS[row.kind][1]}'>{escape(row.note)}</span>"
                 if row.note else "")
         body.append(f"<tr class='vlab-kind-{row.kind}' style='background:{background}'>"
-                    f"{cell(row.offset(), attrs=' data-col=time')}{_lane_cells(row)}"
+                    f"<td style='{CELL_STYLE};white-space:nowrap'>{row.offset()}</td>{_lane_cells(row)}"
                     f"<td style='padding:1px 6px'>{escape(row.text)}{note}</td></tr>")
-    return (f"<div style='{MONO};font-weight:bold;margin:2px 0'>{escape(timeline.headline())}</div>"
+    return (f"<div style='{BLOCK}'><div style='{MONO};font-weight:bold;margin:2px 0'>"
+            f"{escape(timeline.headline())}</div>"
             f"<div class='vlab-timeline-strip' style='margin:4px 0'>{strip}</div>"
             f"<div style='{MONO};margin:2px 0 6px'>{legend}</div>"
-            f"<table style='{TABLE_STYLE}'><tr>{head}</tr>{''.join(body)}</table>")
+            f"<table style='{TABLE_STYLE}'><tr>{head}</tr>{''.join(body)}</table></div>")
 
 
 def tracing_state(lab) -> str | None:
@@ -323,18 +326,21 @@ class KernelExitTable(_TraceView):
             if missing:
                 self.html.value = message(missing)
                 return
-            rows = self.table().rows
+            counts = self.table()
+            rows = counts.rows
             top = max((max(r.in_kernel, r.userspace) for r in rows), default=0)
             body = [f"<tr data-reason='{escape(r.reason)}'>{cell(r.reason)}"
                     f"{_bar_cell(r.in_kernel, top, 'exit')}{_bar_cell(r.userspace, top, 'userspace')}</tr>"
                     for r in rows]
-            notes = [message("no exits yet")] if not rows else []
+            notes = [message(f"{counts.runs:,} KVM_RUNs traced, {counts.emulated:,} instructions "
+                             f"emulated by KVM" if rows else "no exits yet")]
             lost = lost_note(self.lab)
             if lost:
                 notes.append(message(lost, "error"))
-            self.html.value = (message(f"vCPU {self.vcpu}: exits by reason, as the kernel names them")
+            self.html.value = (f"<div style='{BLOCK}'>"
+                               + message(f"vCPU {self.vcpu}: exits by reason, as the kernel names them")
                                + table(body, ("exit reason", "handled in KVM", "reached userspace"))
-                               + "".join(notes))
+                               + "".join(notes) + "</div>")
             self.redraws += 1
 
     def summary(self) -> str:
