@@ -408,3 +408,19 @@ def test_cli_prints_the_instruction_kvm_could_not_emulate(kernel):
                      r"db 2d 00 00 00 e0  fld xword ptr \[0xe0000000\]", text)
     assert line, text
     assert int(line[1], 16) == symbol(kernel("pc"), "x87_load")
+
+
+def test_cli_cpu_applies_to_a_guest_program_too(tmp_path):
+    """`vlab run FILE --cpu`: a real-mode guest prints the CPUID register's four bytes to
+    the debug console."""
+    name, leaf, reg, bit = hidden_by_qemu64()
+    guest = tmp_path / "cpuid.asm"
+    guest.write_text(f"mov eax, {leaf:#x}\nxor ecx, ecx\ncpuid\nmov eax, {reg}\nmov cx, 4\n"
+                     "next: out 0xe9, al\nshr eax, 8\nloop next\nhlt\n")
+    seen = {}
+    for spec in ("host", "qemu64", f"qemu64,+{name}"):
+        run = vlab("run", guest, "--accel", "kvm", "--cpu", spec, "--timeout", TIMEOUT)
+        out, err = run.communicate(timeout=TIMEOUT + 30)
+        assert run.returncode == 0, err.decode()
+        seen[spec] = int.from_bytes(out[:4], "little") >> bit & 1
+    assert seen == {"host": 1, "qemu64": 0, f"qemu64,+{name}": 1}
