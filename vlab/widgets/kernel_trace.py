@@ -80,7 +80,7 @@ def place(name: str) -> tuple[str, str, str]:
 
 @dataclass(frozen=True)
 class TimelineRow:
-    offset_ns: int | None    # since the KVM_RUN's first event; None for rows vlab adds
+    offset_ns: int | None    # since KVM_RUN began (the guest FPU load); None for rows vlab adds
     name: str                # the tracepoint (or what vlab adds: KVM_RUN, skipped)
     source: str              # lane the event starts in
     target: str              # lane it goes to (the same for an event inside one lane)
@@ -129,9 +129,11 @@ class RunTimeline:
         names = [event.name for event in events]
         # KVM_RUN starts where kvm_arch_vcpu_ioctl_run loads the guest's FPU; what the thread
         # caused before (the MMU notifier when it unmapped memory) is shown before the call.
-        start = next((i for i, e in enumerate(events) if e.name == "kvm_fpu" and getattr(e, "load", False)), 0)
+        start = next((i for i, e in enumerate(events)
+                      if e.name == "kvm_fpu" and getattr(e, "load", False)), 0)
         self._origin = events[start].timestamp_ns if events else 0
-        self.errno = next((getattr(e, "errno", 0) for e in events if e.name == "kvm_userspace_exit"), 0)
+        self.errno = next((getattr(e, "errno", 0) for e in events
+                           if e.name == "kvm_userspace_exit"), 0)
         self.entries = names.count("kvm_entry")
         self.handled_in_kernel: Counter = Counter()
         self.exits_to_userspace: Counter = Counter()
@@ -140,7 +142,8 @@ class RunTimeline:
         for i, (event, handled) in zip(exits, exit_outcomes(events)):
             notes[i] = (self._outcome(names[i + 1:]) if handled
                         else "handle_exit returned 0: KVM needs userspace")
-            (self.handled_in_kernel if handled else self.exits_to_userspace)[event.reason_name] += 1
+            counter = self.handled_in_kernel if handled else self.exits_to_userspace
+            counter[event.reason_name] += 1
         self.emulated = names.count("kvm_emulate_insn")
         self.injected = names.count("kvm_inj_virq") + names.count("kvm_inj_exception")
         self.io = sum(place(n)[2] == "io" for n in names)
@@ -205,7 +208,8 @@ def _collapse(rows: list[TimelineRow], head: int, tail: int) -> list[TimelineRow
         return rows
     hidden = rows[head:len(rows) - tail]
     counts = Counter(row.name for row in hidden)
-    text = f"... {len(hidden):,} more events: " + ", ".join(f"{k} {n:,}" for k, n in counts.most_common())
+    text = f"... {len(hidden):,} more events: " + ", ".join(
+        f"{name} {n:,}" for name, n in counts.most_common())
     skipped = TimelineRow(None, "skipped", KVM, KVM, "skipped", f"{len(hidden):,} more", text)
     return rows[:head] + [skipped] + rows[-tail:]
 
@@ -268,7 +272,8 @@ def timeline_html(timeline: RunTimeline) -> str:
         note = (f"<br><span style='color:{COLORS[row.kind][1]}'>{escape(row.note)}</span>"
                 if row.note else "")
         body.append(f"<tr class='vlab-kind-{row.kind}' style='background:{background}'>"
-                    f"<td style='{CELL_STYLE};white-space:nowrap'>{row.offset()}</td>{_lane_cells(row)}"
+                    f"<td style='{CELL_STYLE};white-space:nowrap'>{row.offset()}</td>"
+                    f"{_lane_cells(row)}"
                     f"<td style='padding:1px 6px'>{escape(row.text)}{note}</td></tr>")
     return (f"<div style='{BLOCK}'><div style='{MONO};font-weight:bold;margin:2px 0'>"
             f"{escape(timeline.headline())}</div>"
@@ -281,7 +286,8 @@ def tracing_state(lab) -> str | None:
     """Why there are no kernel events to show (None: the Lab traces its KVM_RUNs)."""
     if getattr(lab, "kernel_trace", None) is not None:
         return None
-    return "kernel tracing is off for this Lab: vlab.Lab(..., kernel_trace=True) turns it on (kvm only)"
+    return ("kernel tracing is off for this Lab: vlab.Lab(..., kernel_trace=True) turns it on "
+            "(kvm only)")
 
 
 def lost_note(lab) -> str:
@@ -289,7 +295,9 @@ def lost_note(lab) -> str:
     redraw the throttle deferred may come after the Lab closed its trace.)"""
     trace = getattr(lab, "kernel_trace", None)
     lost = trace.lost if trace is not None and not trace.closed else 0
-    return f"{lost:,} events lost (tracefs ring buffer overrun): some KVM_RUNs are incomplete" if lost else ""
+    if not lost:
+        return ""
+    return f"{lost:,} events lost (tracefs ring buffer overrun): some KVM_RUNs are incomplete"
 
 
 class _TraceView(ExitLogView):
@@ -330,15 +338,15 @@ class KernelExitTable(_TraceView):
             rows = counts.rows
             top = max((max(r.in_kernel, r.userspace) for r in rows), default=0)
             body = [f"<tr data-reason='{escape(r.reason)}'>{cell(r.reason)}"
-                    f"{_bar_cell(r.in_kernel, top, 'exit')}{_bar_cell(r.userspace, top, 'userspace')}</tr>"
-                    for r in rows]
+                    f"{_bar_cell(r.in_kernel, top, 'exit')}"
+                    f"{_bar_cell(r.userspace, top, 'userspace')}</tr>" for r in rows]
             notes = [message(f"{counts.runs:,} KVM_RUNs traced, {counts.emulated:,} instructions "
                              f"emulated by KVM" if rows else "no exits yet")]
             lost = lost_note(self.lab)
             if lost:
                 notes.append(message(lost, "error"))
-            self.html.value = (f"<div style='{BLOCK}'>"
-                               + message(f"vCPU {self.vcpu}: exits by reason, as the kernel names them")
+            title = message(f"vCPU {self.vcpu}: exits by reason, as the kernel names them")
+            self.html.value = (f"<div style='{BLOCK}'>{title}"
                                + table(body, ("exit reason", "handled in KVM", "reached userspace"))
                                + "".join(notes) + "</div>")
             self.redraws += 1
@@ -367,7 +375,8 @@ class KvmRunTimeline(_TraceView):
     the latest exit unless `seq` picks one (◀ ▶ step through the kept records; "latest"
     follows again)."""
 
-    def __init__(self, lab, vcpu: int = 0, seq: int | None = None, interval: float = REDRAW_INTERVAL):
+    def __init__(self, lab, vcpu: int = 0, seq: int | None = None,
+                 interval: float = REDRAW_INTERVAL):
         super().__init__(lab, vcpu, interval)
         self.seq = seq
         self.timeline: RunTimeline | None = None
