@@ -172,19 +172,21 @@ def test_every_return_of_kvm_run_ends_with_kvm_userspace_exit(trace, guest):
 
 
 def test_events_of_other_ioctls_are_not_the_runs(trace, guest):
-    """`since_ns` leaves out what the thread's other ioctls emitted before KVM_RUN (creating
-    the vCPU writes the TSC offset: kvm_write_tsc_offset)."""
-    vm, vcpu = guest("hlt")
-    since = trace.now()
-    vcpu.run()
-    everything = trace.take(threading.get_native_id())     # nothing left: taken below
-    assert everything == () or isinstance(everything[-1], KvmUserspaceExit)
-    vm2, vcpu2 = guest("hlt")
-    since = trace.now()
-    vcpu2.run()
-    events = trace.take(threading.get_native_id(), since)
-    assert all(e.timestamp_ns >= since for e in events)
-    assert not any(e.name == "kvm_write_tsc_offset" for e in events)
+    """`since_ns` leaves out what the thread's other ioctls emitted before KVM_RUN: creating
+    a vCPU writes its TSC offset (kvm_write_tsc_offset)."""
+    tid = threading.get_native_id()
+    for vcpu_id in (0, 1):
+        vm, vcpu = guest("hlt")
+        since = trace.now()
+        assert isinstance(vcpu.run(), Hlt)
+        events = trace.take(tid, since if vcpu_id else 0)
+        names = [e.name for e in events]
+        assert names[-1] == "kvm_userspace_exit"
+        if vcpu_id == 0:      # everything the thread caused since the trace opened
+            assert "kvm_write_tsc_offset" in names[:names.index("kvm_fpu")]
+        else:
+            assert "kvm_write_tsc_offset" not in names
+            assert all(e.timestamp_ns >= since for e in events)
 
 
 def test_what_kvm_did_itself_decodes_into_typed_records(trace, guest):

@@ -19,6 +19,7 @@ carry that name, read from the format file by libtraceevent (`vlab.kvm.traceeven
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar
@@ -359,6 +360,41 @@ _DECODERS = {
 }
 
 
+class KernelEvents(Sequence):
+    """One KVM_RUN's events, as a tuple of records that are decoded when first read: a run
+    loop attaches them to every exit, most of which nobody looks at."""
+    __slots__ = ("_raw", "_events")
+
+    def __init__(self, raw: list):
+        self._raw = raw             # [(timestamp_ns, cpu, EventFormat, values)]
+        self._events: tuple | None = None
+
+    def _decoded(self) -> tuple[KernelEvent, ...]:
+        if self._events is None:
+            self._events = tuple(decode(fmt, values, ts, cpu) for ts, cpu, fmt, values in self._raw)
+            self._raw = ()
+        return self._events
+
+    def __getitem__(self, index):
+        return self._decoded()[index]
+
+    def __len__(self) -> int:
+        return len(self._events) if self._events is not None else len(self._raw)
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (tuple, KernelEvents)):
+            return self._decoded() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"KernelEvents({self._decoded()!r})"
+
+
 def decode(fmt, values: dict, timestamp_ns: int, cpu: int) -> KernelEvent:
     """The typed record for one event (`fmt`: its `traceevent.EventFormat`, `values`: its
     unpacked fields); `RawEvent` for an event without a type, or whose format file has
@@ -377,4 +413,4 @@ def decode(fmt, values: dict, timestamp_ns: int, cpu: int) -> KernelEvent:
 __all__ = ["KernelEvent", "KvmEntry", "KvmExit", "KvmEmulateInsn", "KvmPio", "KvmMmio", "KvmMsr",
            "KvmCr", "KvmCpuid", "KvmInjVirq", "KvmInjException", "KvmSetIrq", "KvmApic",
            "KvmApicAcceptIrq", "KvmApicIpi", "KvmPageFault", "KvmFpu", "KvmUserspaceExit",
-           "RawEvent", "decode", "exit_outcomes", "ISA_NAMES"]
+           "RawEvent", "KernelEvents", "decode", "exit_outcomes", "ISA_NAMES"]

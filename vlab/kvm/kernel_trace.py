@@ -46,7 +46,7 @@ import weakref
 from operator import itemgetter
 
 from . import traceevent
-from .kernel_events import KernelEvent, KvmUserspaceExit, decode
+from .kernel_events import KernelEvents, KvmUserspaceExit
 
 TRACEFS_ENV = "VLAB_TRACEFS"
 INSTANCE_PREFIX = "vlab"
@@ -229,24 +229,25 @@ class KernelTrace:
                         self._dropped += len(backlog) - limit
                         del backlog[:len(backlog) - limit]
 
-    def take(self, tid: int, since_ns: int = 0) -> tuple[KernelEvent, ...]:
+    def take(self, tid: int, since_ns: int = 0) -> KernelEvents:
         """The events thread `tid` caused in its last KVM_RUN: from `since_ns` (the trace
         clock when it entered, `KernelTrace.now()`; earlier events came from other ioctls)
-        up to and including its `kvm_userspace_exit`. Call it after KVM_RUN has returned."""
+        up to and including its `kvm_userspace_exit`. Call it after KVM_RUN has returned.
+        The records (a tuple-like `KernelEvents`) are decoded when first read."""
         with self._lock:
             if not self._fds:
                 raise ValueError(f"the kernel trace {self.name} is closed")
             self._drain()
             backlog = self._pending.get(tid)
             if not backlog:
-                return ()
+                return KernelEvents([])
             backlog.sort(key=itemgetter(0))
             start = next((i for i, item in enumerate(backlog) if item[0] >= since_ns), len(backlog))
             end = next((i for i in range(start, len(backlog))
                         if backlog[i][2] is self._exit_format), len(backlog) - 1)
             chosen = backlog[start:end + 1]
             del backlog[:end + 1]
-        return tuple(decode(fmt, values, ts, cpu) for ts, cpu, fmt, values in chosen)
+        return KernelEvents(chosen)
 
     @property
     def lost(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from ..kvm.abi import ExitReason
 from ..kvm.exits import Exit, IoIn, IoOut, MmioRead, MmioWrite, OtherExit
@@ -27,7 +27,7 @@ class ExitRecord:
     counters_before: tuple[int, ...] | None
     counters_after: tuple[int, ...] | None
     seq: int = 0
-    kernel_events: tuple = ()   # what the kernel traced inside this KVM_RUN (KernelTrace)
+    kernel_events: Sequence = ()   # what the kernel traced inside this KVM_RUN (KernelTrace)
 
     @property
     def reason(self) -> str:
