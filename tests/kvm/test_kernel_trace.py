@@ -21,7 +21,7 @@ from guestlib import ORG, flat_real_mode
 from vlab.kvm import Hlt, Interrupted, IoOut, MmioRead, Shutdown, detect_backend, host_address
 from vlab.kvm.kernel_events import (KvmCpuid, KvmEmulateInsn, KvmEntry, KvmExit, KvmFpu,
                                     KvmInjException, KvmMmio, KvmMsr, KvmPio, KvmUserspaceExit,
-                                    RawEvent, decode)
+                                    KvmVcpuWakeup, RawEvent, decode)
 from vlab.kvm import kernel_events
 from vlab.kvm.kernel_trace import (TRACEFS_ENV, KernelTrace, KernelTraceUnavailable,
                                    kernel_trace_usable)
@@ -156,6 +156,8 @@ def test_hlt_with_the_in_kernel_irqchip_sleeps_until_the_kick(trace, guest):
     assert isinstance(last, KvmUserspaceExit) and last.reason_name == "EINTR" and last.errno == -4
     check_run(events, backend, "hlt", "hlt", to_userspace=True)
     assert last.timestamp_ns - events[0].timestamp_ns > 100_000_000, "it slept until the kick"
+    wakeups = [e for e in events if isinstance(e, KvmVcpuWakeup)]
+    assert len(wakeups) == 1 and wakeups[0].waited and wakeups[0].ns > 100_000_000
 
 
 def test_every_return_of_kvm_run_ends_with_kvm_userspace_exit(trace, guest):

@@ -13,6 +13,7 @@ carry that name, read from the format file by libtraceevent (`vlab.kvm.traceeven
     kvm_inj_virq, _exception      KvmInjVirq, KvmInjException  events injected into the guest
     kvm_set_irq, kvm_apic*        KvmSetIrq, KvmApic, KvmApicAcceptIrq, KvmApicIpi
     kvm_page_fault, kvm_fpu       KvmPageFault, KvmFpu
+    kvm_vcpu_wakeup               KvmVcpuWakeup              a halted vCPU running again
     kvm_userspace_exit            KvmUserspaceExit           KVM_RUN returning to userspace
     anything else                 RawEvent(name, fields)
 """
@@ -270,6 +271,20 @@ class KvmFpu(KernelEvent):
 
 
 @dataclass(frozen=True)
+class KvmVcpuWakeup(KernelEvent):
+    """A halted vCPU runs again (kvm_vcpu_halt), after `ns` of waiting in vcpu_block or of
+    polling; `valid`: something it was waiting for (an interrupt) woke it."""
+    name: ClassVar[str] = "kvm_vcpu_wakeup"
+    ns: int = 0
+    waited: bool = False
+    valid: bool = False
+
+    def describe(self) -> str:
+        return (f"kvm_vcpu_wakeup: the halted vCPU runs again after {self.ns / 1e6:,.3f} ms of "
+                f"{'waiting' if self.waited else 'polling'}" + ("" if self.valid else " (no interrupt)"))
+
+
+@dataclass(frozen=True)
 class KvmUserspaceExit(KernelEvent):
     """KVM_RUN returning to userspace: the exit reason, or the errno (EINTR: a signal or
     immediate_exit)."""
@@ -356,6 +371,7 @@ _DECODERS = {
     "kvm_page_fault": lambda b, v, f: KvmPageFault(*b, v["vcpu_id"], v["guest_rip"],
                                                    v["fault_address"], v["error_code"]),
     "kvm_fpu": lambda b, v, f: KvmFpu(*b, bool(v["load"])),
+    "kvm_vcpu_wakeup": lambda b, v, f: KvmVcpuWakeup(*b, v["ns"], bool(v["waited"]), bool(v["valid"])),
     "kvm_userspace_exit": _userspace_exit,
 }
 
@@ -412,5 +428,5 @@ def decode(fmt, values: dict, timestamp_ns: int, cpu: int) -> KernelEvent:
 
 __all__ = ["KernelEvent", "KvmEntry", "KvmExit", "KvmEmulateInsn", "KvmPio", "KvmMmio", "KvmMsr",
            "KvmCr", "KvmCpuid", "KvmInjVirq", "KvmInjException", "KvmSetIrq", "KvmApic",
-           "KvmApicAcceptIrq", "KvmApicIpi", "KvmPageFault", "KvmFpu", "KvmUserspaceExit",
-           "RawEvent", "KernelEvents", "decode", "exit_outcomes", "ISA_NAMES"]
+           "KvmApicAcceptIrq", "KvmApicIpi", "KvmPageFault", "KvmFpu", "KvmVcpuWakeup",
+           "KvmUserspaceExit", "RawEvent", "KernelEvents", "decode", "exit_outcomes", "ISA_NAMES"]
