@@ -64,9 +64,11 @@ def test_insd_into_mmio_single_stepped(make_lab, accel):
 
 
 # A real-mode exception whose vector table entry or stack is outside RAM: the CPU cannot
-# read the handler's address or push the return frame. KVM (VMX, SVM) ends such a delivery
-# through MMIO with INTERNAL_ERROR DELIVERY_EV; kvm_pvm's emulator may instead push into the
-# hole (MMIO writes) or retry forever. Either way the run ends decoded; tcg says why.
+# read the handler's address or push the return frame. Recent KVM ends a delivery by the CPU
+# through MMIO with INTERNAL_ERROR DELIVERY_EV; where KVM's emulator delivers it (kvm_pvm, SVM
+# without nested paging) the frame goes to the hole as MMIO writes and a vector table there
+# is read again without end, until the run's timeout. Either way the run ends decoded; tcg
+# ends it with DELIVERY_EV and says why.
 STACK_OUTSIDE_RAM = """
     mov ax, 0xF000
     mov ss, ax

@@ -200,8 +200,10 @@ def _software_detail(exit: InternalError, sregs, code: bytes) -> list[str]:
              if idt.base <= address <= idt.base + idt.limit else
              "the stack, where FLAGS, CS and IP are pushed (SS.base + SP)")
     return [f"Delivering vector {vector} in real mode needs {where} at {address:#x}, which is "
-            f"outside RAM (a hole, ROM or nothing): nothing was pushed. KVM stops the same way "
-            f"when an event delivery touches MMIO (KVM_INTERNAL_ERROR_DELIVERY_EV)."]
+            f"outside RAM (a hole, ROM or nothing): nothing was pushed. Recent KVM stops the "
+            f"same way where the CPU's own delivery touches MMIO (kvm_prepare_event_vectoring_"
+            f"exit); where KVM's emulator delivers it, the frame goes to the hole as MMIO "
+            f"writes, or the delivery is retried without end and only a stop ends the run."]
 
 
 def explain(exit: Exit, vcpu, read_code: Callable[[int, int], bytes] | None = None,

@@ -10,8 +10,10 @@ triple fault: the CPU shuts down (KVM_EXIT_SHUTDOWN). So:
 - in real mode the vCPU delivers it through the interrupt vector table itself, as the CPU
   does (push FLAGS, CS, IP; clear IF, TF, AC; jump to the vector's CS:IP). A vector-table
   entry or a stack outside RAM (MMIO, ROM for the stack, nothing at all) ends in
-  `InternalError(DELIVERY_EV, data=(vector, address))`, as KVM ends an event delivery that
-  touches MMIO (kvm_prepare_event_vectoring_exit); nothing is written;
+  `InternalError(DELIVERY_EV, data=(vector, address))`, as recent KVM ends a delivery by the
+  CPU that touches MMIO (kvm_prepare_event_vectoring_exit); nothing is written. (Where KVM's
+  emulator delivers it, kvm_pvm here and SVM without nested paging, the frame went to the
+  hole as MMIO writes, and a vector table in a hole was read again without end.)
 - in protected and long mode, with a vector the IDT covers, tcg gives up with an
   `InternalError` (KVM_INTERNAL_ERROR_DELIVERY_EV, data = (vector,)): gate descriptors,
   privilege and stack switches, error codes are not emulated here.
