@@ -9,7 +9,8 @@ import pytest
 
 from vlab.kvm.exits import Hlt, IoOut
 from vlab.kvm.kernel_events import (KvmCpuid, KvmEmulateInsn, KvmEntry, KvmExit, KvmFpu,
-                                    KvmInjVirq, KvmPio, KvmUserspaceExit, RawEvent)
+                                    KvmInjVirq, KvmPio, KvmUserspaceExit, KvmVcpuWakeup,
+                                    RawEvent)
 from vlab.kvm.state import Regs, Sregs
 from vlab.lab import RegisterModel
 from vlab.machine.exitlog import ExitLog
@@ -109,7 +110,7 @@ def test_hlt_with_an_in_kernel_irqchip_blocks_in_kvm_until_a_signal():
               KvmFpu(*at(2000), load=True),
               KvmEntry(*at(2500), vcpu_id=0, rip=0x8004),
               vmx_exit(3000, 12, "HLT", 0x8005),
-              RawEvent(*at(300_000_000), "kvm_vcpu_wakeup", {"ns": 299_997_000, "valid": 1}),
+              KvmVcpuWakeup(*at(300_000_000), ns=299_997_000, waited=True, valid=True),
               KvmFpu(*at(300_001_000), load=False),
               io_exit(300_002_000, errno=-4))
     timeline = RunTimeline(record(events))
