@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -291,11 +292,18 @@ def run(args: argparse.Namespace) -> int:
     except KernelTraceUnavailable as e:
         print(f"vlab run: {e}", file=sys.stderr)
         return 2
-    try:
-        return _run(args, stream, trace, lambda: ended_line)
-    finally:
-        if trace is not None:
-            trace.close()
+    from .machine.runloop import SIGINT
+    # Ctrl-C stops the guest; one more after that changes nothing: the guest's status and
+    # the summary are still given, and the process ends with that status.
+    with SIGINT.held():
+        try:
+            status = _run(args, stream, trace, lambda: ended_line)
+        finally:
+            if trace is not None:
+                trace.close()
+    if SIGINT.interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return status
 
 
 def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line) -> int:

@@ -9,7 +9,7 @@ Every stage returns a `StageRecord`; calling one before what it needs exists rai
 """
 from __future__ import annotations
 
-import threading
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,7 +23,7 @@ from ..machine.exitlog import ExitLog
 from ..machine.explain import lme_refused
 from ..machine.history import Snapshot, StepHistory, restore_snapshot, take_snapshot
 from ..machine.loaders import load_elf, parse_elf, read_image
-from ..machine.runloop import RunResult, StepResult
+from ..machine.runloop import RunResult, StepResult, run_vcpus
 from ..machine.snapshot import RegisterSnapshot
 from . import bringup
 from .bringup import GUEST_ORG, KERNEL_TRACE_NEEDS_KVM
@@ -48,12 +48,22 @@ class Guest:
     assembly: object | None = None
 
 
+def _release(machine, accel, kernel_trace) -> None:
+    """What a Lab holds outside Python: the VM's fds and guest RAM (the machine, then the
+    accelerator), and the kernel trace. A `weakref.finalize`, so a Lab dropped without
+    close() gives them back at once, not when the cyclic collector gets to its parts."""
+    for part in (machine, accel, kernel_trace):
+        if part is not None:
+            part.close()
+
+
 class Lab(StagePipeline):
     """A VM brought up stage by stage, as QEMU's main thread and vCPU threads do.
 
     Subscribers (`lab.subscribe(callback)`) hear `event=` "stage" (with `stage=` its name),
     "step", "step_back", "run" and "restore", so views made before a stage existed can
-    attach to what it created."""
+    attach to what it created. One caller runs it at a time (`VcpuBusy` for another, e.g. a
+    cell while a widget runs the guest); `close()` stops a run first and waits for it."""
 
     def __init__(self, accel: str = "auto", memory: int | str = "16M", cpu: str = "host",
                  vcpus: int = 1, mode: CpuMode | str = "real", irqchip: bool = False,
@@ -81,6 +91,7 @@ class Lab(StagePipeline):
         self._msr_indices: list[int] = []            # KVM_GET_MSR_INDEX_LIST (kvm_init)
         self._feature_msr_indices: list[int] = []    # KVM_GET_MSR_FEATURE_INDEX_LIST
         self._history: StepHistory | None = None   # made with the machine (kvm_init)
+        self._finalizer: weakref.finalize | None = None   # _release, from kvm_init
 
     # Each part of every vCPU, in vCPU order (views and lessons index them by vCPU).
     vcpus = property(lambda self: [cpu.vcpu for cpu in self.cpus])
@@ -123,7 +134,13 @@ class Lab(StagePipeline):
         # turn; that probe is not part of the chosen accelerator's bring-up.
         choice, reason = explain_auto() if self.accel_choice == "auto" else (self.accel_choice, None)
 
-        return self._stage("kvm_init", partial(bringup.kvm_init, self, choice=choice, reason=reason))
+        try:
+            return self._stage("kvm_init", partial(bringup.kvm_init, self, choice=choice,
+                                                   reason=reason))
+        finally:  # what kvm_init opened, even if it failed half-way
+            if self.accel is not None:
+                self._finalizer = weakref.finalize(self, _release, self.machine, self.accel,
+                                                   self.kernel_trace)
 
     # -- 2. x86_cpu_realizefn ----------------------------------------------------------------------
     def x86_cpu_realizefn(self) -> StageRecord:
@@ -175,8 +192,10 @@ class Lab(StagePipeline):
         return self.guest
 
     def _write_guest_if_ready(self) -> None:
+        self._check_open()
         if "memory" in self.provided:
-            self._write_guest()
+            with self.ownership.claim("loading a guest"):
+                self._write_guest()
 
     def _write_guest(self) -> None:
         guest = self.guest
@@ -205,55 +224,31 @@ class Lab(StagePipeline):
     def run(self, vcpu: int | None = None, **options) -> RunResult | list[RunResult]:
         """Run until the guest stops (HLT, fatal exit, breakpoint) or `until`, `predicate`,
         `max_exits`, `timeout` says so; Ctrl-C / the stop button stops it cleanly. With
-        several vCPUs and no `vcpu`, each runs in its own thread."""
-        if "kvm_cpu_exec" not in self.records:
-            self.kvm_cpu_exec(vcpu=vcpu, **options)
-            return self.last_run
-        return self._run(vcpu=vcpu, **options)
+        several vCPUs and no `vcpu`, each runs in its own thread (`run_vcpus`)."""
+        with self.ownership.claim("run()"):
+            if "kvm_cpu_exec" not in self.records:
+                self.kvm_cpu_exec(vcpu=vcpu, **options)
+                return self.last_run
+            return self._run(vcpu=vcpu, **options)
 
     def _run(self, vcpu: int | None = None, notify: bool = True, **options):
         self._check_ready()
         self._history.clear()
         if vcpu is not None or self.nr_vcpus == 1:
             index = vcpu or 0
+            self._cpu(index)
             result = self.runners[index].run(**options)
-            self._explain_lme_refused(index, result)
-            self.registers[index].refresh(self.vcpus[index])
+            indexed = [(index, result)]
         else:
-            result = self._run_threads(options)
+            result = run_vcpus(self.runners, self.accel.name, options).results
+            indexed = list(enumerate(result))
+        for index, each in indexed:
+            self._explain_lme_refused(index, each)
+            self.registers[index].refresh(self.vcpus[index])
         self.last_run = result
         if notify:
             self.notify(event="run")
         return result
-
-    def _run_threads(self, options) -> list[RunResult]:
-        results: list = [None] * self.nr_vcpus
-        errors: list[BaseException] = []
-
-        def worker(i: int) -> None:
-            try:
-                results[i] = self.runners[i].run(**options)
-            except BaseException as e:  # raised in the caller's thread once all have stopped
-                errors.append(e)
-                self.stop(f"vCPU {i} failed: {e}")
-
-        threads = [threading.Thread(target=worker, args=(i,), name=f"CPU {i}/{self.accel.name.upper()}")
-                   for i in range(self.nr_vcpus)]
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                t.join()
-        except KeyboardInterrupt:
-            self.stop("interrupted by Ctrl-C")
-            for t in threads:
-                t.join()
-        if errors:
-            raise errors[0]
-        for i, vcpu in enumerate(self.vcpus):
-            self._explain_lme_refused(i, results[i])
-            self.registers[i].refresh(vcpu)
-        return results
 
     def _explain_lme_refused(self, index: int, result: RunResult) -> None:
         """A SHUTDOWN on a CPU model without lm may be KVM refusing EFER.LME: say so."""
@@ -268,6 +263,7 @@ class Lab(StagePipeline):
             runner.stop(cause)
 
     def _check_ready(self) -> None:
+        self._check_open()
         if "registers" not in self.provided:
             missing = [s.name for s in STAGES[:-1] if s.name not in self.records]
             raise StageError(f"the guest cannot run yet: do {', '.join(missing)} first "
@@ -276,43 +272,51 @@ class Lab(StagePipeline):
     # -- stepping ----------------------------------------------------------------------------------
     def step(self, vcpu: int = 0) -> StepResult:
         """Execute one instruction and show what changed (undo with `step_back()`)."""
-        self._check_ready()
-        before = self._history.before_step(vcpu, self.vcpus[vcpu])
-        result = self.runners[vcpu].step()
-        self._history.after_step(vcpu, before)
-        self.registers[vcpu].update(result.after)
-        self.notify(event="step")
-        return result
+        with self.ownership.claim("step()"):
+            self._check_ready()
+            cpu = self._cpu(vcpu)
+            before = self._history.before_step(vcpu, cpu.vcpu)
+            result = cpu.runner.step()
+            self._history.after_step(vcpu, before)
+            cpu.registers.update(result.after)
+            self.notify(event="step")
+            return result
 
     def break_at(self, *addresses: int, vcpu: int = 0) -> None:
         """Hardware breakpoints (up to four) at guest linear addresses; none clears them."""
-        self._check_ready()
-        self.runners[vcpu].set_breakpoints(addresses)
+        with self.ownership.claim("break_at()"):
+            self._check_ready()
+            self._cpu(vcpu).runner.set_breakpoints(addresses)
 
     def step_back(self) -> RegisterSnapshot:
         """Undo the last `step()`: registers and the memory it wrote."""
-        if self._history is None or not len(self._history):
-            raise StageError("nothing to step back: no step() since the last run() or restore()")
-        vcpu = self._history.undo(self.vcpus)
-        snapshot = RegisterSnapshot.capture(self.vcpus[vcpu])
-        self.registers[vcpu].update(snapshot)
-        self.notify(event="step_back")
-        return snapshot
+        with self.ownership.claim("step_back()"):
+            if self._history is None or not len(self._history):
+                raise StageError("nothing to step back: no step() since the last run() or "
+                                 "restore()")
+            vcpu = self._history.undo(self.vcpus)
+            snapshot = RegisterSnapshot.capture(self.vcpus[vcpu])
+            self.registers[vcpu].update(snapshot)
+            self.notify(event="step_back")
+            return snapshot
 
     # -- snapshot / restore ----------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """Save every vCPU's state and guest memory."""
-        self._check_ready()
-        return take_snapshot(self.machine, self.vcpus, self._msr_indices)
+        with self.ownership.claim("snapshot()"):
+            self._check_ready()
+            return take_snapshot(self.machine, self.vcpus, self._msr_indices)
 
     def restore(self, snapshot: Snapshot) -> None:
         """Put the VM back exactly as `snapshot` found it (registers and memory). IA32_TSC is
         written back too, but KVM may take that as a TSC synchronisation and keep counting."""
-        restore_snapshot(self.machine, self.vcpus, snapshot)
-        self._history.clear()
-        for model, vcpu in zip(self.registers, self.vcpus):
-            model.refresh(vcpu)
-        self.notify(event="restore")
+        with self.ownership.claim("restore()"):
+            self._check_ready()
+            restore_snapshot(self.machine, self.vcpus, snapshot)
+            self._history.clear()
+            for model, vcpu in zip(self.registers, self.vcpus):
+                model.refresh(vcpu)
+            self.notify(event="restore")
 
     # -- what the guest sees ----------------------------------------------------------------------
     def guest_cpuid(self, leaf: int, subleaf: int = 0) -> dict[str, int]:
@@ -330,21 +334,28 @@ class Lab(StagePipeline):
         return self.machine.console.text if self.machine else ""
 
     def exits(self, vcpu: int = 0) -> ExitLog:
-        return self.exit_logs[vcpu]
+        """vCPU `vcpu`'s exits (still readable after close())."""
+        return self._cpu(vcpu).exits
+
+    def _cpu(self, index: int) -> LabCpu:
+        if not self.cpus:
+            raise StageError("no vCPU yet: kvm_init_vcpu creates them (lab.next_stage())")
+        if not 0 <= index < len(self.cpus):
+            raise ValueError(f"vcpu={index}: this Lab has vCPUs 0 to {len(self.cpus) - 1}")
+        return self.cpus[index]
 
     def memory(self, gpa: int, size: int) -> bytes:
+        self._check_open()
+        if "memory" not in self.provided:
+            raise StageError("no guest memory yet: pc_memory_init maps it (lab.next_stage())")
         return self.machine.memory.read(gpa, size)
 
     def close(self) -> None:
-        if self.machine is not None:
-            self.machine.close()
-            self.machine = None
-        if self.accel is not None:
-            self.accel.close()
-            self.accel = None
-        if self.kernel_trace is not None:
-            self.kernel_trace.close()
-            self.kernel_trace = None
+        """Stop a run in progress (from any thread) and wait for it, then close the VM."""
+        self.ownership.close(lambda: self.stop("the Lab was closed"))
+        if self._finalizer is not None:
+            self._finalizer()
+        self.machine = self.accel = self.kernel_trace = None
 
     def __enter__(self):
         return self
@@ -354,7 +365,8 @@ class Lab(StagePipeline):
 
     def __str__(self) -> str:
         lines = [f"vlab.Lab(accel={self.accel_choice!r}, memory={self.memory_size >> 20}M, "
-                 f"cpu={self.cpu_model!r}, vcpus={self.nr_vcpus}, mode={self.mode.value!r})"]
+                 f"cpu={self.cpu_model!r}, vcpus={self.nr_vcpus}, mode={self.mode.value!r})"
+                 + (": this Lab is closed" if self.closed else "")]
         for row in self.stages:
             mark = {"done": "x", "next": ">", "waiting": " "}[row["status"]]
             lines.append(f"  [{mark}] {row['stage']:<24} {row['title']}")

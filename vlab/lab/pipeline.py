@@ -5,15 +5,26 @@ from __future__ import annotations
 import time
 
 from ..kvm.trace import IoctlRecord, Tracer
+from ..machine.runloop import Ownership
 from .observable import Observable
 from .records import StageRecord
 from .stages import STAGE_BY_NAME, STAGES, StageError
 
 
+class LabClosed(StageError):
+    """The Lab was closed: its VM and vCPUs are gone."""
+
+
+def _closed() -> LabClosed:
+    return LabClosed("this Lab is closed: its VM and vCPUs are gone; create a new Lab")
+
+
 class StagePipeline(Observable):
     """Which stages are done, what they provided, and the records they left. A subclass
     gives each stage a method named after it, and `accel` and `_state()` for the records;
-    the ioctls of a stage are those its `tracer` saw while the stage ran."""
+    the ioctls of a stage are those its `tracer` saw while the stage ran. A stage, like
+    anything that runs a vCPU, holds `ownership` (one caller at a time: another gets
+    `VcpuBusy`); after `close()` every stage says the Lab is closed."""
 
     accel = None
 
@@ -22,6 +33,15 @@ class StagePipeline(Observable):
         self.records: dict[str, StageRecord] = {}
         self.provided: set[str] = set()
         self.tracer = Tracer()   # this pipeline's ioctls, and only them, go to its records
+        self.ownership = Ownership("this Lab", _closed)
+
+    @property
+    def closed(self) -> bool:
+        return self.ownership.closed
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise _closed()
 
     @property
     def stages(self) -> list[dict]:
@@ -37,6 +57,7 @@ class StagePipeline(Observable):
 
     def next_stage(self) -> StageRecord:
         """Perform the next stage in QEMU's order."""
+        self._check_open()
         name = self._next_name()
         if name is None:
             raise StageError("every stage is done: use lab.run() or lab.step() to go on")
@@ -44,9 +65,11 @@ class StagePipeline(Observable):
 
     def bring_up(self) -> list[StageRecord]:
         """Every stage up to (not including) kvm_cpu_exec."""
+        self._check_open()
         return [self.next_stage() for s in STAGES[:-1] if s.name not in self.records]
 
     def _check(self, name: str) -> None:
+        self._check_open()
         stage = STAGE_BY_NAME[name]
         if name in self.records and name != "kvm_cpu_exec":
             raise StageError(f"{name} is already done; create a new Lab to start over")
@@ -63,6 +86,10 @@ class StagePipeline(Observable):
                              f"(or lab.next_stage())")
 
     def _stage(self, name: str, body, ioctl_limit: int | None = None) -> StageRecord:
+        with self.ownership.claim(f"{name}()"):
+            return self._perform(name, body, ioctl_limit)
+
+    def _perform(self, name: str, body, ioctl_limit: int | None) -> StageRecord:
         self._check(name)
         record = StageRecord(STAGE_BY_NAME[name], self.accel.name if self.accel else "?")
         record.before = self._state()

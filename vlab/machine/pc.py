@@ -38,8 +38,6 @@ KVM_RUN.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,22 +46,21 @@ from pathlib import Path
 from ..kvm.abi import MpState
 from ..devices import Hpet, HpetTicker, PcTestdev, Port92, ResetControl
 from ..devices.hpet import BASE as HPET_BASE, SIZE as HPET_SIZE
-from ..kvm.vcpu import install_kick_handler
 from ..x86 import CR0_ET, CR0_PE
 from .board import TESTDEV_BASE, Machine, parse_size
 from .builder import build_board
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode, initial_regs, setup_mode
 from .multiboot import MultibootBoot, load_multiboot
-from .runloop import RunResult, VcpuRunner
+from . import runloop
+from .runloop import BY_INTERRUPT, BY_TIMEOUT, BY_VCPU, RunResult, VcpuRunner, VcpuStuckError
 
 DEFAULT_MEMORY = "128M"  # QEMU's default -m
 MAX_CPUS = 255  # xAPIC IDs are 8 bits and 0xff is the broadcast address
-STOP_GRACE = 2.0  # seconds for kicked vCPU threads to leave KVM_RUN
 
 # How a run ended: the guest wrote isa-debug-exit, asked for a reset, a vCPU stopped for
 # good, time ran out, Ctrl-C; all but the first give the process exit codes below (guest
 # statuses are odd). A guest's reset exits 0, as QEMU with -no-reboot does.
-BY_GUEST, BY_VCPU, BY_TIMEOUT, BY_INTERRUPT = "isa-debug-exit", "vcpu", "timeout", "interrupt"
+BY_GUEST = "isa-debug-exit"   # the others from runloop.run_vcpus
 BY_RESET = "reset"
 EXIT_CODES = {BY_RESET: 0, BY_VCPU: 2, BY_TIMEOUT: 124, BY_INTERRUPT: 130}  # 124 as timeout(1),
 # 130 as SIGINT
@@ -226,91 +223,20 @@ def load_kernel(machine: Machine, kernel: bytes | str | os.PathLike, *, append: 
     return boot
 
 
-class _VcpuThread(threading.Thread):
-    """One vCPU's `VcpuRunner.run()` in its own thread, named as QEMU names it."""
-
-    def __init__(self, runner: VcpuRunner, stopped: threading.Event):
-        super().__init__(name=f"CPU {runner.vcpu.id}/KVM", daemon=True)
-        self.runner = runner
-        self.stopped = stopped
-        self.result: RunResult | None = None
-        self.error: BaseException | None = None
-        self.finished = float("inf")  # monotonic time run() returned
-
-    def run(self) -> None:
-        try:
-            self.result = self.runner.run()
-        except BaseException as e:  # reported with the vCPU, re-raised by run_vcpus
-            self.error = e
-        finally:
-            self.finished = time.monotonic()
-            self.stopped.set()
-
-
-class VcpuStuckError(RuntimeError):
-    """A kicked vCPU thread did not leave KVM_RUN; its fds must stay open."""
-
-
-def _stop_all(threads: list[_VcpuThread], cause: str) -> None:
-    """Kick every vCPU until its thread has left `run()`. A runner already told to stop
-    (by isa-debug-exit) keeps that cause; one told before its thread entered `run()`,
-    which starts afresh, is told again."""
-    deadline = time.monotonic() + STOP_GRACE
-    while True:
-        alive = [t for t in threads if t.is_alive()]
-        if not alive:
-            return
-        if time.monotonic() > deadline:
-            names = ", ".join(t.name for t in alive)
-            raise VcpuStuckError(f"{names} did not leave KVM_RUN within {STOP_GRACE} s of "
-                                 "being kicked")
-        for thread in alive:
-            if not thread.runner.stop_requested.is_set():
-                thread.runner.stop(cause)
-        alive[0].join(0.01)
-
-
 def run_vcpus(machine: Machine, *, timeout: float | None = None
               ) -> tuple[str, str, list[VcpuReport]]:
     """Run every vCPU in its own thread until the machine stops (see the module's
     docstring); return how (BY_*) and why, and how each vCPU ended."""
-    if not install_kick_handler():
-        raise RuntimeError("run_vcpus must first be called from the main thread, which alone "
-                           "can install the signal handler that kicks vCPUs out of KVM_RUN")
-    stopped = threading.Event()
-    threads = [_VcpuThread(runner, stopped) for runner in machine.runners]
-    # The vCPU threads inherit a mask blocking SIGINT, as QEMU's threads start with signals
-    # blocked: Ctrl-C goes to the main thread, and one typed while threads are still being
-    # started waits until the main thread is ready for it.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        for thread in threads:
-            thread.start()
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        raise
-    ended_by, reason = BY_VCPU, None
-    try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        if not stopped.wait(timeout):
-            ended_by, reason = BY_TIMEOUT, f"timeout after {timeout} s"
-    except KeyboardInterrupt:
-        ended_by, reason = BY_INTERRUPT, "interrupted by Ctrl-C"
-    if ended_by == BY_VCPU:
-        first = min(threads, key=lambda t: t.finished)
-        why = first.result.stop_reason if first.result else repr(first.error)
-        reason = f"vCPU {first.runner.vcpu.id} stopped: {why}"
-    _stop_all(threads, f"machine stopped: {reason}")
-    for thread in threads:
-        if thread.error is not None:
-            raise thread.error
+    run = runloop.run_vcpus(machine.runners, machine.accel.name, first_stops_all=True,
+                            timeout=timeout)
+    ended_by, reason = run.ended_by, run.reason
     if machine.reset_request is not None:
         ended_by = BY_RESET
         reason = f"the guest asked for a reset: {machine.reset_request}"
     if machine.exit_request is not None:
         ended_by = BY_GUEST
         reason = f"the guest wrote isa-debug-exit: status {machine.exit_request.status}"
-    return ended_by, reason, [_report(t.runner, t.result) for t in threads]
+    return ended_by, reason, [_report(r, result) for r, result in zip(machine.runners, run.results)]
 
 
 def _report(runner: VcpuRunner, result: RunResult) -> VcpuReport:

@@ -10,21 +10,23 @@ the same dispatch, records and stop conditions, without leaving Unicorn for each
 from __future__ import annotations
 
 import gc
+import math
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..devices.bus import Bus, BusError
-from ..kvm.abi import KVM_SYNC_X86_REGS, ExitReason
+from ..kvm.abi import KVM_SYNC_X86_REGS, ExitReason, MpState
 from ..kvm.exits import (Debug, Exit, ExitDecodeError, Hlt, Interrupted, IoIn, IoOut, MmioRead,
                          MmioWrite)
 from .exitlog import ExitLog, ExitRecord
 from .dispatch import RESUME, STOP, Outcome, handle_exit
 from .explain import explain
 from .snapshot import RegisterSnapshot
-from ..x86 import HW_BREAKPOINTS
+from ..x86 import HW_BREAKPOINTS, RFLAGS_IF
 
 # KVM's vCPU counters worth showing next to each userspace exit (names from the stats fd).
 KERNEL_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits",
@@ -71,8 +73,101 @@ class StepResult:
 
 
 _HLT_OPCODE = 0xF4
+STOP_GRACE = 2.0  # seconds for a stopped run to return (a kicked vCPU to leave KVM_RUN)
 _clock = time.perf_counter
 _TRANSFERS = (IoIn, IoOut, MmioRead, MmioWrite)  # completed by the KVM_RUN after their exit
+
+
+class VcpuBusy(RuntimeError):
+    """Another caller runs this vCPU (a widget's background run, another thread)."""
+
+
+class VcpuHalted(RuntimeError):
+    """The vCPU sleeps in the kernel (in-kernel irqchip): a step would wait in KVM_RUN."""
+
+
+class VcpuClosed(RuntimeError):
+    """The vCPU was closed."""
+
+
+class VcpuStuckError(RuntimeError):
+    """A stopped run did not return (a kicked vCPU did not leave KVM_RUN); its fds must
+    stay open."""
+
+
+class Ownership:
+    """Who runs a vCPU (or all of a Lab's) now: one owner at a time, as KVM's vCPU mutex
+    allows one KVM_RUN and Unicorn one emulation. Another caller gets `VcpuBusy` at once,
+    instead of blocking in the kernel (kvm) or entering the engine twice (tcg); the owner's
+    own thread may claim again (a run steps over a breakpoint). `close()` stops the owner,
+    waits for it, and refuses every later claim with `closed()`."""
+
+    def __init__(self, name: str, closed: Callable[[], Exception]):
+        self.name = name
+        self._closed = closed
+        self._lock = threading.RLock()
+        self._holder: tuple[str, str, float] | None = None   # what, thread name, since
+        self.closed = False
+
+    @property
+    def holder(self) -> str | None:
+        """What holds it now (e.g. "run()"), or None."""
+        holder = self._holder
+        return holder[0] if holder else None
+
+    @contextmanager
+    def claim(self, what: str):
+        if self.closed:
+            raise self._closed()
+        if not self._lock.acquire(blocking=False):
+            holder = self._holder or (what, "another thread", time.monotonic())
+            raise VcpuBusy(f"{self.name} is busy: {holder[0]} has been running in thread "
+                           f"{holder[1]!r} for {time.monotonic() - holder[2]:.1f} s; stop() "
+                           "ends it (lab.stop(), or the stop button), or wait until it returns")
+        outer = self._holder is None
+        try:
+            if self.closed:   # closed while this caller waited for the lock
+                raise self._closed()
+            if outer:
+                self._holder = (what, threading.current_thread().name, time.monotonic())
+            yield
+        finally:
+            if outer:
+                self._holder = None
+            self._lock.release()
+
+    def close(self, stop: Callable[[], None], grace: float = STOP_GRACE) -> None:
+        """Call `stop()` until the owner has returned (again and again: a run that began
+        after one stop starts afresh), then refuse every claim."""
+        deadline = time.monotonic() + grace
+        while not self._lock.acquire(blocking=False):
+            stop()
+            if self._lock.acquire(timeout=0.01):
+                break
+            if time.monotonic() > deadline:
+                raise VcpuStuckError(f"{self.name}: {self.holder} did not return within "
+                                     f"{grace} s of being stopped")
+        self.closed = True
+        self._lock.release()
+
+
+def check_run_options(until=None, predicate=None, max_exits=None, timeout=None) -> None:
+    """Refuse a run's bad options at the call, before anything runs (a timer thread that
+    died of a TypeError would leave a spinning guest running for ever)."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < math.inf):
+        raise (ValueError if isinstance(timeout, (int, float)) else TypeError)(
+            f"timeout={timeout!r}: give a number of seconds greater than 0 (or None)")
+    if max_exits is not None and (isinstance(max_exits, bool) or not isinstance(max_exits, int)
+                                  or max_exits < 1):
+        raise (ValueError if isinstance(max_exits, int) else TypeError)(
+            f"max_exits={max_exits!r}: give a whole number of exits, 1 or more (or None)")
+    if predicate is not None and not callable(predicate):
+        raise TypeError(f"predicate={predicate!r}: give a function of an ExitRecord (or None)")
+    if until is not None and not isinstance(until, int) and not (
+            isinstance(until, type) and issubclass(until, Exit)):
+        raise TypeError(f"until={until!r}: give an ExitReason or an exit class "
+                        "(e.g. vlab.kvm.Hlt), or None")
 
 
 class VcpuRunner:
@@ -93,6 +188,7 @@ class VcpuRunner:
         self.backend = backend
         self.breakpoints: tuple[int, ...] = ()
         self.stop_requested = threading.Event()
+        self.ownership = Ownership(f"vCPU {vcpu.id}", lambda: VcpuClosed(f"vCPU {vcpu.id} is closed"))
         self._stop_cause = "stopped"
         vcpu.enable_sync_regs(KVM_SYNC_X86_REGS)  # RIP per exit without a GET_REGS ioctl
         self.halted = False
@@ -190,7 +286,18 @@ class VcpuRunner:
             predicate: Callable[[ExitRecord], bool] | None = None,
             max_exits: int | None = None, timeout: float | None = None) -> RunResult:
         """Run until HLT, a fatal exit, a breakpoint, `until` (an ExitReason or exit class),
-        `predicate(record)`, `max_exits`, `timeout` seconds, or `stop()` / Ctrl-C."""
+        `predicate(record)`, `max_exits`, `timeout` seconds, or `stop()` / Ctrl-C. One
+        caller at a time: another gets `VcpuBusy`."""
+        check_run_options(until, predicate, max_exits, timeout)
+        with self.ownership.claim("run()"):
+            return self._run(until, predicate, max_exits, timeout)
+
+    @property
+    def busy(self) -> str | None:
+        """What runs this vCPU now ("run()", "step()"...), or None."""
+        return self.ownership.holder
+
+    def _run(self, until, predicate, max_exits, timeout) -> RunResult:
         self.stop_requested.clear()
         self._thread = threading.get_ident()
         self._stop_cause = "stopped"
@@ -209,7 +316,7 @@ class VcpuRunner:
         # rescan the log's live records over and over (about 1.8 us per exit at 100,000).
         gc_was_enabled = gc.isenabled()
         gc.disable()
-        with _stop_on_sigint(self):
+        with SIGINT.stops((self,)):
             if timer:
                 timer.start()
             if dispatch_port_io is not None:
@@ -291,13 +398,41 @@ class VcpuRunner:
             if exit.__class__ is not Interrupted:
                 return exit, outcome
 
+    def _check_awake(self) -> None:
+        """With the in-kernel irqchip a halted vCPU sleeps in KVM (KVM_MP_STATE_HALTED), and
+        an AP waits there for INIT/SIPI: KVM_RUN would not return until an event (or a
+        signal) woke it, so a step of it is refused. On tcg HLT always exits, as without
+        the irqchip on KVM, and the vCPU has no such state."""
+        get_mp_state = getattr(self.vcpu, "get_mp_state", None)
+        if get_mp_state is None:
+            return
+        state = MpState(get_mp_state())
+        if state is MpState.RUNNABLE:
+            return
+        where = f"vCPU {self.vcpu.id} is {state.name.lower()} (KVM_MP_STATE_{state.name})"
+        if state is not MpState.HALTED:
+            raise VcpuHalted(f"{where}: an application processor waits for the INIT and "
+                             "SIPI the bootstrap processor sends; nothing to step until then")
+        if self.vcpu.get_regs().rflags & RFLAGS_IF:
+            raise VcpuHalted(f"{where} and waits for an interrupt (IF=1): run() lets it take "
+                             "one; a step would wait in KVM_RUN until one comes")
+        raise VcpuHalted(f"{where} with interrupts off (IF=0): only an NMI, INIT or reset "
+                         "wakes it, so no instruction can run; restore() a snapshot or "
+                         "start a new Lab")
+
     def step(self) -> StepResult:
         """Execute one instruction (KVM_SET_GUEST_DEBUG single-step) and say what changed.
 
         A HLT is run without single-step, which exits as HLT on every backend, as in `run()`:
         single-stepped, it exits as HLT on VMX and SVM but kvm_pvm steps over it like a NOP
         (`Backend.single_step_reports_hlt`) and the guest runs into what follows. Code is
-        read at CS.base + RIP, which assumes identity-mapped paging."""
+        read at CS.base + RIP, which assumes identity-mapped paging. A vCPU asleep in the
+        kernel is not stepped (`VcpuHalted`); another caller's run gives `VcpuBusy`."""
+        with self.ownership.claim("step()"):
+            self._check_awake()
+            return self._step()
+
+    def _step(self) -> StepResult:
         before = RegisterSnapshot.capture(self.vcpu)
         self.halted = False
         at_hlt = self._at_hlt(before.regs, before.sregs)
@@ -321,30 +456,200 @@ class VcpuRunner:
         return StepResult(before, after, exit, outcome, before.diff(after))
 
     def close(self) -> None:
+        """Stop a run in progress and wait for it to return, then release KVM's counters."""
+        self.ownership.close(lambda: self.stop("the vCPU was closed"))
         if self._stats is not None:
             self._stats.close()
             self._stats = None
             self._counters = None
 
 
-class _stop_on_sigint:
-    """While a run is in progress in the main thread, Ctrl-C (the notebook's stop button)
-    stops the guest cleanly instead of raising KeyboardInterrupt mid-exit."""
+class _SigintStops:
+    """Ctrl-C (the notebook's stop button) stops the runs in progress, in any thread, instead
+    of raising KeyboardInterrupt in the middle of an exit. Only the main thread can take
+    SIGINT: a run there (or `held()`) installs the handler for as long as it lasts; runs
+    in other threads are stopped by it too. Within `held()` (a command line's whole
+    command), a Ctrl-C after one that stopped a guest changes nothing: what is left to do
+    is report how the guest ended. Outside any run, Ctrl-C raises KeyboardInterrupt."""
 
-    def __init__(self, runner: VcpuRunner):
-        self.runner = runner
-        self.previous = None
+    CAUSE = "interrupted by Ctrl-C"
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
+    def __init__(self):
+        self._stopping: list[_Stopping] = []
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._previous = None
+        self.interrupted = False   # a Ctrl-C stopped a run since the handler was installed
+
+    @contextmanager
+    def stops(self, runners: Sequence[VcpuRunner]):
+        """While in this block, Ctrl-C stops `runners`; the `_Stopping` it gives says
+        whether it did."""
+        stopping = _Stopping(tuple(runners))
+        with self._lock:
+            self._stopping.append(stopping)
+        installed = self._install()
+        try:
+            yield stopping
+        finally:
+            with self._lock:
+                self._stopping.remove(stopping)
+            if installed:
+                self._uninstall()
+
+    @contextmanager
+    def held(self):
+        """Keep the handler for the whole block (see the class's docstring)."""
+        installed = self._install()
+        try:
+            yield self
+        finally:
+            if installed:
+                self._uninstall()
+
+    def _install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self._depth += 1
+        if self._depth == 1:
+            self.interrupted = False
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return True
+
+    def _uninstall(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            signal.signal(signal.SIGINT, self._previous)
 
     def _handler(self, signum, frame):
-        self.runner._stop_cause = "interrupted by Ctrl-C"
-        self.runner.stop_requested.set()
-        self.runner.vcpu.kick(None)
+        with self._lock:
+            stopping = list(self._stopping)
+        if stopping:
+            self.interrupted = True
+            for each in stopping:
+                each.interrupted = True
+                for runner in each.runners:
+                    runner.stop(self.CAUSE)
+        elif not self.interrupted:
+            raise KeyboardInterrupt
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+
+@dataclass
+class _Stopping:
+    runners: tuple[VcpuRunner, ...]
+    interrupted: bool = False
+
+
+SIGINT = _SigintStops()
+
+
+class _VcpuThread(threading.Thread):
+    """One vCPU's `VcpuRunner.run()` in its own thread, named as QEMU names it
+    ("CPU 0/KVM"). `finished` is set when run() has returned: an Event, since a join
+    interrupted by Ctrl-C may leave CPython taking the thread for stopped."""
+
+    def __init__(self, runner: VcpuRunner, accel: str, options: dict, any_finished: threading.Event):
+        super().__init__(name=f"CPU {runner.vcpu.id}/{accel.upper()}", daemon=True)
+        self.runner = runner
+        self.options = options
+        self.any_finished = any_finished
+        self.finished = threading.Event()
+        self.result: RunResult | None = None
+        self.error: BaseException | None = None
+        self.finished_at = math.inf   # monotonic time run() returned
+
+    def run(self) -> None:
+        try:
+            self.result = self.runner.run(**self.options)
+        except BaseException as e:  # re-raised by run_vcpus once every vCPU has stopped
+            self.error = e
+        finally:
+            self.finished_at = time.monotonic()
+            self.finished.set()
+            self.any_finished.set()
+
+
+# How a run of every vCPU ended (run_vcpus): a vCPU stopped, time ran out, Ctrl-C.
+BY_VCPU, BY_TIMEOUT, BY_INTERRUPT = "vcpu", "timeout", "interrupt"
+
+
+@dataclass
+class VcpusRun:
+    """What `run_vcpus` saw: each vCPU's RunResult, in order, and how and why it ended."""
+    results: list[RunResult]
+    ended_by: str
+    reason: str
+
+
+def run_vcpus(runners: Sequence[VcpuRunner], accel: str, options: dict | None = None, *,
+              first_stops_all: bool = False, timeout: float | None = None) -> VcpusRun:
+    """Run every vCPU in its own thread, as QEMU's vCPU threads, each `runner.run(**options)`;
+    return when all have stopped. Ctrl-C in the caller's thread stops them all; so does
+    `timeout` (seconds of the whole run) and, with `first_stops_all` (a machine whose
+    vCPUs sleep in the kernel), the first vCPU to stop. A vCPU's exception is raised once
+    all have stopped; `VcpuStuckError` if one does not stop within STOP_GRACE of it."""
+    from ..kvm.vcpu import install_kick_handler
+    options = options or {}
+    check_run_options(**options)
+    if not install_kick_handler():
+        raise RuntimeError("run_vcpus must first be called from the main thread, which alone "
+                           "can install the signal handler that kicks vCPUs out of KVM_RUN")
+    any_finished = threading.Event()
+    threads = [_VcpuThread(runner, accel, options, any_finished) for runner in runners]
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    ended_by = reason = None
+    with SIGINT.stops(runners) as interrupts:
+        # The vCPU threads start with SIGINT blocked, as QEMU's start with signals blocked:
+        # Ctrl-C reaches the thread that waits here, and stops them through SIGINT.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for thread in threads:
+                thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        while ended_by is None:
+            # short waits: a Ctrl-C delivered to another (non-vCPU) thread is handled here
+            any_finished.wait(0.05)
+            if interrupts.interrupted:
+                ended_by, reason = BY_INTERRUPT, SIGINT.CAUSE
+            elif all(t.finished.is_set() for t in threads):
+                ended_by = BY_VCPU
+            elif any_finished.is_set() and (first_stops_all or any(t.error for t in threads)):
+                ended_by = BY_VCPU   # a vCPU that failed stops the others too
+            elif time.monotonic() >= deadline:
+                ended_by, reason = BY_TIMEOUT, f"timeout after {timeout} s"
+        # a vCPU that began its run after the Ctrl-C, which it cleared, is told again
+        _stop_all(threads, SIGINT.CAUSE if ended_by is BY_INTERRUPT
+                  else None if reason is None else f"machine stopped: {reason}")
+    for thread in threads:
+        if thread.error is not None:
+            raise thread.error
+    results = [t.result for t in threads]
+    if reason is None:
+        first = min(threads, key=lambda t: t.finished_at)
+        reason = f"vCPU {first.runner.vcpu.id} stopped: {first.result.stop_reason}"
+    return VcpusRun(results, ended_by, reason)
+
+
+def _stop_all(threads: list[_VcpuThread], cause: str | None) -> None:
+    """Stop every vCPU whose run goes on (with `cause`, else "machine stopped: ..." naming
+    the first that stopped) until its thread has left run(). A runner told once already
+    (isa-debug-exit, Ctrl-C) keeps that cause; one told before its thread entered run(),
+    which starts afresh, is told again."""
+    deadline = time.monotonic() + STOP_GRACE
+    while True:
+        alive = [t for t in threads if not t.finished.is_set()]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(t.name for t in alive)
+            raise VcpuStuckError(f"{names} did not leave KVM_RUN within {STOP_GRACE} s of "
+                                 "being kicked")
+        if cause is None:
+            first = min(threads, key=lambda t: t.finished_at)
+            why = first.result.stop_reason if first.result else repr(first.error)
+            cause = f"machine stopped: vCPU {first.runner.vcpu.id} stopped: {why}"
+        for thread in alive:
+            if not thread.runner.stop_requested.is_set():
+                thread.runner.stop(cause)
+        alive[0].finished.wait(0.01)
