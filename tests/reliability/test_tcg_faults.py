@@ -95,7 +95,7 @@ def test_real_mode_exception_delivered_outside_ram(make_lab, accel, source, memo
     lab = make_lab(accel, memory=memory)
     lab.load_assembly(source)
     lab.bring_up()
-    result = lab.run(timeout=2)
+    result = lab.run(timeout=1)
     assert result.stop_reason, result
     exit = result.last_exit
     if isinstance(exit, InternalError):
