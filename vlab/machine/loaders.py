@@ -159,10 +159,11 @@ def load_elf(memory: GuestMemory, image: bytes | str | os.PathLike) -> LoadedIma
     """Load an ELF executable at its physical addresses, as QEMU's `load_elf` does; one
     whose entry point is outside guest RAM is refused (it could not start)."""
     elf = parse_elf(image)
-    try:
-        memory.check(elf.entry, 1, "entry point")
-    except GuestMemoryError as e:
-        raise LoadError(f"the ELF image's entry point cannot run: {e}") from e
+    region = memory.find(elf.entry)
+    if region is None or not region.backed:
+        where = "" if region is None else f" (in the MMIO hole {region.name!r})"
+        raise LoadError(f"the ELF image's entry point 0x{elf.entry:08x} is outside guest "
+                        f"RAM{where}: the guest could not start there; link it to run in RAM")
     place(memory, elf.segments)
     return LoadedImage(entry=elf.entry, segments=[(s.gpa, s.memsz) for s in elf.segments],
                        format="elf", elf_class=elf.elf_class, machine=elf.machine)
