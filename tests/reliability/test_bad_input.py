@@ -36,7 +36,7 @@ def test_cr0_pg_without_pe_is_refused_naming_the_bit(brought_up, accel):
     lab = brought_up(accel)
     vcpu = lab.vcpus[0]
     sregs = vcpu.get_sregs()
-    with pytest.raises((KvmError, ValueError), match=r"CR0\.PG"):
+    with pytest.raises((KvmError, ValueError), match=r"CR0\.PG is set without CR0\.PE"):
         vcpu.set_sregs(sregs.replace(cr0=(sregs.cr0 & ~CR0_PE) | CR0_PG))
     assert vcpu.get_sregs() == sregs
     assert lab.run(timeout=5).stop_reason.startswith("HLT")

@@ -2,10 +2,14 @@
 between its CPUX86State and KVM (registers, FPU, events, MSRs, debug registers, CPUID, TSC)."""
 from __future__ import annotations
 
+import errno
+
 from .abi import MpState, ffi
 from .convert import (cpuid_entries_from_c, cpuid_to_c, flexible, from_python, regs_from_c,
                       regs_to_c, sregs_from_c, sregs_to_c, to_python)
+from .errors import KvmError
 from .fd import KvmFd
+from .sregs_check import set_sregs_problems
 from .state import DebugRegs, Regs, Sregs
 
 
@@ -58,8 +62,15 @@ class VcpuStateIoctls(KvmFd):
         """
         c = ffi.new("struct kvm_sregs *")
         sregs_to_c(sregs, c)
-        self._ioctl("SET_SREGS", c, f"cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} "
-                                    f"efer={sregs.efer:#x} cs={sregs.cs.selector:#x}")
+        try:
+            self._ioctl("SET_SREGS", c, f"cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} "
+                                        f"cr4={sregs.cr4:#x} efer={sregs.efer:#x} "
+                                        f"cs={sregs.cs.selector:#x}")
+        except KvmError as e:
+            problems = set_sregs_problems(sregs) if e.errno == errno.EINVAL else []
+            if not problems:
+                raise
+            raise KvmError(e.errno, "SET_SREGS", f"{e.hint} Here: {' '.join(problems)}") from None
 
     def _get_struct(self, name: str, ctype: str) -> dict:
         c = ffi.new(f"{ctype} *")
