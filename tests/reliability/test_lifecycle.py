@@ -40,6 +40,31 @@ def test_dropped_labs_give_back_their_fds_without_the_cyclic_gc(isolated):
     assert int(done.stdout) == 0
 
 
+@pytest.mark.kvm
+def test_dropped_vms_give_back_their_fds_without_the_cyclic_gc(isolated):
+    """vlab.kvm's own objects: a VM and its vCPUs dropped without close()."""
+    done = isolated("""
+        import gc, os
+        from vlab.kvm import Kvm
+        def fds():
+            return len(os.listdir("/proc/self/fd"))
+        Kvm().create_vm().create_vcpu(0).get_regs()
+        gc.collect()
+        gc.disable()
+        baseline = fds()
+        for i in range(100):
+            vm = Kvm().create_vm()
+            vcpus = [vm.create_vcpu(n) for n in range(2)]
+            del vm, vcpus
+        vcpu = Kvm().create_vm().create_vcpu(0)   # the vCPU outlives its VM object
+        vcpu.get_regs()
+        del vcpu
+        print(fds() - baseline)
+    """, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 0
+
+
 def test_dropped_tcg_labs_give_back_their_guest_ram_without_the_cyclic_gc(isolated):
     done = isolated("""
         import gc, vlab

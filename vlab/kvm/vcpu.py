@@ -106,7 +106,9 @@ class VcpuFd(VcpuStateIoctls):
     fd_kind = "vcpu"
 
     def __init__(self, vm, fd: int, vcpu_id: int, mmap_size: int):
-        self.vm = vm
+        # The VM keeps its vCPUs (vm.vcpus), a vCPU only a proxy of its VM: no reference
+        # cycle, so a VM dropped without close() gives its fds back at once.
+        self.vm = weakref.proxy(vm)
         self.tracer = vm.tracer
         self._listeners = self.tracer.listeners  # the same list, read once per KVM_RUN
         self.fd = fd
