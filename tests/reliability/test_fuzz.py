@@ -17,14 +17,16 @@ from vlab import Lab, StageError
 from vlab.kvm import KvmError
 from vlab.lab.cpuid import CpuidFrozen
 from vlab.machine.assembler import AssemblyError
-from vlab.machine.runloop import RunResult, StepResult
+from vlab.machine.runloop import RunResult, StepResult, VcpuBusy, VcpuHalted
 
 pytestmark = pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm is not installed")
 
 ACCELS = ["tcg", pytest.param("kvm", marks=pytest.mark.kvm)]
 # What the lab raises for input it refuses: stage order (StageError), the kernel (KvmError),
-# bad values (ValueError: SregsError, LoadError, GuestMemoryError, ...), nasm, a frozen table.
-VLAB_ERRORS = (StageError, KvmError, ValueError, AssemblyError, CpuidFrozen)
+# bad values (ValueError: SregsError, LoadError, GuestMemoryError, ...), nasm, a frozen table,
+# a vCPU another caller runs or one asleep in the kernel.
+VLAB_ERRORS = (StageError, KvmError, ValueError, AssemblyError, CpuidFrozen, VcpuBusy,
+               VcpuHalted)
 MODES = ("real", "protected", "long")
 RUN_BUDGET = {"max_exits": 20, "timeout": 0.1}   # per run: a spinning guest ends in time
 EXAMPLES = {"guest_bytes": 40, "registers": 40, "api_orders": 25}
