@@ -134,6 +134,8 @@ def test_a_cell_using_the_lab_while_the_stepper_runs_it(accel, isolated):
         lab.close()
         assert board.stepper.wait(5), "the stepper's run did not end"
         print("stepper:", board.stepper.status_text)
+        board.stepper.render()
+        assert all(b.disabled for b in board.stepper.buttons)
         try:
             lab.run()
         except vlab.StageError as e:
@@ -144,6 +146,21 @@ def test_a_cell_using_the_lab_while_the_stepper_runs_it(accel, isolated):
     assert [line.split(":")[0] for line in lines] == ["refused"] * 3 + ["stepper", "after close"]
     assert "the Lab was closed" in lines[3]
     assert "this Lab is closed" in lines[4]
+
+
+@pytest.mark.watchdog(30)
+def test_the_stepper_stops_a_run_started_elsewhere(accel):
+    pytest.importorskip("ipywidgets")
+    from vlab.widgets import StageStepper
+    with spinning_lab(accel) as lab:
+        lab.run(timeout=0.05)
+        stepper = StageStepper(lab)
+        thread = _run_in_background(lab)
+        stepper.step()
+        assert "VcpuBusy" in stepper.status_text
+        stepper.stop()
+        thread.join(10)
+        assert lab.last_run.stop_reason == "stopped from the stepper"
 
 
 @pytest.mark.watchdog(30)

@@ -186,6 +186,8 @@ class WaitingLab:
     """Stages all done; `run()` blocks until `stop()`, as a guest that never exits would."""
     stages = [{"stage": "kvm_cpu_exec", "title": "the KVM_RUN loop", "status": "done"}]
     records: dict = {}
+    closed = False
+    busy = None     # what runs it (vlab.Lab.busy); the stepper's own runs are its `running`
 
     def __init__(self):
         self.stopped = threading.Event()

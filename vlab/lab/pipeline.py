@@ -39,6 +39,11 @@ class StagePipeline(Observable):
     def closed(self) -> bool:
         return self.ownership.closed
 
+    @property
+    def busy(self) -> str | None:
+        """What runs the Lab now ("run()", "step()"...), in any thread, or None."""
+        return self.ownership.holder
+
     def _check_open(self) -> None:
         if self.closed:
             raise _closed()

@@ -20,7 +20,9 @@ class StageStepper(LabView):
 
     Anything that runs the guest runs in a background thread, so the kernel keeps handling
     widget messages and "stop" (`lab.stop()`) can interrupt a guest that never exits on its
-    own. While it runs, the other buttons are disabled and clicks are refused with a message.
+    own. While it runs, the other buttons are disabled and clicks are refused with a message;
+    "stop" also stops a run started elsewhere (a cell's thread). Once the Lab is closed,
+    every button is disabled.
     `on_action(callback)` is called after every action, from the thread that finished it."""
 
     def __init__(self, lab, vcpu: int = 0):
@@ -88,7 +90,7 @@ class StageStepper(LabView):
         self._background("run", self.lab.run)
 
     def stop(self) -> None:
-        if not self.running:
+        if not self.running and self.lab.busy is None:
             self._report("stop: the guest is not running", "info")
             return
         self.lab.stop("stopped from the stepper")
@@ -134,7 +136,9 @@ class StageStepper(LabView):
     def _set_buttons(self) -> None:
         done = all(row["status"] == "done" for row in self.lab.stages)
         for b in self.buttons:
-            if b is self.stop_button:
+            if self.lab.closed:
+                b.disabled = True
+            elif b is self.stop_button:
                 b.disabled = not self.running
             else:
                 b.disabled = self.running or (b is self.next_button and done)
