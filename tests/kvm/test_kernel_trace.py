@@ -301,7 +301,7 @@ def _synthetic(formats, name: str, **values):
     fmt = formats.named(name)
     items = [values.get(field, b"" if code.endswith("s") else 0)
              for field, code in zip(("common_pid",) + fmt.fields, _codes(fmt))]
-    return decode(fmt, fmt.unpack(fmt.layout.pack(*items), 0), 1, 0)
+    return decode(fmt, fmt.values(fmt.unpack(fmt.layout.pack(*items), 0)), 1, 0)
 
 
 def _codes(fmt) -> list[str]:

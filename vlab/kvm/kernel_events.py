@@ -382,12 +382,13 @@ class KernelEvents(Sequence):
     __slots__ = ("_raw", "_events")
 
     def __init__(self, raw: list):
-        self._raw = raw             # [(timestamp_ns, cpu, EventFormat, values)]
+        self._raw = raw             # [(timestamp_ns, cpu, EventFormat, EventFormat.unpack())]
         self._events: tuple | None = None
 
     def _decoded(self) -> tuple[KernelEvent, ...]:
         if self._events is None:
-            self._events = tuple(decode(fmt, values, ts, cpu) for ts, cpu, fmt, values in self._raw)
+            self._events = tuple(decode(fmt, fmt.values(unpacked), ts, cpu)
+                                 for ts, cpu, fmt, unpacked in self._raw)
             self._raw = ()
         return self._events
 

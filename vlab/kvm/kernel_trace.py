@@ -51,9 +51,11 @@ from .kernel_events import KernelEvents, KvmUserspaceExit
 TRACEFS_ENV = "VLAB_TRACEFS"
 INSTANCE_PREFIX = "vlab"
 _INSTANCE = re.compile(rf"{INSTANCE_PREFIX}-(\d+)-\d+$")
-# A thread's events kept unread at most (its oldest go first, and count as lost): bounds
-# what a thread nobody takes events for (another Lab's, say) can hold.
+# The fewest events a thread's backlog keeps unread (more where the ring buffers hold more);
+# past that its oldest go, counted as lost: it bounds what a thread whose events nobody
+# takes (another Lab's, in the same process) can hold.
 BACKLOG_LIMIT = 1 << 17
+_SMALLEST_EVENT = 32        # bytes a kvm event takes in the ring buffer, at least
 _counter = itertools.count()
 _FIX_ROOT = "run as root (tracefs instances need CAP_SYS_ADMIN)"
 KERNEL_TRACE_NEEDS_KVM = ("kernel tracing needs the kvm accelerator: the software "
@@ -203,6 +205,10 @@ class KernelTrace:
         _write(f"{path}/events/kvm/enable", "1")
         cpus = sorted(int(d[3:]) for d in os.listdir(f"{path}/per_cpu") if d.startswith("cpu"))
         self.cpus = cpus
+        with open(f"{path}/buffer_size_kb") as f:      # "1410", or "7 (expanded: 1408)"
+            per_cpu = int(f.read().split()[-1].strip(")"))
+        # A thread's backlog holds at least what the ring buffers can (one KVM_RUN's worth).
+        self.backlog_limit = max(BACKLOG_LIMIT, per_cpu * 1024 * len(cpus) // _SMALLEST_EVENT)
         for cpu in cpus:
             self._fds.append(os.open(f"{path}/per_cpu/cpu{cpu}/trace_pipe_raw",
                                      os.O_RDONLY | os.O_NONBLOCK))
@@ -216,15 +222,15 @@ class KernelTrace:
     def _drain(self) -> None:
         """Read every CPU's ring buffer dry, sorting what was read by thread."""
         read, page = self._reader.read, self._reader.page
-        pending, limit = self._pending, BACKLOG_LIMIT
+        pending, limit = self._pending, self.backlog_limit
         for cpu, fd in zip(self.cpus, self._fds):
             while (records := read(fd)) is not None:
                 for ts, offset, fmt in records:
                     if fmt is None:
                         continue
-                    values = fmt.unpack(page, offset)
-                    backlog = pending.setdefault(values["common_pid"], [])
-                    backlog.append((ts, cpu, fmt, values))
+                    unpacked = fmt.unpack(page, offset)      # common_pid first
+                    backlog = pending.setdefault(unpacked[0], [])
+                    backlog.append((ts, cpu, fmt, unpacked))
                     if len(backlog) > limit:
                         self._dropped += len(backlog) - limit
                         del backlog[:len(backlog) - limit]
@@ -253,7 +259,7 @@ class KernelTrace:
     def lost(self) -> int:
         """Events lost so far: those the ring buffers overwrote or dropped before they were
         read (each CPU's `stats`: overrun, commit overrun, dropped events), and those past
-        a thread's BACKLOG_LIMIT."""
+        a thread's backlog_limit."""
         total = self._dropped
         for cpu in self.cpus:
             with open(f"{self.path}/per_cpu/cpu{cpu}/stats") as f:

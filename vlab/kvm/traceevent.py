@@ -190,10 +190,14 @@ class EventFormat:
     deciding: tuple[str, ...] = ()        # the fields a symbol depends on, conditions' too
     _named: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def unpack(self, page, offset: int) -> dict:
-        """The record at `offset` of a sub-buffer, field by field (arrays as bytes)."""
-        values = self.layout.unpack_from(page, offset)
-        return dict(zip(("common_pid",) + self.fields, values))
+    def unpack(self, page, offset: int) -> tuple:
+        """The record at `offset` of a sub-buffer: common_pid, then its fields (arrays as
+        bytes), as `values` names them."""
+        return self.layout.unpack_from(page, offset)
+
+    def values(self, unpacked: tuple) -> dict:
+        """An unpacked record's fields by name."""
+        return dict(zip(("common_pid",) + self.fields, unpacked))
 
     def symbol(self, name: str, values: dict) -> str | None:
         """What the print format prints for field `name` through `__print_symbolic`, taking
