@@ -129,6 +129,16 @@ def test_ud2_on_tcg_is_not_blamed_on_kvm(make_lab):
     assert "software CPU" in result.explanation and "ud2" in result.explanation
 
 
+def test_code_in_an_mmio_hole_on_tcg_is_explained_as_such(make_lab):
+    lab = make_lab("tcg", mode="protected")
+    lab.load_assembly(f"mov eax, {TESTDEV_BASE:#x}\njmp eax")
+    lab.bring_up()
+    result = lab.run(timeout=5)
+    assert isinstance(result.last_exit, InternalError) and result.rip == TESTDEV_BASE
+    assert "outside them (an MMIO hole" in result.explanation
+    assert "#UD" not in result.explanation
+
+
 def test_emulation_failure_on_kvm_names_kvms_emulator(make_lab):
     """The other side of the same explanation, with an exit as KVM reports it."""
     from vlab.kvm.backend import KVM_PVM, VMX

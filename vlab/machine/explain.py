@@ -180,6 +180,9 @@ def explain_internal_error(exit: InternalError, regs, sregs, code: bytes, backen
 def _software_detail(exit: InternalError, sregs, code: bytes) -> list[str]:
     """What the software accelerator's INTERNAL_ERROR means (see vlab.accel.tcg)."""
     if exit.suberror == InternalErrorSuberror.EMULATION:
+        if not code:
+            return ["No instruction bytes can be read at RIP: code runs from RAM or ROM only, "
+                    "and this address is outside them (an MMIO hole, or nothing at all)."]
         undefined = next((name for prefix, name in _UNDEFINED.items()
                           if code.startswith(prefix)), None)
         if undefined:
