@@ -280,6 +280,26 @@ def test_a_lab_with_an_irqchip_keeps_the_hlt_in_the_kernel(make_lab):
     assert table["EINTR"].userspace >= 1, "the kick's KVM_RUN ends in EINTR on every backend"
 
 
+def test_each_vcpu_thread_gets_its_own_events(make_lab):
+    """Two vCPUs run in threads made after the trace opened (event-fork follows them); each
+    record holds only the events of the thread that ran its KVM_RUN."""
+    _usable()
+    lab = make_lab(kernel_trace=True, vcpus=2)
+    lab.load_assembly("mov al, bl\nout 0x10, al\nhlt")     # rbx = the vCPU's index
+    lab.bring_up()
+    lab.run()
+    tids = []
+    for index, log in enumerate(lab.exit_logs):
+        records = list(log)
+        assert [r.reason for r in records] == ["IO out", "HLT"]
+        threads = {e.tid for r in records for e in r.kernel_events}
+        assert len(threads) == 1 and threads != {threading.get_native_id()}
+        tids += threads
+        pio = [e for e in records[0].kernel_events if isinstance(e, KvmPio)]
+        assert [(p.port, p.value) for p in pio] == [(0x10, index)]
+    assert len(set(tids)) == 2
+
+
 def test_kernel_tracing_needs_the_kvm_accelerator(monkeypatch):
     with pytest.raises(ValueError, match="needs the kvm accelerator"):
         Lab(accel="tcg", kernel_trace=True)
