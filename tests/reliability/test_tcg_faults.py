@@ -129,8 +129,9 @@ def test_ud2_on_tcg_is_not_blamed_on_kvm(make_lab):
     assert "software CPU" in result.explanation and "ud2" in result.explanation
 
 
-def test_code_in_an_mmio_hole_on_tcg_is_explained_as_such(make_lab):
-    lab = make_lab("tcg", mode="protected")
+@pytest.mark.parametrize("accel", ACCELS)
+def test_code_in_an_mmio_hole_is_explained_as_such(make_lab, accel):
+    lab = make_lab(accel, mode="protected")
     lab.load_assembly(f"mov eax, {TESTDEV_BASE:#x}\njmp eax")
     lab.bring_up()
     result = lab.run(timeout=5)

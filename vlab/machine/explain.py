@@ -167,7 +167,10 @@ def explain_internal_error(exit: InternalError, regs, sregs, code: bytes, backen
     if code:
         lines.append(f"instruction at RIP ({bits}-bit code, bytes {source}): "
                      + disassemble(code, regs.rip, bits))
-    if software:
+    if exit.suberror == InternalErrorSuberror.EMULATION and not code:
+        lines.append("No instruction bytes can be read at RIP: code runs from RAM or ROM only, "
+                     "and this address is outside them (an MMIO hole, or nothing at all).")
+    elif software:
         lines += _software_detail(exit, sregs, code)
     elif exit.suberror == InternalErrorSuberror.EMULATION and backend is not None \
             and backend.emulates_kernel_mode:
@@ -180,9 +183,6 @@ def explain_internal_error(exit: InternalError, regs, sregs, code: bytes, backen
 def _software_detail(exit: InternalError, sregs, code: bytes) -> list[str]:
     """What the software accelerator's INTERNAL_ERROR means (see vlab.accel.tcg)."""
     if exit.suberror == InternalErrorSuberror.EMULATION:
-        if not code:
-            return ["No instruction bytes can be read at RIP: code runs from RAM or ROM only, "
-                    "and this address is outside them (an MMIO hole, or nothing at all)."]
         undefined = next((name for prefix, name in _UNDEFINED.items()
                           if code.startswith(prefix)), None)
         if undefined:
