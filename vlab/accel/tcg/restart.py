@@ -10,8 +10,10 @@ that instruction alone again, this log replaying the accesses already reported: 
 gets the answer `complete_mmio_read` gave, a write that was already reported is not
 reported twice, a write to ROM is let through and undone at once (KVM_MEM_READONLY drops
 it). INS is restarted the same way: stopping at its port read abandons its store, so it
-reads `complete_io_in`'s answer when it runs again. An instruction making a further access
-exits again; one that completes clears the log.
+reads `complete_io_in`'s answer when it runs again; a port read answered inside emulation
+while INS runs again is logged as well, so that a store exiting after it does not make the
+device answer twice. An instruction making a further access exits again; one that completes
+clears the log.
 """
 from __future__ import annotations
 
