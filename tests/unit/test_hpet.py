@@ -145,3 +145,16 @@ def test_state_reports_the_timers(hpet):
     hpet.write(T0_CMP, 5, 8)
     state = hpet.state()
     assert state["timers"][0]["comparator"] == 5 and state["fired"] == [0, 0, 0]
+
+
+def test_a_comparator_the_counter_has_passed_fires_at_once(hpet):
+    """QEMU compares by signed difference (hpet_calculate_diff): a comparator written just
+    behind the running counter is due now, not after the counter wraps."""
+    hpet.write(T0_CFG, TN_INT_ENABLE | TN_32BIT, 4)
+    hpet.write(HPET_CFG, CFG_ENABLE, 4)
+    hpet.clock.ns += 10_000  # counter 1000
+    assert hpet.service() == 1  # the reset comparator 0xffffffff is "just behind" it
+    hpet.write(T0_CMP, 900, 4)
+    assert hpet.deadline() == hpet.clock.ns and hpet.service() == 1
+    hpet.write(T0_CMP, 1100, 4)
+    assert hpet.deadline() == hpet.clock.ns + 100 * 10

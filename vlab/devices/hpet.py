@@ -87,17 +87,19 @@ class HpetTimer:
     comparator: int = MASK64
     period: int = 0
     fsb: int = 0
-    armed: bool = False     # an interrupt is due when the counter reaches the comparator...
-    armed_at: int = 0       # ... counting from this counter value
+    armed: bool = False     # an interrupt is due when the counter reaches the comparator
 
     @property
     def width_mask(self) -> int:
         return 0xFFFFFFFF if self.config & TN_32BIT else MASK64
 
     def ticks_left(self, count: int) -> int:
-        """Ticks until the counter reaches the comparator; 0 or less: it has."""
+        """Ticks until the counter reaches the comparator, as a signed difference in the
+        timer's width (QEMU's hpet_calculate_diff): 0 or less, it is due now, so a
+        comparator the counter has just passed fires at once instead of after a wrap."""
         mask = self.width_mask
-        return ((self.comparator - self.armed_at) & mask) - ((count - self.armed_at) & mask)
+        diff = (self.comparator - count) & mask
+        return diff - (mask + 1) if diff > mask >> 1 else diff
 
 
 class Hpet:
@@ -159,7 +161,6 @@ class Hpet:
                     # the next multiple of the period ahead (periods missed are not owed)
                     ahead = (-left // timer.period + 1) * timer.period
                     timer.comparator = (timer.comparator + ahead) & timer.width_mask
-                    timer.armed_at = count
                 else:
                     timer.armed = False
                 self._update_irq(n, True)
@@ -213,7 +214,7 @@ class Hpet:
             if not self.config & CFG_ENABLE:  # the spec: write only while halted
                 self._counter = value
                 for timer in self.timers:
-                    self._arm(timer)
+                    timer.armed = True
         else:
             timer, field = self._timer_field(register)
             if timer is None:
@@ -227,7 +228,7 @@ class Hpet:
                     timer.comparator = value
                 timer.period = value
                 timer.config &= ~TN_SETVAL
-                self._arm(timer)
+                timer.armed = True
             else:
                 timer.fsb = value
 
@@ -239,7 +240,7 @@ class Hpet:
                 self._since = now
                 self.config |= CFG_ENABLE
                 for timer in self.timers:
-                    self._arm(timer)
+                    timer.armed = True
             else:
                 self._counter = self.counter(now)
         if (value ^ was) & CFG_LEGACY:  # the lines move: lower the old ones
@@ -259,10 +260,7 @@ class Hpet:
         if was & TN_LEVEL and not timer.config & TN_LEVEL or not timer.config & TN_INT_ENABLE:
             self._update_irq(n, False)
         if timer.config & TN_INT_ENABLE and not was & TN_INT_ENABLE:
-            self._arm(timer)
-
-    def _arm(self, timer: HpetTimer) -> None:
-        timer.armed, timer.armed_at = True, self.counter()
+            timer.armed = True
 
     def _timer_field(self, register: int) -> tuple[HpetTimer | None, int]:
         n, field = divmod(register - HPET_TIMER0, TIMER_STRIDE)
