@@ -608,13 +608,16 @@ def run_vcpus(runners: Sequence[VcpuRunner], accel: str, options: dict | None = 
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         while ended_by is None:
-            # short waits: a Ctrl-C delivered to another (non-vCPU) thread is handled here
-            any_finished.wait(0.05)
+            # short waits: a Ctrl-C delivered to another (non-vCPU) thread is handled here;
+            # cleared before the threads are looked at, so a vCPU finishing later wakes it
+            any_finished.wait(min(0.05, max(deadline - time.monotonic(), 0)))
+            any_finished.clear()
+            finished = [t for t in threads if t.finished.is_set()]
             if interrupts.interrupted:
                 ended_by, reason = BY_INTERRUPT, SIGINT.CAUSE
-            elif all(t.finished.is_set() for t in threads):
+            elif len(finished) == len(threads):
                 ended_by = BY_VCPU
-            elif any_finished.is_set() and (first_stops_all or any(t.error for t in threads)):
+            elif finished and (first_stops_all or any(t.error for t in finished)):
                 ended_by = BY_VCPU   # a vCPU that failed stops the others too
             elif time.monotonic() >= deadline:
                 ended_by, reason = BY_TIMEOUT, f"timeout after {timeout} s"
