@@ -415,11 +415,13 @@ def test_a_killed_processs_instance_is_removed_by_the_next_trace():
 
 
 # -- where there is no tracefs ---------------------------------------------------------------
-def test_without_tracefs_the_error_says_why_and_how_to_fix_it(monkeypatch):
+def test_without_tracefs_the_error_says_why_and_how_to_fix_it(monkeypatch, tmp_path):
     with pytest.raises(KernelTraceUnavailable) as raised:
         KernelTrace(tracing_dir="/nonexistent")
     assert "no tracefs at /nonexistent" in raised.value.reason
     assert "mount -t tracefs" in raised.value.fix and "fix:" in str(raised.value)
+    with pytest.raises(KernelTraceUnavailable, match=f"no tracefs at {tmp_path} "):
+        KernelTrace(tracing_dir=str(tmp_path))       # a directory, but not tracefs
     monkeypatch.setenv(TRACEFS_ENV, "/nonexistent")
     with pytest.raises(KernelTraceUnavailable):
         KernelTrace()

@@ -74,11 +74,8 @@ def tracing_root(tracing_dir: str | None = None) -> str:
     """The tracefs mount to use: `tracing_dir`, else $VLAB_TRACEFS, else where tracefs is
     mounted (libtracefs mounts it at /sys/kernel/tracing if it is not, which needs root)."""
     explicit = tracing_dir or os.environ.get(TRACEFS_ENV)
-    if explicit is not None and not os.path.isdir(os.path.join(explicit, "instances")):
-        raise KernelTraceUnavailable(
-            f"no tracefs at {explicit} (no instances/ directory)",
-            f"mount tracefs there (mount -t tracefs nodev {explicit}) or point ${TRACEFS_ENV} "
-            "at its mount point")
+    if explicit is not None and not os.path.isdir(explicit):
+        raise _no_tracefs_at(explicit)
     try:
         traceevent.libraries()
     except OSError as e:
@@ -90,10 +87,21 @@ def tracing_root(tracing_dir: str | None = None) -> str:
         raise KernelTraceUnavailable(
             "tracefs is not mounted", "as root: mount -t tracefs nodev /sys/kernel/tracing "
             "(vlab mounts it itself when run as root)")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise KernelTraceUnavailable(f"{root} cannot be read by this user", _FIX_ROOT)
+    if not os.path.isdir(os.path.join(root, "instances")):
+        raise _no_tracefs_at(root)
     if not os.path.isdir(os.path.join(root, "events", "kvm")):
         raise KernelTraceUnavailable(f"{root}/events/kvm does not exist: the kvm module "
                                      "is not loaded", "modprobe kvm_intel (or kvm_amd)")
     return root
+
+
+def _no_tracefs_at(path: str) -> KernelTraceUnavailable:
+    return KernelTraceUnavailable(
+        f"no tracefs at {path} (no instances/ directory)",
+        f"mount tracefs there (mount -t tracefs nodev {path}) or point ${TRACEFS_ENV} at its "
+        "mount point")
 
 
 def kernel_trace_usable(tracing_dir: str | None = None) -> tuple[bool, str]:
@@ -164,7 +172,10 @@ class KernelTrace:
     def __init__(self, tracing_dir: str | None = None, buffer_size_kb: int | None = None):
         root = tracing_root(tracing_dir)
         self.root = root
-        remove_stale_instances(root)
+        try:
+            remove_stale_instances(root)
+        except PermissionError:
+            raise KernelTraceUnavailable(f"{root}/instances cannot be read", _FIX_ROOT) from None
         self.name = f"{INSTANCE_PREFIX}-{os.getpid()}-{next(_counter)}"
         self.path = os.path.join(root, "instances", self.name)
         try:
