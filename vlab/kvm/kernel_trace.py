@@ -201,7 +201,7 @@ class KernelTrace:
         self._exit_format = self.formats.named(KvmUserspaceExit.name)
         self._reader = traceevent.SubBufferReader(self.formats)
         self._lock = threading.Lock()
-        self._pending: dict[int, list] = {}     # tid -> [(ts, cpu, offset-free record)]
+        self._pending: dict[int, list] = {}     # tid -> [(ts, cpu, EventFormat, unpacked)]
         self._dropped = 0
 
     def _configure(self, buffer_size_kb: int | None) -> None:
@@ -264,6 +264,8 @@ class KernelTrace:
                         if backlog[i][2] is self._exit_format), len(backlog) - 1)
             chosen = backlog[start:end + 1]
             del backlog[:end + 1]
+            if not backlog:     # vCPU threads come and go (one per run with several vCPUs)
+                del self._pending[tid]
         return KernelEvents(chosen)
 
     @property
@@ -271,6 +273,8 @@ class KernelTrace:
         """Events lost so far: those the ring buffers overwrote or dropped before they were
         read (each CPU's `stats`: overrun, commit overrun, dropped events), and those past
         a thread's backlog_limit."""
+        if self.closed:
+            raise ValueError(f"the kernel trace {self.name} is closed")
         total = self._dropped
         for cpu in self.cpus:
             with open(f"{self.path}/per_cpu/cpu{cpu}/stats") as f:
