@@ -284,9 +284,6 @@ def run(args: argparse.Namespace) -> int:
     if (args.file is None) == (args.multiboot is None):
         print("vlab run: give either FILE or --multiboot KERNEL", file=sys.stderr)
         return 2
-    if args.kernel_trace and args.multiboot:
-        print("vlab run: --kernel-trace traces a FILE's run, not --multiboot", file=sys.stderr)
-        return 2
     try:
         trace = KernelTrace() if args.kernel_trace else None
     except KernelTraceUnavailable as e:
@@ -316,7 +313,8 @@ def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line
             booted = boot_multiboot(args.multiboot, append=args.append, modules=args.module,
                                     smp=args.smp, memory=args.memory, accel=args.accel,
                                     timeout=args.timeout, output=stream,
-                                    cpu_model=_cpu_model(args.cpu), reboot=args.reboot)
+                                    cpu_model=_cpu_model(args.cpu), reboot=args.reboot,
+                                    kernel_trace=trace)
         else:
             booted = boot(args.file, mode=args.mode, org=args.org, accel=args.accel,
                           memory=args.memory, timeout=args.timeout, output=stream,
@@ -329,8 +327,10 @@ def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line
         return 2
     print(("" if ended_line() else "\n") + booted.summary())
     if trace is not None:
-        print(f"\nexits by reason inside KVM_RUN (KVM's tracepoints):\n"
-              f"{booted.log.kernel_exit_table()}\nkernel events lost: {trace.lost}")
+        if not args.multiboot:   # a multiboot run's summary has one table per vCPU
+            print(f"\nexits by reason inside KVM_RUN (KVM's tracepoints):\n"
+                  f"{booted.log.kernel_exit_table()}")
+        print(f"kernel events lost: {trace.lost}")
     return booted.exit_code
 
 

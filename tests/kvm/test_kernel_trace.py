@@ -1,10 +1,11 @@
 """KVM's tracepoints, per KVM_RUN, on real KVM (vlab.kvm.kernel_trace).
 
 What the kernel shows inside KVM_RUN depends on the backend (vlab.kvm.backend): where it
-emulates kernel-mode code (kvm_pvm) each real-mode instruction is a `kvm_emulate_insn` and
-there is no hardware exit; on VMX and SVM the guest runs on the CPU and each trip out of it
-is a `kvm_exit` with the hardware's reason, handled in the kernel (followed by `kvm_entry`)
-or passed to userspace (the run's last one). The tests branch on those facts.
+emulates kernel-mode code (`emulates_kernel_mode`: kvm_pvm) each real-mode instruction is a
+`kvm_emulate_insn`; where VM entries are traced (`traces_vm_entries`: VMX, SVM) each trip
+out of the guest is a `kvm_exit` with the hardware's reason, handled in the kernel
+(followed by `kvm_entry`) or passed to userspace (the run's last one). The tests branch on
+those facts.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from guestlib import ORG, flat_real_mode
+from test_multiboot_kernels import kernel  # noqa: F401  (the fixture that builds test kernels)
 from vlab.kvm import Hlt, Interrupted, IoOut, MmioRead, Shutdown, detect_backend, host_address
 from vlab.kvm.kernel_events import (KvmCpuid, KvmEmulateInsn, KvmEntry, KvmExit, KvmFpu,
-                                    KvmInjException, KvmMmio, KvmMsr, KvmPio, KvmUserspaceExit,
-                                    KvmVcpuWakeup, RawEvent, decode)
+                                    KvmInjException, KvmInjVirq, KvmMmio, KvmMsr, KvmPio,
+                                    KvmUserspaceExit, KvmVcpuWakeup, RawEvent, decode)
 from vlab.kvm import kernel_events
 from vlab.kvm.kernel_trace import (TRACEFS_ENV, KernelTrace, KernelTraceUnavailable,
                                    kernel_trace_usable)
@@ -99,7 +101,8 @@ def check_run(events, backend, instruction: str, mnemonic: str, to_userspace: bo
     ended the KVM_RUN (the last one)."""
     if backend.emulates_kernel_mode:
         assert mnemonic in [e.disassembly.split()[0] for e in events if isinstance(e, KvmEmulateInsn)]
-        assert not hardware_exits(events), "kvm_pvm emits no kvm_exit"
+    if not backend.traces_vm_entries:
+        assert not hardware_exits(events)
         return
     exits = hardware_exits(events)
     names = [e.reason_name for e in exits]
@@ -249,9 +252,11 @@ def test_a_labs_exit_records_carry_their_kvm_runs_events(make_lab):
     table = lab.exits().kernel_exit_table()
     assert table.runs == 4 and sum(row.userspace for row in table.rows) == 4
     rows = {row.reason: row for row in table.rows}
-    if backend.emulates_kernel_mode:   # no hardware exits: each KVM_RUN under its return
+    if backend.emulates_kernel_mode:
+        assert table.emulated >= 6
+    if not backend.traces_vm_entries:   # no hardware exits: each KVM_RUN under its return
         assert (rows["KVM_EXIT_IO"].userspace, rows["KVM_EXIT_HLT"].userspace) == (2, 1)
-        assert table.emulated >= 6 and all(row.in_kernel == 0 for row in table.rows)
+        assert all(row.in_kernel == 0 for row in table.rows)
     else:
         names = HARDWARE_EXIT[backend.label]
         assert rows[names["out"]].userspace == 2 and rows[names["hlt"]].userspace == 1
@@ -275,7 +280,7 @@ def test_a_lab_with_an_irqchip_keeps_the_hlt_in_the_kernel(make_lab):
     table = {row.reason: row for row in lab.exits().kernel_exit_table().rows}
     if backend.emulates_kernel_mode:
         assert "hlt" in [e.disassembly for e in last.kernel_events if isinstance(e, KvmEmulateInsn)]
-    else:
+    if backend.traces_vm_entries:
         assert table[HARDWARE_EXIT[backend.label]["hlt"]].in_kernel >= 1
     assert table["EINTR"].userspace >= 1, "the kick's KVM_RUN ends in EINTR on every backend"
 
@@ -480,3 +485,40 @@ def test_vlab_doctor_has_a_kernel_trace_row():
     proc = vlab("doctor", VLAB_TRACEFS="/nonexistent")
     row = next(line for line in proc.stdout.splitlines() if "kernel trace" in line)
     assert row.split()[0] == "MISSING" and "no tracefs at /nonexistent" in row and "; fix: mount" in row
+
+
+def test_a_multiboot_kernels_timer_interrupts_show_inside_kvm_run(kernel):
+    """irqchip.asm halts until the in-kernel PIT's ticks (through the 8259) wake it: the HLT
+    sleeps in the kernel, each tick wakes it (kvm_vcpu_wakeup) and, where VM entries are
+    traced, KVM injects the vector (kvm_inj_virq)."""
+    _usable()
+    backend = detect_backend()
+    from vlab.accel import select
+    from vlab.machine.pc import create_pc, load_kernel, run_vcpus
+    accel = select("kvm")
+    with KernelTrace() as trace:
+        machine = create_pc(accel)
+        try:
+            machine.runners[0].kernel_trace = trace
+            load_kernel(machine, kernel("irqchip"))
+            run_vcpus(machine, timeout=30)
+            assert machine.console.text.endswith("PASS\n")
+            events = [e for record in machine.runners[0].log for e in record.kernel_events]
+        finally:
+            machine.close()
+            accel.close()
+    woken = [e for e in events if isinstance(e, KvmVcpuWakeup) and e.waited]
+    assert len(woken) >= 4 and all(e.valid for e in woken), "each tick woke the halted vCPU"
+    if backend.traces_vm_entries:
+        injected = [e for e in events if isinstance(e, KvmInjVirq)]
+        assert len(injected) >= 5 and not any(e.soft for e in injected)
+
+
+def test_vlab_run_multiboot_kernel_trace_has_a_table_per_vcpu(kernel):
+    _usable()
+    proc = vlab("run", "--multiboot", str(kernel("irqchip")), "--kernel-trace")
+    assert proc.returncode == 1, proc.stdout + proc.stderr          # the kernel's PASS status
+    report = proc.stdout.split("vCPU 0:")[1]
+    assert "exits by reason inside KVM_RUN (KVM's tracepoints):" in report
+    assert "KVM_RUNs traced" in report
+    assert proc.stdout.rstrip().endswith("kernel events lost: 0")

@@ -56,6 +56,9 @@ class Backend:
     counts_io_exits: bool = True
     # DR0-DR3 breakpoints fire (not in an SVM guest emulated by QEMU's TCG).
     hardware_breakpoints: bool = True
+    # KVM's tracepoints of VM entry and exit fire: kvm_entry, kvm_exit (the hardware's exit
+    # reason) and kvm_inj_virq (vlab.kvm.kernel_trace); kvm_pvm emits none of them.
+    traces_vm_entries: bool = True
     # What the guest's CPUID instruction answers once KVM_SET_CPUID2 has given the table.
     guest_cpuid: str = ("the guest's CPUID instruction answers from this table once it is set, "
                         "except the fields KVM keeps up to date itself (OSXSAVE, the APIC bit, "
@@ -97,7 +100,8 @@ KVM_PVM = Backend(
     guest_cpuid="the guest's CPUID instruction (and KVM_GET_CPUID2) returns the host's raw bits "
                 "for most of leaves 1 and 7, whatever this table says; the bits KVM emulates "
                 "(x2apic, hypervisor, ...) and the other leaves follow it",
-    runs_32bit_paging=False, runs_protected_mode_iret=False, counts_io_exits=False, caveats=[
+    runs_32bit_paging=False, runs_protected_mode_iret=False, counts_io_exits=False,
+    traces_vm_entries=False, caveats=[
         "guest code at CPL0 (kernel mode) is executed by KVM's instruction emulator, about "
         "1.8 M instructions/s, visible as the vCPU stat insn_emulation; code at CPL3 runs "
         "natively",
@@ -114,7 +118,7 @@ KVM_PVM = Backend(
         "the vCPU stat io_exits stays 0 even when every exit is port I/O; count in userspace",
         "hardware details (VMX exit reasons, VMCS, FAIL_ENTRY reason codes) are not visible"])
 TCG = Backend(
-    "tcg", None, enforces_cpuid=False, out_exit_rip="past",
+    "tcg", None, enforces_cpuid=False, out_exit_rip="past", traces_vm_entries=False,
     guest_cpuid="the software CPU's CPUID instruction answers every leaf from this table",
     caveats=[
         "no KVM: Unicorn (QEMU's TCG code) translates and runs every guest instruction in "

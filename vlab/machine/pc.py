@@ -78,6 +78,7 @@ class VcpuReport:
     histogram: dict[str, int]
     kernel: dict[str, int]
     explanation: str | None = None  # a fatal exit's: the instruction's bytes, disassembled
+    kernel_exits: object = None     # with a KernelTrace: its ExitLog's kernel_exit_table()
 
     def __str__(self) -> str:
         exits = ", ".join(f"{name} {n}" for name, n in self.histogram.items()) or "none"
@@ -87,6 +88,9 @@ class VcpuReport:
                 f"\n    in the kernel: {kernel}")
         if self.explanation:
             text += "".join(f"\n    {line}" for line in self.explanation.splitlines())
+        if self.kernel_exits is not None:
+            text += "\n    exits by reason inside KVM_RUN (KVM's tracepoints):" + "".join(
+                f"\n      {line}" for line in str(self.kernel_exits).splitlines())
         return text
 
 
@@ -244,7 +248,8 @@ def _report(runner: VcpuRunner, result: RunResult) -> VcpuReport:
     kernel = {name: counters[name] for name in runner.counter_names if counters[name]}
     return VcpuReport(runner.vcpu.id, result.stop_reason, result.exits, result.rip,
                       MpState(runner.vcpu.get_mp_state()).name, runner.log.histogram(), kernel,
-                      result.explanation)
+                      result.explanation,
+                      runner.log.kernel_exit_table() if runner.kernel_trace is not None else None)
 
 
 def reset_pc(machine: Machine, kernel, *, append: str = "",
@@ -269,12 +274,14 @@ def boot_multiboot(kernel: bytes | str | os.PathLike, *, append: str = "",
                    timeout: float | None = None,
                    output: Callable[[bytes], None] | None = None,
                    cpu_model: Callable[[list], list] | None = None,
-                   reboot: bool = False) -> MultibootResult:
+                   reboot: bool = False, kernel_trace=None) -> MultibootResult:
     """Build the PC, load `kernel` with its command line `append` and `modules` (each
     "FILE [ARGS]", as QEMU's -initrd), run until the guest exits, stops or `timeout`
     seconds pass, and close the machine. `output` receives console bytes as they come;
     `cpu_model` is `create_pc`'s. A guest's reset ends the run unless `reboot`: then the
-    machine is reset (`reset_pc`) and runs on, within the same `timeout`."""
+    machine is reset (`reset_pc`) and runs on, within the same `timeout`. `kernel_trace` (a
+    vlab.kvm.KernelTrace) gives each exit record its KVM_RUN's kernel events, and each
+    vCPU's report the kernel's table of exits."""
     started = time.perf_counter()
     kvm = _open_kvm(accel)
     stuck = False
@@ -286,6 +293,8 @@ def boot_multiboot(kernel: bytes | str | os.PathLike, *, append: str = "",
     try:
         if output is not None:
             machine.console.listeners.append(output)
+        for runner in machine.runners:
+            runner.kernel_trace = kernel_trace
         boot = load_kernel(machine, kernel, append=append, modules=modules)
         resets = 0
         while True:
