@@ -94,6 +94,7 @@ def _run_in_background(lab: Lab) -> threading.Thread:
     return thread
 
 
+@pytest.mark.isolated   # on tcg, two threads in one Unicorn engine crash
 @pytest.mark.watchdog(30)
 def test_a_second_caller_gets_a_clear_error_while_a_run_is_in_progress(accel):
     with spinning_lab(accel) as lab:
@@ -148,6 +149,7 @@ def test_a_cell_using_the_lab_while_the_stepper_runs_it(accel, isolated):
     assert "this Lab is closed" in lines[4]
 
 
+@pytest.mark.isolated   # on tcg, two threads in one Unicorn engine crash
 @pytest.mark.watchdog(30)
 def test_the_stepper_stops_a_run_started_elsewhere(accel):
     pytest.importorskip("ipywidgets")
@@ -163,6 +165,7 @@ def test_the_stepper_stops_a_run_started_elsewhere(accel):
         assert lab.last_run.stop_reason == "stopped from the stepper"
 
 
+@pytest.mark.isolated   # on tcg, two threads in one Unicorn engine crash
 @pytest.mark.watchdog(30)
 def test_close_stops_a_run_in_another_thread_and_waits_for_it(accel):
     lab = spinning_lab(accel)
