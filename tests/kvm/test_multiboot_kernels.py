@@ -424,3 +424,21 @@ def test_cli_cpu_applies_to_a_guest_program_too(tmp_path):
         assert run.returncode == 0, err.decode()
         seen[spec] = int.from_bytes(out[:4], "little") >> bit & 1
     assert seen == {"host": 1, "qemu64": 0, f"qemu64,+{name}": 1}
+
+
+@pytest.mark.parametrize("name, append, status, last_line", [
+    ("pc", "argv x", PASS, "PASS"), ("pc", "cr0", PASS, "PASS"),
+    ("pc", "unassigned", PASS, "PASS"), ("pc", "hpet", PASS, "PASS"),
+    ("pc", "pctestdev", PASS, "PASS"), ("lowmem", "low", PASS, "PASS"),
+    ("pc", "reset92", 0, "reset through port 0x92"),
+    ("pc", "resetcf9", 0, "reset through port 0xcf9")])
+def test_cli_gives_each_kernels_verdict(kernel, name, append, status, last_line):
+    """The same checks through `vlab run --multiboot`, as a test harness runs them: the
+    guest's status (a reset: 0, as QEMU's -no-reboot), and the console as it came."""
+    run = vlab("run", "--multiboot", kernel(name), "--append", append, "--accel", "kvm",
+               "--timeout", TIMEOUT)
+    out, err = run.communicate(timeout=TIMEOUT + 30)
+    assert run.returncode == status, (out.decode(), err.decode())
+    _, summary = out.decode().split(f"{last_line}\n", 1)
+    if status == 0:
+        assert summary.startswith("the guest asked for a reset: port 0x")
