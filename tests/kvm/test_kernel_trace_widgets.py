@@ -54,6 +54,7 @@ def test_each_kvm_run_on_the_timeline_ends_where_userspace_took_over():
             assert [r.kind for r in timeline.timeline.rows].count("call") == 1
             if seq == 2:   # the CPUID, answered by KVM (with a page fault on VMX, SVM)
                 assert "class='vlab-kind-handled'" in timeline.html.value
+        assert ("fires no kvm_entry" in timeline.html.value) == (not lab.backend.traces_vm_entries)
         second = [r.name for r in runs[2].rows]
         assert second.count("kvm_cpuid") == 1 and "kvm_cpuid" not in [r.name for r in runs[1].rows]
         if lab.backend.emulates_kernel_mode:

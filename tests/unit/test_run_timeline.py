@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from vlab.kvm.backend import KVM_PVM, TCG, VMX
 from vlab.kvm.exits import Hlt, IoOut
 from vlab.kvm.kernel_events import (KvmCpuid, KvmEmulateInsn, KvmEntry, KvmExit, KvmFpu,
                                     KvmInjVirq, KvmPio, KvmUserspaceExit, KvmVcpuWakeup,
@@ -196,6 +197,18 @@ def test_timeline_follows_the_latest_run_and_steps_through_the_kept_ones(log_wit
     view.show(99)
     assert "no exit record #99 kept" in view.html.value
     assert repr(view) == "KvmRunTimeline(vcpu=0)"
+
+
+def test_timeline_says_when_the_backend_traces_no_vm_entries(log_with_runs):
+    lab = traced_lab(log_with_runs)
+    view = KvmRunTimeline(lab)
+    assert "fires no kvm_entry" not in view.html.value       # a lab without a backend yet
+    for backend, emulator in ((KVM_PVM, True), (VMX, None), (TCG, False)):
+        lab.backend = backend
+        view.render()
+        shown = "fires no kvm_entry" in view.html.value
+        assert shown == (emulator is not None)
+        assert ("emulator ran" in view.html.value) == bool(emulator)
 
 
 def test_timeline_redraws_when_a_run_ends(log_with_runs):

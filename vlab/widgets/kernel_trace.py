@@ -300,6 +300,15 @@ def lost_note(lab) -> str:
     return f"{lost:,} events lost (tracefs ring buffer overrun): some KVM_RUNs are incomplete"
 
 
+def backend_note(backend) -> str:
+    """What a timeline on a backend without kvm_entry/kvm_exit shows instead."""
+    text = (f"{backend.label}: KVM fires no kvm_entry or kvm_exit on this backend, so the guest "
+            f"lane stays empty")
+    if backend.emulates_kernel_mode:
+        text += "; the guest's CPL 0 code shows as the instructions KVM's emulator ran"
+    return text
+
+
 class _TraceView(ExitLogView):
     """A view of what the kernel trace adds to one vCPU's exit log, drawn as HTML."""
 
@@ -397,6 +406,10 @@ class KvmRunTimeline(_TraceView):
         self.seq = seq
         self.render()
 
+    def _without_entries(self) -> bool:
+        backend = getattr(self.lab, "backend", None)
+        return backend is not None and not backend.traces_vm_entries
+
     def record(self):
         """The exit record shown: number `seq` among the kept ones, or the latest."""
         log = self.exit_log
@@ -422,7 +435,7 @@ class KvmRunTimeline(_TraceView):
                 self.html.value = message(missing or (f"no exit record #{self.seq} kept" if self.seq
                                                       else "no KVM_RUN has returned yet"))
                 return
-            notes = []
+            notes = [message(backend_note(self.lab.backend))] if self._without_entries() else []
             if not self.timeline.events:
                 notes.append(message("no kernel events were recorded for this KVM_RUN"))
             lost = lost_note(self.lab)
