@@ -5,7 +5,8 @@ missing; `vlab caps` lists every KVM capability with its value. Each subcommand 
 function registered with `@command`; `main` builds the argparse parser from that table.
 
 The KVM device is /dev/kvm, or the path in $VLAB_KVM_DEVICE: `VLAB_KVM_DEVICE=/nonexistent
-vlab doctor` shows what a machine without KVM gets.
+vlab doctor` shows what a machine without KVM gets; likewise $VLAB_TRACEFS for tracefs
+(KVM's tracepoints, `vlab run --kernel-trace`).
 """
 from __future__ import annotations
 
