@@ -107,6 +107,7 @@ def test_a_lab_used_before_bring_up_says_what_to_do_first(call, message):
     lambda lab: lab.step_back(), lambda lab: lab.memory(0, 4), lambda lab: lab.restore(None),
     lambda lab: lab.break_at(0x8000), lambda lab: lab.load_assembly("hlt"),
     lambda lab: lab.next_stage(), lambda lab: lab.kvm_cpu_exec(), lambda lab: lab.bring_up(),
+    lambda lab: lab.guest_cpuid(0),
 ])
 def test_a_closed_lab_says_it_is_closed(accel, call):
     lab = Lab(accel=accel)
@@ -114,7 +115,9 @@ def test_a_closed_lab_says_it_is_closed(accel, call):
     lab.close()
     with pytest.raises(StageError, match=r"this Lab is closed"):
         call(lab)
+    lab.stop()    # nothing runs: nothing to stop
     lab.close()   # again: nothing left to do
+    assert lab.exits().total == 0   # what it did stays readable
 
 
 def test_next_stage_of_a_lab_closed_half_way_says_it_is_closed(accel):

@@ -324,6 +324,7 @@ class Lab(StagePipeline):
         running it in a throwaway VM on the same accelerator (the table says one thing; on
         some backends the hardware answers another)."""
         from .probe import probe_cpuid
+        self._check_open()
         if self.cpuid is None:
             raise StageError("no CPU model yet: call lab.x86_cpu_realizefn() first")
         return probe_cpuid(self.accel, self.cpuid.entries, [(leaf, subleaf)])[0]

@@ -78,6 +78,26 @@ _clock = time.perf_counter
 _TRANSFERS = (IoIn, IoOut, MmioRead, MmioWrite)  # completed by the KVM_RUN after their exit
 
 
+class StopFlag:
+    """`threading.Event`'s set, clear and is_set without its lock: the Ctrl-C handler sets
+    it in the main thread, possibly while the code it interrupted is inside set() or
+    clear() of the same flag, where an Event's lock would deadlock."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class VcpuBusy(RuntimeError):
     """Another caller runs this vCPU (a widget's background run, another thread)."""
 
@@ -187,12 +207,13 @@ class VcpuRunner:
         self.read_code = read_code
         self.backend = backend
         self.breakpoints: tuple[int, ...] = ()
-        self.stop_requested = threading.Event()
+        self.stop_requested = StopFlag()
         self.ownership = Ownership(f"vCPU {vcpu.id}", lambda: VcpuClosed(f"vCPU {vcpu.id} is closed"))
         self._stop_cause = "stopped"
         vcpu.enable_sync_regs(KVM_SYNC_X86_REGS)  # RIP per exit without a GET_REGS ioctl
         self.halted = False
         self._thread: int | None = None
+        self._armed = False
         self._conditions = (None, None, None)  # until, predicate, max_exits of the run
         self._exits = 0                        # guest exits in the run so far
         self._resumed = 0.0                    # when the guest last resumed
@@ -297,10 +318,20 @@ class VcpuRunner:
         """What runs this vCPU now ("run()", "step()"...), or None."""
         return self.ownership.holder
 
-    def _run(self, until, predicate, max_exits, timeout) -> RunResult:
+    def arm(self) -> None:
+        """Forget an earlier stop() now, not when the next run() begins: from here on a
+        stop() stops that run even if it comes before run() does (run_vcpus arms every
+        vCPU before their threads start)."""
         self.stop_requested.clear()
-        self._thread = threading.get_ident()
         self._stop_cause = "stopped"
+        self._armed = True
+
+    def _run(self, until, predicate, max_exits, timeout) -> RunResult:
+        if not self._armed:
+            self.stop_requested.clear()   # a stop() from before this run is not for it
+            self._stop_cause = "stopped"
+        self._armed = False
+        self._thread = threading.get_ident()
         self.halted = False
         timer = (threading.Timer(timeout, self.stop, (f"timeout after {timeout} s",))
                  if timeout is not None else None)
@@ -368,10 +399,17 @@ class VcpuRunner:
 
     def stop(self, cause: str = "stopped") -> None:
         """Stop a `run()` in progress, from any thread (the notebook's stop button, a timer).
-        The exit being handled is finished first, so nothing is lost and `run()` resumes."""
+        The exit being handled is finished first, so nothing is lost and `run()` resumes.
+        A closed vCPU runs nothing: stopping it does nothing."""
+        if self.ownership.closed:
+            return
         self._stop_cause = cause
         self.stop_requested.set()
-        self.vcpu.kick(self._thread)
+        try:
+            self.vcpu.kick(self._thread)
+        except Exception:
+            if not self.vcpu.closed:   # else closed meanwhile: nothing left to stop
+                raise
 
     # -- stepping -----------------------------------------------------------------------------
     def set_breakpoints(self, addresses) -> None:
@@ -475,10 +513,13 @@ class _SigintStops:
     CAUSE = "interrupted by Ctrl-C"
 
     def __init__(self):
-        self._stopping: list[_Stopping] = []
+        # Replaced, never changed in place, under _lock; the handler reads it without the
+        # lock, which the code it interrupts may hold.
+        self._stopping: tuple[_Stopping, ...] = ()
         self._lock = threading.Lock()
         self._depth = 0
         self._previous = None
+        self._handling = False
         self.interrupted = False   # a Ctrl-C stopped a run since the handler was installed
 
     @contextmanager
@@ -487,13 +528,13 @@ class _SigintStops:
         whether it did."""
         stopping = _Stopping(tuple(runners))
         with self._lock:
-            self._stopping.append(stopping)
+            self._stopping += (stopping,)
         installed = self._install()
         try:
             yield stopping
         finally:
             with self._lock:
-                self._stopping.remove(stopping)
+                self._stopping = tuple(s for s in self._stopping if s is not stopping)
             if installed:
                 self._uninstall()
 
@@ -522,16 +563,21 @@ class _SigintStops:
             signal.signal(signal.SIGINT, self._previous)
 
     def _handler(self, signum, frame):
-        with self._lock:
-            stopping = list(self._stopping)
-        if stopping:
-            self.interrupted = True
-            for each in stopping:
-                each.interrupted = True
-                for runner in each.runners:
-                    runner.stop(self.CAUSE)
-        elif not self.interrupted:
-            raise KeyboardInterrupt
+        if self._handling:   # a Ctrl-C within the handling of the one before
+            return
+        self._handling = True
+        try:
+            stopping = self._stopping
+            if stopping:
+                self.interrupted = True
+                for each in stopping:
+                    each.interrupted = True
+                    for runner in each.runners:
+                        runner.stop(self.CAUSE)
+            elif not self.interrupted:
+                raise KeyboardInterrupt
+        finally:
+            self._handling = False
 
 
 @dataclass
@@ -588,13 +634,16 @@ def run_vcpus(runners: Sequence[VcpuRunner], accel: str, options: dict | None = 
     `timeout` (seconds of the whole run) and, with `first_stops_all` (a machine whose
     vCPUs sleep in the kernel), the first vCPU to stop. A vCPU's exception is raised once
     all have stopped; `VcpuStuckError` if one does not stop within STOP_GRACE of it."""
-    from ..kvm.vcpu import install_kick_handler
+    from ..kvm.vcpu import VcpuFd, install_kick_handler
     options = options or {}
     check_run_options(**options)
-    if not install_kick_handler():
+    # KVM's vCPUs leave KVM_RUN for a signal; tcg's are stopped without one
+    if any(isinstance(r.vcpu, VcpuFd) for r in runners) and not install_kick_handler():
         raise RuntimeError("run_vcpus must first be called from the main thread, which alone "
                            "can install the signal handler that kicks vCPUs out of KVM_RUN")
     any_finished = threading.Event()
+    for runner in runners:
+        runner.arm()
     threads = [_VcpuThread(runner, accel, options, any_finished) for runner in runners]
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     ended_by = reason = None
@@ -621,7 +670,6 @@ def run_vcpus(runners: Sequence[VcpuRunner], accel: str, options: dict | None = 
                 ended_by = BY_VCPU   # a vCPU that failed stops the others too
             elif time.monotonic() >= deadline:
                 ended_by, reason = BY_TIMEOUT, f"timeout after {timeout} s"
-        # a vCPU that began its run after the Ctrl-C, which it cleared, is told again
         _stop_all(threads, SIGINT.CAUSE if ended_by is BY_INTERRUPT
                   else None if reason is None else f"machine stopped: {reason}")
     for thread in threads:
@@ -636,9 +684,9 @@ def run_vcpus(runners: Sequence[VcpuRunner], accel: str, options: dict | None = 
 
 def _stop_all(threads: list[_VcpuThread], cause: str | None) -> None:
     """Stop every vCPU whose run goes on (with `cause`, else "machine stopped: ..." naming
-    the first that stopped) until its thread has left run(). A runner told once already
-    (isa-debug-exit, Ctrl-C) keeps that cause; one told before its thread entered run(),
-    which starts afresh, is told again."""
+    the first that stopped) until its thread has left run(). A runner told already
+    (isa-debug-exit, Ctrl-C, stop(): armed, it was told even before its thread began)
+    keeps that cause."""
     deadline = time.monotonic() + STOP_GRACE
     while True:
         alive = [t for t in threads if not t.finished.is_set()]
