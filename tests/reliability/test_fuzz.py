@@ -87,6 +87,7 @@ def fuzz_guest_bytes(accel: str) -> None:
     @given(mode=st.sampled_from(MODES), code=st.binary(min_size=1, max_size=16),
            steps=st.integers(0, 3))
     def example(mode, code, steps):
+        print(mode, code.hex(), steps, flush=True)   # the examples so far, if the child hangs
         lab = labs.fresh(mode)
         lab.machine.memory.write(lab.guest.entry, code)
         vcpu = lab.vcpus[0]
@@ -118,6 +119,7 @@ def fuzz_registers(accel: str) -> None:
            field=st.sampled_from(fields), bit=st.integers(0, 63), special_value=wide,
            flip=st.booleans(), steps=st.integers(0, 2))
     def example(mode, gpr, gpr_value, special, field, bit, special_value, flip, steps):
+        print(mode, gpr, gpr_value, special, field, bit, special_value, flip, steps, flush=True)
         lab = labs.fresh(mode)
         vcpu = lab.vcpus[0]
         outcome(lambda: vcpu.set_regs(vcpu.get_regs().replace(**{gpr: gpr_value})))
@@ -153,6 +155,7 @@ def fuzz_api_orders(accel: str) -> None:
     @given(vcpus=st.integers(1, 2), mode=st.sampled_from(MODES),
            calls=st.lists(st.sampled_from(OPERATIONS), max_size=10))
     def example(vcpus, mode, calls):
+        print(vcpus, mode, calls, flush=True)
         lab = Lab(accel=accel, memory="2M", vcpus=vcpus, mode=mode)
         snapshots = []
         actions = {
@@ -179,7 +182,7 @@ FUZZERS = {"guest_bytes": fuzz_guest_bytes, "registers": fuzz_registers,
            "api_orders": fuzz_api_orders}
 
 
-@pytest.mark.watchdog(120)
+@pytest.mark.watchdog(330)
 @pytest.mark.parametrize("accel", ACCELS)
 @pytest.mark.parametrize("fuzzer", FUZZERS)
 def test_fuzz(isolated, accel, fuzzer):
@@ -189,6 +192,6 @@ def test_fuzz(isolated, accel, fuzzer):
         import test_fuzz
         test_fuzz.{FUZZERS[fuzzer].__name__}({accel!r})
         print("ok")
-    """, timeout=100)
+    """, timeout=300)   # seconds here; an emulated KVM host is 10-25 times slower
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
         f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}")
