@@ -236,8 +236,7 @@ class Lab(StagePipeline):
         self._history.clear()
         if vcpu is not None or self.nr_vcpus == 1:
             index = vcpu or 0
-            self._cpu(index)
-            result = self.runners[index].run(**options)
+            result = self._cpu(index).runner.run(**options)
             indexed = [(index, result)]
         else:
             result = run_vcpus(self.runners, self.accel.name, options).results
