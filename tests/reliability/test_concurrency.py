@@ -177,6 +177,25 @@ def test_a_two_vcpu_run_in_a_background_thread_stops(accel):
         assert [r.stop_reason for r in lab.last_run] == ["stopped", "stopped"]
 
 
+@pytest.mark.watchdog(30)
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_a_stop_as_a_run_begins_is_not_lost(accel, vcpus):
+    """stop() from another thread after lab.run() was called but before a vCPU's run
+    loop begins (in its thread, with two vCPUs): the run stops for it."""
+    with spinning_lab(accel, vcpus=vcpus) as lab:
+        lab.run(timeout=0.05)
+        for runner in lab.runners:
+            def run_late(runner_run=runner.run, **options):
+                stopper = threading.Thread(target=lab.stop)
+                stopper.start()
+                stopper.join()
+                return runner_run(**options)
+            runner.run = run_late
+        result = lab.run()
+        reasons = [r.stop_reason for r in (result if vcpus > 1 else [result])]
+        assert reasons == ["stopped"] * vcpus
+
+
 @pytest.mark.isolated   # on tcg, two threads in one Unicorn engine crash
 @pytest.mark.watchdog(30)
 def test_close_stops_a_run_in_another_thread_and_waits_for_it(accel):

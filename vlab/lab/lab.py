@@ -9,6 +9,7 @@ Every stage returns a `StageRecord`; calling one before what it needs exists rai
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -224,8 +225,11 @@ class Lab(StagePipeline):
     def run(self, vcpu: int | None = None, **options) -> RunResult | list[RunResult]:
         """Run until the guest stops (HLT, fatal exit, breakpoint) or `until`, `predicate`,
         `max_exits`, `timeout` says so; Ctrl-C / the stop button stops it cleanly. With
-        several vCPUs and no `vcpu`, each runs in its own thread (`run_vcpus`)."""
-        with self.ownership.claim("run()"):
+        several vCPUs and no `vcpu`, each runs in its own thread (`run_vcpus`). A stop()
+        from the moment this is called stops the run (the vCPUs are armed at once)."""
+        with self.ownership.claim("run()"), contextlib.ExitStack() as armed:
+            for runner in self.runners:
+                armed.enter_context(runner.armed())
             if "kvm_cpu_exec" not in self.records:
                 self.kvm_cpu_exec(vcpu=vcpu, **options)
                 return self.last_run

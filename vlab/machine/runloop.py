@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -318,13 +319,20 @@ class VcpuRunner:
         """What runs this vCPU now ("run()", "step()"...), or None."""
         return self.ownership.holder
 
-    def arm(self) -> None:
-        """Forget an earlier stop() now, not when the next run() begins: from here on a
-        stop() stops that run even if it comes before run() does (run_vcpus arms every
-        vCPU before their threads start)."""
-        self.stop_requested.clear()
-        self._stop_cause = "stopped"
-        self._armed = True
+    @contextmanager
+    def armed(self):
+        """Forget an earlier stop() on entry, not when the next run() begins: within the
+        block a stop() stops that run even if it comes before run() does (the Lab arms
+        its vCPUs as its run() begins, run_vcpus before their threads start). Nested
+        blocks keep what the outer one has seen."""
+        if not self._armed:
+            self.stop_requested.clear()
+            self._stop_cause = "stopped"
+            self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
 
     def _run(self, until, predicate, max_exits, timeout) -> RunResult:
         if not self._armed:
@@ -642,12 +650,12 @@ def run_vcpus(runners: Sequence[VcpuRunner], accel: str, options: dict | None = 
         raise RuntimeError("run_vcpus must first be called from the main thread, which alone "
                            "can install the signal handler that kicks vCPUs out of KVM_RUN")
     any_finished = threading.Event()
-    for runner in runners:
-        runner.arm()
     threads = [_VcpuThread(runner, accel, options, any_finished) for runner in runners]
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     ended_by = reason = None
-    with SIGINT.stops(runners) as interrupts:
+    with contextlib.ExitStack() as armed, SIGINT.stops(runners) as interrupts:
+        for runner in runners:
+            armed.enter_context(runner.armed())
         # The vCPU threads start with SIGINT blocked, as QEMU's start with signals blocked:
         # Ctrl-C reaches the thread that waits here, and stops them through SIGINT.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
