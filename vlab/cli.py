@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -323,6 +324,8 @@ def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line
     except KvmUnavailable as e:
         print(f"vlab run: {_without_kvm(e, bool(args.multiboot))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise                    # not the guest's fault: main() ends quietly
     except BOOT_ERRORS as e:
         print(f"vlab run: {e}", file=sys.stderr)
         return 2
@@ -347,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             cmd.arguments(sub)
         sub.set_defaults(run=cmd.run)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader went away (`vlab run ... | head`): end as a shell tool does, quietly,
+        # with the status of a SIGPIPE; stdout goes to /dev/null so its final flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

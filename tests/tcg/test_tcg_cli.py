@@ -34,3 +34,18 @@ def test_a_runaway_guest_on_tcg_stops_at_the_timeout(tmp_path):
     proc = vlab_run(str(tmp_path / "spin.asm"), "--timeout", "0.2")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "--- tcg, real mode, stopped: timeout after 0.2 s" in proc.stdout
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path):
+    """`vlab run ... | head`: no BrokenPipeError traceback, the status of a SIGPIPE."""
+    (tmp_path / "chatty.asm").write_text(
+        "mov cx, 20000\nl: mov dx, 0x3f8\nmov al, 'x'\nout dx, al\nmov al, 10\nout dx, al\n"
+        "loop l\nhlt\n")
+    proc = subprocess.Popen([sys.executable, "-m", "vlab.cli", "run", str(tmp_path / "chatty.asm"),
+                             "--accel", "tcg"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline() == b"x\n"
+    proc.stdout.close()                      # what `head -1` does after its line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 128 + 13, stderr
+    assert "Traceback" not in stderr, stderr
