@@ -124,6 +124,7 @@ class Uart16550:
         self._lock = threading.RLock()
         self._rx: deque[int] = deque()
         self.irq_level = False
+        self.rbr_reads = 0   # how often the guest read RBR: whether it reads COM1 at all
         self.reset()
 
     def reset(self) -> None:
@@ -164,6 +165,7 @@ class Uart16550:
         if reg == UART_RX:
             if dlab:
                 return self.divisor & 0xFF
+            self.rbr_reads += 1
             if self._rx:
                 self.rbr = self._rx.popleft()
             if not self._rx:

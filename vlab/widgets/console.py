@@ -57,10 +57,15 @@ class SerialConsole(LabView):
             return 0
         data = (text + self.newline).encode()
         kept = serial.feed(data)
-        note = (f"sent {len(data)} bytes to COM1" if kept == len(data) else
-                f"COM1's receiver was full: {kept} of {len(data)} bytes kept, the rest overran "
-                f"(LSR.OE); the guest reads them while it runs")
-        self.status.value = message(note, "info" if kept == len(data) else "error")
+        if kept == len(data):
+            note = f"sent {len(data)} bytes to COM1"
+        elif not serial.rbr_reads:   # not the student's mistake: say what the guest does
+            note = (f"the guest is not reading COM1 (it has never read RBR): {kept} of "
+                    f"{len(data)} bytes kept in its receiver, the rest overran (LSR.OE)")
+        else:
+            note = (f"COM1's receiver is full: {kept} of {len(data)} bytes kept, the rest "
+                    f"overran (LSR.OE); the guest reads them while it runs")
+        self.status.value = message(note)
         return kept
 
     def _on_input(self, change) -> None:

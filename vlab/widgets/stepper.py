@@ -20,7 +20,8 @@ class StageStepper(LabView):
 
     Anything that runs the guest runs in a background thread, so the kernel keeps handling
     widget messages and "stop" (`lab.stop()`) can interrupt a guest that never exits on its
-    own. While it runs, the other buttons are disabled and clicks are refused with a message;
+    own. Step and run are disabled until the guest can run (the stages before kvm_cpu_exec
+    done). While it runs, the other buttons are disabled and clicks are refused with a message;
     "stop" also stops a run started elsewhere (a cell's thread). Once the Lab is closed,
     every button is disabled.
     `on_action(callback)` is called after every action, from the thread that finished it."""
@@ -41,7 +42,7 @@ class StageStepper(LabView):
                                   self.run_to_next_exit)
         self.run_button = button("run", "run until HLT, a fatal exit or a breakpoint", self.run)
         self.stop_button = button("stop", "interrupt the running guest", self.stop,
-                                  button_style="danger", disabled=True)
+                                  disabled=True)
         self.buttons = (self.next_button, self.step_button, self.exit_button, self.run_button,
                         self.stop_button)
         self.stages_html = widgets.HTML()
@@ -134,14 +135,22 @@ class StageStepper(LabView):
         self.status.value = message(text, kind)
 
     def _set_buttons(self) -> None:
-        done = all(row["status"] == "done" for row in self.lab.stages)
+        """Each button is enabled only when a click can work: step and run once the guest
+        can run (every stage before kvm_cpu_exec done), stop while a run is going. Stop is
+        red only then, so a disabled one does not look like a live alarm."""
+        rows = self.lab.stages
+        done = all(row["status"] == "done" for row in rows)
+        ready = all(row["status"] == "done" for row in rows if row["stage"] != "kvm_cpu_exec")
         for b in self.buttons:
             if self.lab.closed:
                 b.disabled = True
             elif b is self.stop_button:
                 b.disabled = not self.running
+            elif b is self.next_button:
+                b.disabled = self.running or done
             else:
-                b.disabled = self.running or (b is self.next_button and done)
+                b.disabled = self.running or not ready
+        self.stop_button.button_style = "" if self.stop_button.disabled else "danger"
 
     # -- view -------------------------------------------------------------------------------
     def render(self) -> None:
