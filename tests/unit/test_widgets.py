@@ -2,6 +2,7 @@
 that has not started. A model changes (or a button is clicked); the widget state follows."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -95,14 +96,14 @@ def test_register_view_follows_its_model():
     assert "0000000000009000" not in view.html.value
 
 
-def test_histogram_image_changes_with_the_exit_log():
+def test_histogram_changes_with_the_exit_log():
     log = ExitLog(counter_names=("exits", "insn_emulation"))
     runner = SimpleNamespace(kernel_counters=lambda: {"exits": 3, "insn_emulation": 1000, "other": 5})
     model = RegisterModel(0)
     view = ExitHistogram(fake_lab(exit_logs=[log], runners=[runner], registers=[model]),
                          interval=3600)
-    empty = bytes(view.image.value)
-    assert empty.startswith(b"\x89PNG") and view.summary() == "0 userspace exits: none yet\n" \
+    empty = view.html.value
+    assert "nothing yet" in empty and view.summary() == "0 userspace exits: none yet\n" \
         "KVM's counters: exits 3, insn_emulation 1000"
     for _ in range(2):
         log.append(ExitRecord(0, IoOut(port=0x80), 0x8000, None, False, 1e-5, None, None))
@@ -110,10 +111,42 @@ def test_histogram_image_changes_with_the_exit_log():
     # The first exit drew (the throttle was due); the others wait for the end of the run.
     assert view.redraws == 2
     model.update(snapshot(0x8002))
-    assert view.redraws == 3 and bytes(view.image.value) != empty
+    assert view.redraws == 3 and view.html.value != empty
     assert view.summary().startswith("3 userspace exits: IO out 2, HLT 1")
     view.close()
     assert log._listeners == []
+
+
+def test_histogram_bars_are_to_scale_with_their_counts_printed():
+    log = ExitLog(counter_names=("exits",))
+    runner = SimpleNamespace(kernel_counters=lambda: {"exits": 4})
+    view = ExitHistogram(fake_lab(exit_logs=[log], runners=[runner], registers=[RegisterModel(0)]))
+    for reason, n in ((IoOut(port=0x80), 400), (Hlt(), 1)):
+        for _ in range(n):
+            log.append(ExitRecord(0, reason, 0x8000, None, False, 1e-5, None, None))
+    view.render()
+    html = view.html.value
+    assert re.search(r"data-exit='IO out'>.*?width:100\.00%.*?>400<", html)
+    assert re.search(r"data-exit='HLT'>.*?width:0\.25%.*?>1<", html)    # 1:400, linear
+    assert "linear" in html
+    view.close()
+
+
+def test_views_say_whether_they_follow_the_lab():
+    memory = GuestMemory()
+    memory.add_ram(0, 0x10000)
+    model = RegisterModel(0)
+    model.update(snapshot(0x8000))
+    lab = fake_lab(registers=[model], machine=SimpleNamespace(memory=memory))
+    live, at_cell = RegisterView(lab), RegisterView(lab, live=False)
+    disassembly = Disassembly(lab, live=False)
+    model.update(snapshot(0x8001))
+    assert "data-reg='rip' title='was 0x8000'>0000000000008001<" in live.html.value
+    assert "0000000000008000<" in at_cell.html.value
+    assert disassembly.current == 0x8000
+    assert "live: follows the lab" in live.caption.value
+    assert "as at this cell" in at_cell.caption.value and at_cell.caption in at_cell.children
+    memory.close()
 
 
 def test_cpuid_explorer_toggles_until_frozen():
@@ -126,10 +159,10 @@ def test_cpuid_explorer_toggles_until_frozen():
     assert not table.has("lm") and "-lm" in explorer.summary()
     table.frozen = True
     table.notify(frozen=True)
-    assert explorer.enabled.disabled and explorer.feature.disabled
-    explorer.enabled.value = True          # a click that slipped through is refused
-    assert not table.has("lm") and not explorer.enabled.value
-    assert "KVM_SET_CPUID2" in explorer.status.value
+    assert not explorer.enabled.disabled and not explorer.feature.disabled
+    explorer.enabled.value = True          # frozen: the edit waits for a new Lab
+    assert not table.has("lm") and explorer.edits == {"lm": True}
+    assert "KVM_SET_CPUID2" in explorer.status.value and "new Lab" in explorer.status.value
 
 
 def test_serial_console_feeds_the_uart_and_streams_output():
