@@ -17,6 +17,12 @@ SYSTEM_TYPES = {1: "16-bit TSS (available)", 2: "LDT", 3: "16-bit TSS (busy)",
 
 
 def describe_segment(segment: Segment) -> str:
+    return f"sel={segment.selector:#06x} base={segment.base:#x} limit={segment.limit:#x} " \
+           + segment_type(segment)
+
+
+def segment_type(segment: Segment) -> str:
+    """The descriptor's type and flags, e.g. `code XR, accessed, 16-bit, DPL0, present`."""
     kind = (SEGMENT_TYPES if segment.s else SYSTEM_TYPES).get(segment.type, f"type {segment.type}")
     # D/B and L size code and data segments; a system descriptor's type gives its own size.
     size = ["64-bit" if segment.l else ("32-bit" if segment.db else "16-bit")] if segment.s else []
@@ -25,8 +31,7 @@ def describe_segment(segment: Segment) -> str:
         flags.append("4K-granular")
     if segment.unusable:
         flags.append("unusable")
-    return f"sel={segment.selector:#06x} base={segment.base:#x} limit={segment.limit:#x} {kind}, " \
-           + ", ".join(flags)
+    return f"{kind}, " + ", ".join(flags)
 
 
 def cpu_mode(snapshot: RegisterSnapshot) -> str:

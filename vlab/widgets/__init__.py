@@ -1,8 +1,9 @@
-"""Layer 4: ipywidgets views over a Lab's models (the only package importing ipywidgets
-and matplotlib). The state lives in the models; a view keeps only what it displays (and
+"""Layer 4: ipywidgets views over a Lab's models (the only package importing ipywidgets).
+The state lives in the models; a view keeps only what it displays (and
 KvmStatsView the previous counter reading it marks changes against). Each view has a
 `summary()` text, printed beside it in notebooks because nbval compares text only, and a
-short stable repr for the widget's text/plain output.
+short stable repr for the widget's text/plain output. A view follows the Lab (live) unless
+made with `live=False` (as at its cell); its caption says which.
 
     from vlab.widgets import Dashboard
     Dashboard(lab)

@@ -1,6 +1,10 @@
 """What every view shares: a box over one Lab, lazy attachment to its models, and a text
 summary (nbval compares text, never a widget's view).
 
+A view is live by default: it follows the Lab and redraws as its models change, so after a
+notebook's later cells it shows their state, not its own cell's. `live=False` makes a
+snapshot: drawn once, as at the cell that made it. Each view says which it is in its caption.
+
 A view may exist before the models it shows (a Dashboard made before `kvm_init`): it says
 what is missing and attaches on a later `refresh()`, which the Dashboard calls after every
 stepper action. Model callbacks may arrive on a vCPU thread, so views only read models and
@@ -16,9 +20,11 @@ from typing import Callable
 import ipywidgets as widgets
 
 CHANGED_STYLE = "background:#ffe58f"
-MONO = "font-family:monospace;font-size:12px"
+# An explicit line height: ipywidgets gives HTML widgets a button's (28 px) for every line.
+MONO = "font-family:monospace;font-size:12px;line-height:16px"
 TABLE_STYLE = f"border-collapse:collapse;{MONO}"
 CELL_STYLE = "padding:1px 6px;text-align:left;border-bottom:1px solid #eee"
+CAPTIONS = {True: "live: follows the lab", False: "as at this cell: does not follow the lab"}
 
 
 def escape(value: object) -> str:
@@ -88,25 +94,32 @@ class Throttle:
 
 class LabView(widgets.VBox):
     """A view over one Lab. Subclasses implement `_attach` (subscribe to the models that
-    exist now; True once done), `render` and `summary`."""
+    exist now; True once done), `render` and `summary`, and put `caption` (live or as at
+    this cell) above what they draw."""
 
-    def __init__(self, lab, **kwargs):
+    def __init__(self, lab, live: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.add_class(f"vlab-{type(self).__name__.lower()}")   # for CSS and browser tests
         self.lab = lab
+        self.live = live
+        self.caption = widgets.HTML(
+            f"<div class='vlab-caption vlab-{'live' if live else 'snapshot'}' "
+            f"style='color:#777;font-size:11px;line-height:14px'>{CAPTIONS[live]}</div>")
         self._detachers: list[Callable[[], None]] = []
         self._attached = False
 
     def refresh(self) -> None:
-        """Attach to models that appeared since (stages done meanwhile), then re-render."""
-        if not self._attached:
+        """Attach to models that appeared since (stages done meanwhile; a live view only),
+        then re-render."""
+        if self.live and not self._attached:
             self._attached = bool(self._attach())
         self.render()
 
     def on_lab_event(self) -> None:
-        """The Lab did something: attach to (and show) the models it made. An attached view
-        redraws when its models change, so a step draws it once, not once more here."""
-        if not self._attached:
+        """The Lab did something: a live view attaches to (and shows) the models it made. An
+        attached view redraws when its models change, so a step draws it once, not once
+        more here."""
+        if self.live and not self._attached:
             self.refresh()
 
     def _attach(self) -> bool:
@@ -143,8 +156,8 @@ class ExitLogView(LabView):
     seconds, from the vCPU thread or a timer for the last change) and at once when a step
     or run ends. `render` holds `_lock`: the vCPU thread and the kernel's may both draw."""
 
-    def __init__(self, lab, vcpu: int, interval: float, **kwargs):
-        super().__init__(lab, **kwargs)
+    def __init__(self, lab, vcpu: int, interval: float, live: bool = True, **kwargs):
+        super().__init__(lab, live, **kwargs)
         self.vcpu = vcpu
         self._throttle = Throttle(interval, self.render)
         self._lock = threading.Lock()

@@ -15,8 +15,9 @@ from .stepper import StageStepper
 
 
 class Dashboard(LabView):
-    """The stepper on top; registers beside disassembly, exit histogram and console; memory
-    at RIP, CPUID and KVM's counters in tabs. Stages make models appear (the first vCPU, the
+    """The stepper on top; registers beside disassembly, exit histogram and console (the
+    three fit a 1440x1000 window together); memory at RIP, CPUID and KVM's counters in tabs.
+    Every view in it is live. Stages make models appear (the first vCPU, the
     CPUID table, guest memory), so after each Lab event every view attaches to what is new;
     the models then tell each view when to redraw."""
 
@@ -35,9 +36,12 @@ class Dashboard(LabView):
         tabs = widgets.Tab(children=(self.memory, self.cpuid, self.stats),
                            titles=("memory at RIP", "CPUID", "KVM stats"))
         right = widgets.VBox((self.disassembly, self.histogram, self.console), layout=widgets.Layout(
-            flex="1 1 auto", min_width="0", margin="0 0 0 12px"))
-        self.registers.layout.flex = "0 0 560px"   # segment descriptions need the room
-        self.children = (self.stepper, widgets.HBox((self.registers, right)), tabs)
+            flex="1 1 auto", min_width="0", margin="0 0 0 16px"))
+        self.registers.layout.flex = "0 0 auto"   # as wide as its rows, which never wrap
+        # One caption for all: every view here is live (its own caption would repeat it).
+        for view in self.views:
+            view.caption.layout.display = "none"
+        self.children = (self.caption, self.stepper, widgets.HBox((self.registers, right)), tabs)
         # Whatever drives the Lab (these buttons, or lab.next_stage() typed in a cell), the
         # Lab says so, and every view refreshes and attaches to what is new.
         self._unsubscribe_lab = lab.subscribe(lambda _lab, **event: self.on_lab_event())

@@ -9,10 +9,12 @@ import capstone
 import ipywidgets as widgets
 
 from ..x86 import code_bits
-from .base import CHANGED_STYLE, MONO, LabView, escape, message
+from .base import CHANGED_STYLE, MONO, TABLE_STYLE, LabView, escape, message
 from .memory import linear_rip
 
 LOOKBEHIND = 32   # bytes before RIP searched for an instruction boundary that leads to RIP
+CELL = "padding:0 4px;white-space:nowrap;vertical-align:top"
+SOURCE_CELL = "padding:0 4px;vertical-align:top;color:#555"   # wraps: no horizontal scroll
 CAPSTONE_MODES = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
 
 
@@ -36,12 +38,12 @@ class Disassembly(LabView):
     assembled the guest. x86 cannot be decoded backwards: the instructions before RIP are a
     best guess (see `_behind`); the current one is always decoded from RIP itself."""
 
-    def __init__(self, lab, vcpu: int = 0, before: int = 4, after: int = 8):
-        super().__init__(lab)
+    def __init__(self, lab, vcpu: int = 0, before: int = 4, after: int = 8, live: bool = True):
+        super().__init__(lab, live)
         self.vcpu = vcpu
         self.before, self.after = before, after
         self.html = widgets.HTML()
-        self.children = (self.html,)
+        self.children = (self.caption, self.html)
         self.bits: int | None = None
         self.current: int | None = None
         self.lines: list[Line] = []
@@ -80,17 +82,18 @@ class Disassembly(LabView):
             self.lines, self.current = [], None
             self.html.value = message(str(e))
             return
+        td = f"<td style='{CELL}'>"
         rows = []
         for line in self.lines:
-            text = (f"{'=>' if line.current else '  '} {line.address:08x}  "
-                    f"{line.code.hex(' '):<18} {line.text:<28}"
-                    + (f" ; {line.source}" if line.source else ""))
-            rows.append(f"<span class='vlab-current' style='{CHANGED_STYLE}'>{escape(text)}</span>"
-                        if line.current else escape(text))
+            marker = (f"<tr class='vlab-current' style='{CHANGED_STYLE}'>{td}=>"
+                      if line.current else f"<tr>{td}")
+            rows.append(
+                f"{marker}</td>{td}{line.address:08x}</td>{td}{line.code.hex(' ')}</td>"
+                f"{td}{escape(line.text)}</td><td class='vlab-source' style='{SOURCE_CELL}'>"
+                f"{escape('; ' + line.source) if line.source else ''}</td></tr>")
         self.html.value = (
             f"<div style='{MONO}'>{self.bits}-bit code, RIP at {self.current:#x}</div>"
-            f"<pre class='vlab-disassembly' style='{MONO};margin:0;white-space:pre;"
-            f"overflow-x:auto'>" + "\n".join(rows) + "</pre>")
+            f"<table class='vlab-listing' style='{TABLE_STYLE}'>" + "".join(rows) + "</table>")
 
     def summary(self) -> str:
         if not self.lines:

@@ -1,76 +1,44 @@
 """ExitHistogram: the exits that reached userspace beside what KVM handled on its own."""
 from __future__ import annotations
 
-import io
-import math
-
 import ipywidgets as widgets
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
-from .base import ExitLogView
+from .base import ExitLogView, escape
 
 REDRAW_INTERVAL = 0.2   # seconds between live redraws while the guest runs
-ROWS = 8                # bars per chart at most
-MIN_ROWS = 4            # room kept for this many, so a few bars stay thin
-BAR_LEFT, BAR_SPAN = 0.32, 0.55   # in axes coordinates: names left of BAR_LEFT, counts after
 BAR_COLOR = "#4c72b0"
+BAR_WIDTH = "160px"     # the longest bar; the others to scale
+TEXT = "font-size:12px;line-height:16px"
+CELL = "padding:0 4px;white-space:nowrap"
 
 
-class BarChart:
-    """One chart on tickless axes, its patches and texts made once and updated in place:
-    axis ticks, title layout and new artists are most of a matplotlib redraw. Bars are on a
-    log scale: counts span 1 to millions (KVM emulating one instruction at a time counts
-    each)."""
-
-    def __init__(self, axes):
-        axes.set_axis_off()
-        axes.set_xlim(0, 1)
-        self.axes = axes
-        self.title = axes.text(0.5, 1.0, "", ha="center", va="top", fontsize=10,
-                               transform=axes.transAxes)
-        self.empty = axes.text(0.5, 0.5, "nothing yet", ha="center", va="center",
-                               transform=axes.transAxes)
-        self.rows = [(axes.add_patch(Rectangle((BAR_LEFT, 0), 0, 0.7, color=BAR_COLOR)),
-                      axes.text(BAR_LEFT - 0.01, 0, "", ha="right", va="center", fontsize=8),
-                      axes.text(0, 0, "", va="center", fontsize=8)) for _ in range(ROWS)]
-
-    def show(self, counts: dict[str, int], title: str) -> None:
-        self.title.set_text(title)
-        self.empty.set_visible(not counts)
-        shown = list(counts.items())[:ROWS]
-        top = math.log10(max(counts.values())) + 1 if counts else 1
-        # Rows from the top down, under the title; room for MIN_ROWS keeps a few bars thin.
-        self.axes.set_ylim(min(0, len(shown) - MIN_ROWS) - 0.5, len(shown) + 0.2)
-        for i, (bar, label, value) in enumerate(self.rows):
-            for artist in (bar, label, value):
-                artist.set_visible(i < len(shown))
-            if i < len(shown):
-                name, count = shown[i]
-                y = len(shown) - i - 1
-                width = BAR_SPAN * (math.log10(count) + 1) / top
-                bar.set_y(y - 0.35)
-                bar.set_width(width)
-                label.set_position((BAR_LEFT - 0.01, y))
-                label.set_text(name)
-                value.set_position((BAR_LEFT + width + 0.01, y))
-                value.set_text(f"{count:,}")
+def bar_chart(counts: dict[str, int], title: str) -> str:
+    """Bars on a linear scale, each count printed beside its bar: counts span 1 to millions
+    (KVM emulating one instruction at a time counts each), so a log scale would make 375,795
+    against 52 look like 2.4:1. A nonzero count keeps a 1 px sliver."""
+    top = max(counts.values(), default=0)
+    rows = "".join(
+        f"<tr data-exit='{escape(name)}'><td style='{CELL};text-align:right'>{escape(name)}</td>"
+        f"<td style='{CELL};width:{BAR_WIDTH}'><div style='background:{BAR_COLOR};height:11px;"
+        f"min-width:1px;width:{100 * count / top:.2f}%'></div></td>"
+        f"<td style='{CELL};text-align:right'>{count:,}</td></tr>"
+        for name, count in counts.items())
+    return (f"<table style='border-collapse:collapse;{TEXT}'><caption style='font-weight:bold;"
+            f"text-align:left'>{escape(title)}</caption>"
+            + (rows or f"<tr><td style='{CELL};color:#777'>nothing yet</td></tr>") + "</table>")
 
 
 class ExitHistogram(ExitLogView):
-    """Two bar charts in one reused matplotlib figure, rendered to PNG in an Image widget:
-    userspace exits by reason (ExitLog.histogram) and KVM's counters for the vCPU from the
-    binary stats fd (the run loop's KERNEL_COUNTERS). While the guest runs it redraws at most
-    every `interval` seconds (from the vCPU thread, or a timer for the last change); the end
-    of every run or step redraws at once."""
+    """Two bar charts in HTML: userspace exits by reason (ExitLog.histogram) and KVM's
+    counters for the vCPU from the binary stats fd (the run loop's KERNEL_COUNTERS). While
+    the guest runs it redraws at most every `interval` seconds (from the vCPU thread, or a
+    timer for the last change); the end of every run or step redraws at once."""
 
-    def __init__(self, lab, vcpu: int = 0, interval: float = REDRAW_INTERVAL):
-        super().__init__(lab, vcpu, interval)
-        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
-        self.children = (self.image,)
+    def __init__(self, lab, vcpu: int = 0, interval: float = REDRAW_INTERVAL, live: bool = True):
+        super().__init__(lab, vcpu, interval, live)
+        self.html = widgets.HTML()
+        self.children = (self.caption, self.html)
         self.redraws = 0
-        self._figure = Figure(figsize=(7.5, 2.2), dpi=80)
-        self._user_chart, self._kernel_chart = map(BarChart, self._figure.subplots(1, 2))
         self._drawn: tuple | None = None
         self.refresh()
 
@@ -91,12 +59,13 @@ class ExitHistogram(ExitLogView):
             drawn = (tuple(user.items()), tuple(kernel.items()))
             if drawn == self._drawn:
                 return
-            self._user_chart.show(user, f"userspace exits: {sum(user.values()):,}")
-            self._kernel_chart.show(kernel, "KVM's own counters (stats fd)")
-            buffer = io.BytesIO()
-            # Fast compression: a few kB more PNG (about 12 kB) for a few ms less.
-            self._figure.savefig(buffer, format="png", pil_kwargs={"compress_level": 1})
-            self.image.value = buffer.getvalue()
+            self.html.value = (
+                "<div class='vlab-histogram' style='display:flex;flex-wrap:wrap;"
+                "gap:4px 24px;align-items:flex-start'>"
+                + bar_chart(user, f"userspace exits: {sum(user.values()):,}")
+                + bar_chart(kernel, "KVM's own counters (stats fd)")
+                + f"</div><div style='color:#777;{TEXT}'>bar lengths to scale (linear) "
+                "within each chart</div>")
             self._drawn = drawn
             self.redraws += 1
 

@@ -30,8 +30,8 @@ class MemoryView(LabView):
     writes memory without telling anyone, so the view re-reads after every step and run."""
 
     def __init__(self, lab, start: int = 0, length: int = 256, follow_rip: bool = False,
-                 vcpu: int = 0):
-        super().__init__(lab)
+                 vcpu: int = 0, live: bool = True):
+        super().__init__(lab, live)
         self.start = start
         self.length = length
         self.vcpu = vcpu
@@ -39,7 +39,7 @@ class MemoryView(LabView):
                                     continuous_update=False, layout=widgets.Layout(width="220px"))
         self.follow = widgets.Checkbox(description="follow RIP", value=follow_rip, indent=False)
         self.html = widgets.HTML()
-        self.children = (widgets.HBox((self.address, self.follow)), self.html)
+        self.children = (self.caption, widgets.HBox((self.address, self.follow)), self.html)
         self.address.observe(self._on_address, "value")
         self.follow.observe(lambda change: self.render(), "value")
         self.refresh()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipywidgets as widgets
 
 from ..kvm.state import GPR_NAMES, SEGMENT_NAMES
-from ..lab.registers import cpu_mode, describe_segment
+from ..lab.registers import cpu_mode, segment_type
 from .base import LabView, cell, escape, message, table
 
 CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "efer")
@@ -12,17 +12,17 @@ SHOWN = frozenset(GPR_NAMES + ("rip", "rflags") + SEGMENT_NAMES + ("gdt", "idt")
 
 
 class RegisterView(LabView):
-    """GPRs, RIP, RFLAGS, segments, descriptor tables and control registers of one vCPU.
+    """GPRs, RIP, RFLAGS, control registers, segments and descriptor tables of one vCPU.
 
     Every value cell carries `data-reg="<name>"`; the ones the last step or run changed carry
     the class `vlab-changed` and are listed in `highlighted`."""
 
-    def __init__(self, lab, vcpu: int = 0):
-        super().__init__(lab)
+    def __init__(self, lab, vcpu: int = 0, live: bool = True):
+        super().__init__(lab, live)
         self.vcpu = vcpu
         self.html = widgets.HTML()
         self.highlighted: set[str] = set()
-        self.children = (self.html,)
+        self.children = (self.caption, self.html)
         self.refresh()
 
     def _attach(self) -> bool:
@@ -55,28 +55,33 @@ class RegisterView(LabView):
 
         gprs = [f"<tr>{cell(a, tag='th')}{hex64(a)}{cell(b, tag='th')}{hex64(b)}</tr>"
                 for a, b in zip(GPR_NAMES[:8], GPR_NAMES[8:])]
-        special = [
+        gprs += [
             f"<tr>{cell('rip', tag='th')}{hex64('rip')}"
             f"{cell('rflags', tag='th')}{value('rflags', f'{snap.regs.rflags:08x}')}</tr>",
             f"<tr><td colspan=4 style='padding:1px 6px'>flags: "
             f"{escape(' '.join(decoded['rflags']) or '-')}</td></tr>"]
-        segments = [f"<tr>{cell(name, tag='th')}"
-                    f"{value(name, describe_segment(getattr(snap.sregs, name)))}</tr>"
-                    for name in SEGMENT_NAMES]
-        for name in ("gdt", "idt"):
-            dtable = getattr(snap.sregs, name)
-            segments.append(f"<tr>{cell(name, tag='th')}"
-                            f"{value(name, f'base={dtable.base:#x} limit={dtable.limit:#x}')}</tr>")
+        # One row per segment, its fields in columns, so no row wraps.
+        segments = []
+        for name in SEGMENT_NAMES + ("gdt", "idt"):
+            segment = getattr(snap.sregs, name)
+            is_segment = name in SEGMENT_NAMES
+            first = f"{segment.selector:#06x}" if is_segment else ""
+            fields = (f"{segment.base:#x}", f"{segment.limit:#x}",
+                      segment_type(segment) if is_segment else "")
+            segments.append(f"<tr>{cell(name, tag='th')}{value(name, first)}"
+                            + "".join(cell(f, changed=name in highlighted) for f in fields)
+                            + "</tr>")
         controls = [f"<tr>{cell(name, tag='th')}{value(name, f'{flat[name]:#x}')}"
                     f"{cell(' '.join(decoded.get(name, [])))}</tr>"
                     for name in CONTROL_NAMES]
         self.highlighted = highlighted
         self.html.value = (
-            f"<div class='vlab-registers'>"
+            f"<div class='vlab-registers' style='line-height:16px'>"
             f"<b>vCPU {self.vcpu}</b> in "
             f"<span class='vlab-mode'>{escape(cpu_mode(snap))}</span> mode"
-            + table(gprs + special) + table(segments) + table(controls, ("", "value", "bits"))
-            + "</div>")
+            "<div style='display:flex;gap:16px;align-items:flex-start'>"
+            + table(gprs) + table(controls, ("", "value", "bits")) + "</div>"
+            + table(segments, ("", "selector", "base", "limit", "type")) + "</div>")
 
     def summary(self) -> str:
         model = self.model

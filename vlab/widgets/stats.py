@@ -14,11 +14,11 @@ class KvmStatsView(LabView):
     those that changed since the previous step or run are marked and listed in
     `highlighted`. Histograms show their number of samples."""
 
-    def __init__(self, lab, vcpu: int = 0):
-        super().__init__(lab)
+    def __init__(self, lab, vcpu: int = 0, live: bool = True):
+        super().__init__(lab, live)
         self.vcpu = vcpu
         self.html = widgets.HTML()
-        self.children = (self.html,)
+        self.children = (self.caption, self.html)
         self.counters: dict[str, int] = {}
         self.previous: dict[str, int] = {}
         self.highlighted: set[str] = set()
