@@ -6,10 +6,11 @@
   after a single-step) to the views' new state: the RegisterView alone; the views a step
   updates except the histogram (registers, disassembly, memory at RIP, KVM stats); and the
   whole Dashboard, whose histogram redraws too (a step is one more exit). Reference: the
-  step itself, `lab.step()` with no view.
-- histogram redraw: `ExitHistogram.render()` after a new exit. Reference: the plain way to
-  draw the same two bar charts with matplotlib's Agg backend (a new figure, `barh` on
-  default axes, `savefig` to PNG).
+  step itself, `lab.step()` with no view. Targets: 5 ms for the views a step updates,
+  25 ms for the whole Dashboard.
+- histogram redraw: `ExitHistogram.render()` (HTML bars) after a new exit; target 25 ms.
+  Reference: the same two bar charts as a picture, drawn the plain way with matplotlib's
+  Agg backend (a new figure, `barh` on default axes, `savefig` to PNG).
 - live views during a run: userspace exits/s of a run with the Dashboard attached (histogram
   redrawn every 0.2 s, stats, console) against the same run with no view.
 
@@ -34,6 +35,7 @@ from vlab.widgets import (Dashboard, Disassembly, ExitHistogram, KvmStatsView,  
                           MemoryView, RegisterView)
 
 REFRESH_TARGET_MS = 5.0
+DASHBOARD_TARGET_MS = 25.0
 REDRAW_TARGET_MS = 25.0
 LOOP = """\
 again:
@@ -98,8 +100,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--check", action="store_true",
-                        help=f"exit 1 if refresh > {REFRESH_TARGET_MS} ms or redraw > "
-                             f"{REDRAW_TARGET_MS} ms")
+                        help=f"exit 1 if refresh > {REFRESH_TARGET_MS} ms, the whole Dashboard "
+                             f"> {DASHBOARD_TARGET_MS} ms or redraw > {REDRAW_TARGET_MS} ms")
     args = parser.parse_args()
 
     bare, registers_only, step_views, charts, whole = (lab_with(LOOP) for _ in range(5))
@@ -136,7 +138,7 @@ def main() -> int:
         print(f"  {name:<{width}}  {value:8.3f} ms")
     redraw = medians["histogram redraw (ExitHistogram)"]
     print(f"  histogram redraw / plain Agg redraw: "
-          f"{redraw / medians['plain matplotlib Agg redraw (reference)']:.2f}")
+          f"{redraw / medians['plain matplotlib Agg redraw (reference)']:.2g}")
     rate = {name: statistics.median(values) for name, values in rates.items()}
     for name, value in rate.items():
         print(f"  {name:<{width}}  {value:8,.0f} exits/s")
@@ -150,6 +152,7 @@ def main() -> int:
     for view in views + [histogram]:
         view.close()
     missed = (medians["refresh: views a step updates"] > REFRESH_TARGET_MS
+              or medians["refresh: whole Dashboard"] > DASHBOARD_TARGET_MS
               or redraw > REDRAW_TARGET_MS)
     return 1 if args.check and missed else 0
 
