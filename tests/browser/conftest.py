@@ -159,9 +159,25 @@ def page(browser, request):
 def jupyterlab(tmp_path, request):
     """JupyterLab serving a copy of notebooks/dashboard.ipynb, or of the notebook the test
     module names in NOTEBOOK."""
-    root = tmp_path / "root"
+    server = serve_jupyterlab(getattr(request.module, "NOTEBOOK", "dashboard.ipynb"), tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_jupyterlab(tmp_path_factory, request):
+    """As `jupyterlab`, one server for the whole test module (its tests look at one run)."""
+    workdir = tmp_path_factory.mktemp("jupyterlab")
+    server = serve_jupyterlab(getattr(request.module, "NOTEBOOK", "dashboard.ipynb"), workdir)
+    yield server
+    server.stop()
+
+
+def serve_jupyterlab(notebook: str, workdir: Path) -> Server:
+    """JupyterLab serving a copy of notebooks/<notebook> from workdir/root."""
+    root = workdir / "root"
     root.mkdir()
-    notebook_copy(getattr(request.module, "NOTEBOOK", "dashboard.ipynb"), root)
+    notebook_copy(notebook, root)
     port = free_port()
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.root_dir={root}",
                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
@@ -169,9 +185,7 @@ def jupyterlab(tmp_path, request):
                "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     if os.geteuid() == 0:
         command.append("--allow-root")
-    server = start(command, f"http://127.0.0.1:{port}", tmp_path)
-    yield server
-    server.stop()
+    return start(command, f"http://127.0.0.1:{port}", workdir)
 
 
 @pytest.fixture
