@@ -45,3 +45,6 @@ else
   .venv/bin/python -m pip install -q -e ".[$extra]"
   echo "$extra $inputs" > "$stamp"
 fi
+# Voila's page template for the dashboard (voila.json names it), where Voila looks for them
+mkdir -p .venv/share/jupyter/voila/templates
+ln -sfn "$PWD/share/jupyter/voila/templates/vlab" .venv/share/jupyter/voila/templates/vlab

@@ -189,10 +189,16 @@ def serve_jupyterlab(notebook: str, workdir: Path) -> Server:
 
 
 @pytest.fixture
-def voila(tmp_path):
-    """Voilà rendering a copy of notebooks/dashboard.ipynb as a standalone page."""
+def voila(tmp_path, request):
+    """Voilà rendering a copy of notebooks/dashboard.ipynb as a standalone page, with the
+    repository's voila.json (read from the directory Voilà starts in), each section updated
+    by the test module's VOILA_CONFIG if it has one."""
     if importlib.util.find_spec("voila") is None:   # run as `python -m voila`, as JupyterLab
         pytest.skip("voila is not installed (it is in vlab's test extra)")
+    config = json.loads((REPO / "voila.json").read_text())
+    for section, values in getattr(request.module, "VOILA_CONFIG", {}).items():
+        config.setdefault(section, {}).update(values)
+    (tmp_path / "voila.json").write_text(json.dumps(config))
     root = tmp_path / "root"
     root.mkdir()
     notebook = notebook_copy("dashboard.ipynb", root)
