@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import nbformat
@@ -27,6 +28,7 @@ from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
 def notebooks(prefixes: list[str]) -> list[Path]:
@@ -39,10 +41,9 @@ def notebooks(prefixes: list[str]) -> list[Path]:
 
 def execute(path: Path, timeout: int, save: bool) -> float:
     nb = nbformat.read(path, as_version=4)
-    # Widget state (every model's value, under random model ids) is not stored: it would
-    # rewrite the whole file on every run and nbval never reads it. The widgets draw again
-    # when a learner runs the cells.
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
+    # Widget state is stored, so a reader sees the views before running anything (JupyterLab
+    # with widget state saving on, nbviewer, GitHub); nbval never reads it.
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             record_timing=False,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
     nb.metadata.pop("widgets", None)
@@ -52,8 +53,19 @@ def execute(path: Path, timeout: int, save: bool) -> float:
     finally:
         # Saved even when a cell fails: the stored error shows where (and nbval fails on it).
         if save:
-            nbformat.write(nb, path)
+            nbformat.write(stable_model_ids(nb, path.name), path)
     return time.perf_counter() - started
+
+
+def stable_model_ids(nb, name: str):
+    """The notebook with its widget model ids (random in the kernel) renamed in the order the
+    models were made: a run that makes the same widgets keeps the same ids, so re-running a
+    notebook changes only what its widgets show."""
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    text = nbformat.writes(nb)
+    for n, model_id in enumerate(list(state)):
+        text = text.replace(model_id, uuid.uuid5(uuid.NAMESPACE_URL, f"vlab/{name}/{n}").hex)
+    return nbformat.reads(text, as_version=4)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from vlab.kvm import kvm_usable
@@ -51,13 +52,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def notebook_copy(name: str, directory: Path) -> Path:
-    """`notebooks/<name>` without outputs or saved widget state."""
+def notebook_copy(name: str, directory: Path, outputs: bool = False) -> Path:
+    """`notebooks/<name>`, by default without outputs or saved widget state."""
     notebook = json.loads((REPO / "notebooks" / name).read_text())
-    for cell in notebook["cells"]:
-        if cell["cell_type"] == "code":
-            cell["outputs"], cell["execution_count"] = [], None
-    notebook["metadata"].pop("widgets", None)
+    if not outputs:
+        for cell in notebook["cells"]:
+            if cell["cell_type"] == "code":
+                cell["outputs"], cell["execution_count"] = [], None
+        notebook["metadata"].pop("widgets", None)
     path = directory / name
     path.write_text(json.dumps(notebook))
     return path
@@ -100,12 +102,21 @@ def start(command: list[str], url: str, workdir: Path) -> Server:
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                JUPYTER_CONFIG_DIR=str(workdir / "config"),
                JUPYTER_RUNTIME_DIR=str(workdir / "runtime"),
+               JUPYTER_DATA_DIR=str(workdir / "data"),
                JUPYTERLAB_SETTINGS_DIR=str(workdir / "settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(workdir / "workspaces"))
     # No news: the server is told not to fetch any (LabApp options) and the page not to ask.
     notification = workdir / "settings/@jupyterlab/apputils-extension/notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True, exist_ok=True)
     notification.write_text(json.dumps({"checkForUpdates": False, "fetchNews": "false"}))
+    # Widgets drawn from the state stored in a notebook, before any kernel runs.
+    widgets = workdir / "settings/@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings"
+    widgets.parent.mkdir(parents=True, exist_ok=True)
+    widgets.write_text(json.dumps({"saveState": True}))
+    # Every cell in the page (no windowing), so a test finds a widget far down a notebook.
+    tracker = workdir / "settings/@jupyterlab/notebook-extension/tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True, exist_ok=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))
     log = workdir / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -158,8 +169,9 @@ def page(browser, request):
 @pytest.fixture
 def jupyterlab(tmp_path, request):
     """JupyterLab serving a copy of notebooks/dashboard.ipynb, or of the notebook the test
-    module names in NOTEBOOK."""
-    server = serve_jupyterlab(getattr(request.module, "NOTEBOOK", "dashboard.ipynb"), tmp_path)
+    module names in NOTEBOOK (with its stored outputs and widget state if WITH_OUTPUTS)."""
+    server = serve_jupyterlab(getattr(request.module, "NOTEBOOK", "dashboard.ipynb"), tmp_path,
+                              outputs=getattr(request.module, "WITH_OUTPUTS", False))
     yield server
     server.stop()
 
@@ -173,11 +185,19 @@ def module_jupyterlab(tmp_path_factory, request):
     server.stop()
 
 
-def serve_jupyterlab(notebook: str, workdir: Path) -> Server:
+def serve_jupyterlab(notebook: str, workdir: Path, outputs: bool = False) -> Server:
     """JupyterLab serving a copy of notebooks/<notebook> from workdir/root."""
     root = workdir / "root"
     root.mkdir()
-    notebook_copy(notebook, root)
+    copy = notebook_copy(notebook, root, outputs)
+    if outputs:
+        # JupyterLab draws stored widgets only in a trusted notebook: sign the copy as a
+        # reader does with "Trust Notebook" (the server's own data directory, below).
+        from nbformat.sign import NotebookNotary
+        signed = nbformat.read(copy, as_version=4)
+        (workdir / "data").mkdir(exist_ok=True)
+        NotebookNotary(data_dir=str(workdir / "data")).sign(signed)
+        nbformat.write(signed, copy)
     port = free_port()
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.root_dir={root}",
                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
