@@ -96,9 +96,10 @@ class CpuidExplorer(LabView):
             return None
         self.new_lab = new
         self.status.value = message(
-            f"made a new Lab (cpu {lab.cpu_model},{self.edit_text}; accel, memory, vCPUs and "
-            f"mode as this one), brought up to x86_cpu_realizefn: explorer.new_lab. Its table "
-            f"is editable until its kvm_arch_init_vcpu; this Lab keeps its own.")
+            f"made a new Lab with this one's options (cpu {lab.cpu_model}, accel, memory, "
+            f"vCPUs, mode), brought up to x86_cpu_realizefn and its CPUID edited: "
+            f"{self.edit_text}. It is this view's new_lab (Dashboard(explorer.new_lab) shows "
+            f"it); its table stays editable until its kvm_arch_init_vcpu. This Lab is unchanged.")
         return new
 
     def render(self) -> None:
