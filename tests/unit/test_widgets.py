@@ -212,6 +212,9 @@ def test_dashboard_over_a_fresh_lab_says_what_is_missing():
     dashboard.stepper.stop_button.click()
     assert dashboard.stepper.status_text == "stop: the guest is not running"
     assert repr(dashboard) == "Dashboard()"
+    # one caption for the whole Dashboard, whose views are all live
+    assert dashboard.children[0] is dashboard.caption and "live" in dashboard.caption.value
+    assert all(view.live and view.caption.layout.display == "none" for view in dashboard.views)
 
 
 # --- the stepper's background runs, with a Lab whose run waits for stop -----------------------
