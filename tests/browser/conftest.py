@@ -109,10 +109,6 @@ def start(command: list[str], url: str, workdir: Path) -> Server:
     notification = workdir / "settings/@jupyterlab/apputils-extension/notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True, exist_ok=True)
     notification.write_text(json.dumps({"checkForUpdates": False, "fetchNews": "false"}))
-    # Widgets drawn from the state stored in a notebook, before any kernel runs.
-    widgets = workdir / "settings/@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings"
-    widgets.parent.mkdir(parents=True, exist_ok=True)
-    widgets.write_text(json.dumps({"saveState": True}))
     # Every cell in the page (no windowing), so a test finds a widget far down a notebook.
     tracker = workdir / "settings/@jupyterlab/notebook-extension/tracker.jupyterlab-settings"
     tracker.parent.mkdir(parents=True, exist_ok=True)
