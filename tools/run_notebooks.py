@@ -41,8 +41,8 @@ def notebooks(prefixes: list[str]) -> list[Path]:
 
 def execute(path: Path, timeout: int, save: bool) -> float:
     nb = nbformat.read(path, as_version=4)
-    # Widget state is stored, so a reader sees the views before running anything (JupyterLab
-    # with widget state saving on, nbviewer, GitHub); nbval never reads it.
+    # Widget state is stored, so a reader sees the views before running anything (nbviewer;
+    # JupyterLab once the notebook is trusted); nbval never reads it.
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             record_timing=False,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
