@@ -5,12 +5,6 @@
 %include "defs.inc"
 %define IDT_VECTORS 0x30
 
-PIC1_CMD  equ 0x20
-PIC1_DATA equ 0x21
-PIC2_CMD  equ 0xA0
-PIC2_DATA equ 0xA1
-PIC_EOI   equ 0x20
-IRQ_BASE  equ 0x20                      ; IRQ 0-7 -> vectors 0x20-0x27, 8-15 -> 0x28-0x2f
 PIT_CH0   equ 0x40
 PIT_CMD   equ 0x43
 PIT_DIVISOR equ 1193                    ; 1.193182 MHz / 1193: about 1 kHz
@@ -35,26 +29,7 @@ KERNEL_START
     FAIL "IOAPIC version is not 0x11"
 .ioapic_ok:
 
-    ; 8259 initialization words (8259A datasheet): ICW1 edge/cascade/ICW4, ICW2 vector
-    ; base, ICW3 cascade on IRQ 2, ICW4 8086 mode. Then mask all but IRQ 0.
-    mov al, 0x11
-    out PIC1_CMD, al
-    out PIC2_CMD, al
-    mov al, IRQ_BASE
-    out PIC1_DATA, al
-    mov al, IRQ_BASE + 8
-    out PIC2_DATA, al
-    mov al, 1 << 2
-    out PIC1_DATA, al
-    mov al, 2
-    out PIC2_DATA, al
-    mov al, 1
-    out PIC1_DATA, al
-    out PIC2_DATA, al
-    mov al, 0xFE
-    out PIC1_DATA, al
-    mov al, 0xFF
-    out PIC2_DATA, al
+    call pic_init
 
     mov al, 0x34                        ; channel 0, low then high byte, mode 2 (rate)
     out PIT_CMD, al

@@ -30,11 +30,6 @@ TESTDEV_PORT equ 0xE0
 TESTDEV_MEM equ 0xFF000000
 BOOT_COUNT  equ 0x1000                  ; RAM the loader never writes: survives a reset
 
-PIC1_CMD  equ 0x20
-PIC1_DATA equ 0x21
-PIC2_CMD  equ 0xA0
-PIC2_DATA equ 0xA1
-IRQ_BASE  equ 0x20
 
 %macro CHECK 2+                         ; CHECK name, label: run `label` if the argument is `name`
     mov edi, %%name
@@ -173,28 +168,6 @@ hpet_interrupt:
     out PIC1_CMD, al
     pop eax
     IRETURN
-
-; pic_init: the 8259 pair at vectors 0x20-0x2f, every IRQ masked but IRQ 0.
-pic_init:
-    mov al, 0x11
-    out PIC1_CMD, al
-    out PIC2_CMD, al
-    mov al, IRQ_BASE
-    out PIC1_DATA, al
-    mov al, IRQ_BASE + 8
-    out PIC2_DATA, al
-    mov al, 1 << 2
-    out PIC1_DATA, al
-    mov al, 2
-    out PIC2_DATA, al
-    mov al, 1
-    out PIC1_DATA, al
-    out PIC2_DATA, al
-    mov al, 0xFE
-    out PIC1_DATA, al
-    mov al, 0xFF
-    out PIC2_DATA, al
-    ret
 
 check_reset92:
     PRINT "reset through port 0x92", 10
