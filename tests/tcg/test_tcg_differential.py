@@ -2,20 +2,16 @@
 the same registers, memory and output. Skipped where /dev/kvm cannot be used."""
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 
 import pytest
 
-from vlab.accel.kvm import KvmAccelerator
-from vlab.kvm import detect_backend, kvm_usable
+from vlab.kvm import detect_backend
 from vlab.kvm.exits import Hlt, IoIn, MmioRead
 from vlab.kvm.state import SEGMENT_NAMES
 from vlab.machine.examples import EXAMPLES, RESULT_GPA
 
 from tcglib import make_guest
-
-_kvm = functools.cache(kvm_usable)
 
 PROGRAMS = {
     "flags and string ops": ("real", """
@@ -83,14 +79,6 @@ def transcript(accelerator, mode, source):
                 "memory": g.memory.read(0, 0x8000)}
     finally:
         g.close()
-
-
-@pytest.fixture
-def kvm_accelerator():
-    usable, why = _kvm()
-    if not usable:
-        pytest.skip(why)
-    return KvmAccelerator
 
 
 BACKEND = detect_backend()

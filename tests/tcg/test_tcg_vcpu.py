@@ -216,19 +216,6 @@ def test_guest_sees_the_cpuid_table_it_was_given(guest):
     assert g.vcpu.get_cpuid2() == table
 
 
-def test_unknown_instruction_is_an_internal_error_with_its_bytes(guest):
-    g = guest("""
-        nop
-        ud2             ; bad
-        hlt
-    """, "long")
-    exit = g.run()
-    assert isinstance(exit, InternalError)
-    assert exit.suberror == InternalErrorSuberror.EMULATION
-    assert exit.insn_bytes.startswith(b"\x0f\x0b\xf4")
-    assert g.vcpu.get_regs().rip == g.address_of("bad")
-
-
 @pytest.mark.parametrize("mode, source", [
     ("protected", "mov ax, 0x1234\nmov ds, ax\nhlt"),   # #GP: selector past the GDT
     ("long", "xor ecx, ecx\ndiv rcx\nhlt"),              # #DE

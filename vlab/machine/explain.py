@@ -53,7 +53,6 @@ _TCG_SUBERRORS = {
     InternalErrorSuberror.DELIVERY_EV: "the software CPU could not deliver an exception or "
                                        "interrupt to the guest",
 }
-_UNDEFINED = {b"\x0f\x0b": "ud2", b"\x0f\xb9": "ud1", b"\x0f\xff": "ud0"}
 
 
 @functools.cache
@@ -171,7 +170,7 @@ def explain_internal_error(exit: InternalError, regs, sregs, code: bytes, backen
         lines.append("No instruction bytes can be read at RIP: code runs from RAM or ROM only, "
                      "and this address is outside them (an MMIO hole, or nothing at all).")
     elif software:
-        lines += _software_detail(exit, sregs, code)
+        lines += _software_detail(exit, sregs)
     elif exit.suberror == InternalErrorSuberror.EMULATION and backend is not None \
             and backend.emulates_kernel_mode:
         lines.append(f"On this backend ({backend.module}) every kernel-mode (CPL0) instruction "
@@ -180,16 +179,11 @@ def explain_internal_error(exit: InternalError, regs, sregs, code: bytes, backen
     return "\n".join(lines)
 
 
-def _software_detail(exit: InternalError, sregs, code: bytes) -> list[str]:
+def _software_detail(exit: InternalError, sregs) -> list[str]:
     """What the software accelerator's INTERNAL_ERROR means (see vlab.accel.tcg)."""
     if exit.suberror == InternalErrorSuberror.EMULATION:
-        undefined = next((name for prefix, name in _UNDEFINED.items()
-                          if code.startswith(prefix)), None)
-        if undefined:
-            return [f"{undefined} is an undefined opcode on purpose: a CPU raises #UD "
-                    f"(vector 6) there; the software CPU stops instead of delivering it."]
-        return ["Either the bytes are no valid instruction in this mode (a CPU would raise "
-                "#UD) or Unicorn does not implement the instruction."]
+        return ["Unicorn stopped at this instruction without raising a guest exception (an "
+                "undefined opcode raises #UD, vector 6, delivered to the guest as on a CPU)."]
     if exit.suberror != InternalErrorSuberror.DELIVERY_EV or not exit.data:
         return []
     vector = exit.data[0]

@@ -20,7 +20,7 @@ device output end up as on KVM (tests/tcg/test_tcg_differential.py). What differ
 - Exceptions are not delivered through a protected- or long-mode IDT: a vector the IDT
   does not cover is a triple fault (`Shutdown`, as on KVM); one it covers is
   `InternalError(DELIVERY_EV, data=(vector,))`. Real mode uses the IVT, as the CPU does.
-  An instruction Unicorn cannot execute is `InternalError(EMULATION)` with its bytes.
+  An undefined opcode (ud2) raises #UD, delivered the same way.
 - MSRs are QEMU's: no `X86Rdmsr`/`X86Wrmsr` exits; an MSR QEMU lacks reads 0 and ignores
   writes in the guest (KVM: #GP), and stops `get_msrs`/`set_msrs` (`msrs`).
 - CPUID answers every leaf from the table (kvm_pvm takes leaves 1 and 7 from the host), but

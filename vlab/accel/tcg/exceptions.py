@@ -2,7 +2,8 @@
 
 Unicorn never delivers an exception through the guest's IDT: it calls the UC_HOOK_INTR hook
 with the vector (RIP at a faulting instruction, or after a trap or INT n) and, without the
-hook, stops. A CPU (and KVM, which lets the CPU do it) looks the vector up in the IDT; if the
+hook, stops; an undefined opcode (#UD) stops it with UC_ERR_INSN_INVALID instead, and the
+vCPU delivers `UD_VECTOR` here like any other vector. A CPU (and KVM, which lets the CPU do it) looks the vector up in the IDT; if the
 IDT is too short the lookup itself faults, a second fault is a double fault, a third a
 triple fault: the CPU shuts down (KVM_EXIT_SHUTDOWN). So:
 
@@ -28,6 +29,8 @@ from ...kvm.abi import InternalErrorSuberror
 from ...kvm.exits import Exit, InternalError, Shutdown
 from ...x86 import CR0_PE, EFER_LMA, RFLAGS_AC, RFLAGS_IF, RFLAGS_TF
 from .cpustate import read_sregs, write_sregs
+
+UD_VECTOR = 6  # #UD, invalid opcode
 
 
 def deliver(engine, vector: int, shadow) -> Exit | None:

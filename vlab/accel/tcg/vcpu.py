@@ -15,8 +15,10 @@ before every instruction, where without one it would finish the whole translated
   the load until `complete_mmio_read` answers it, as on KVM; a store is completed before
   `MmioWrite` is returned, as KVM does.
 - HLT: `Hlt` with RIP after the HLT. CPUID answers from the `set_cpuid2` table. Exceptions
-  are handled by `exceptions`; an instruction Unicorn cannot execute is an `InternalError`
-  (KVM_INTERNAL_ERROR_EMULATION) with its bytes.
+  are handled by `exceptions`, #UD too: Unicorn stops on an undefined opcode (or one QEMU's
+  TCG lacks, for which QEMU raises #UD as well) with UC_ERR_INSN_INVALID instead of calling
+  the interrupt hook. Any other stop is an `InternalError` (KVM_INTERNAL_ERROR_EMULATION)
+  with the bytes at RIP.
 - `set_guest_debug`: single-step runs one instruction per `run()` (`count=1`) and returns
   `Debug` with DR6.BS; hardware breakpoints are Unicorn code hooks on their addresses,
   returning `Debug` with DR6.Bn before the instruction runs, and not again when resuming
@@ -34,7 +36,8 @@ import threading
 import time
 from typing import Callable
 
-from unicorn import UC_ERR_OK, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_WRITE_PROT
+from unicorn import (UC_ERR_INSN_INVALID, UC_ERR_OK, UC_HOOK_CODE, UC_HOOK_INTR,
+                     UC_HOOK_MEM_WRITE_PROT)
 from unicorn import x86_const as x86
 
 from ...kvm.abi import InternalErrorSuberror
@@ -45,7 +48,7 @@ from ...x86 import HW_BREAKPOINTS, opcode_offset
 from .cpuid import CpuidAnswers
 from .cpustate import read_segments
 from .engine import Engine
-from .exceptions import deliver
+from .exceptions import UD_VECTOR, deliver
 from .hooks import DR6_FIXED, UnicornHooks
 from .portio import IoShape, io_shape
 from .restart import Access, AccessLog
@@ -193,6 +196,8 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
                 # INS stores what it read: the stop abandoned it, like a memory exit
                 self._log.record(Access("in", exit.port, exit.size, None))
             return exit
+        if status == UC_ERR_INSN_INVALID:  # QEMU's EXCP06_ILLOP, RIP at the instruction
+            self._vector = UD_VECTOR
         if self._vector is not None:
             exit = deliver(engine, self._vector, self._shadow)
             if exit is not None:
