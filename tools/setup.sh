@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Prepare a machine for vlab: system packages, then a virtual environment with the package.
-# Usage: tools/setup.sh lab|test   (test also installs Chromium for the browser tier)
+# Usage: tools/setup.sh lab|hub|test   (hub adds JupyterHub and its proxy for a class,
+# deploy/jupyterhub; test is both, with Chromium for the browser tier)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-lab}
+case $profile in lab|hub|test) ;; *) echo "usage: tools/setup.sh lab|hub|test" >&2; exit 2 ;; esac
 
 # gcc, Python's headers and <linux/kvm.h> build vlab's compiled VM-exit path (setup.py);
 # libtraceevent1 and libtracefs1 decode KVM's tracepoints (vlab.kvm.kernel_trace)
 apt_packages=(nasm python3-venv gcc python3-dev libc6-dev linux-libc-dev libtraceevent1 libtracefs1)
 [ "$profile" = test ] && apt_packages+=(chromium)
+# JupyterHub's proxy (configurable-http-proxy) runs on Node.js
+if [ "$profile" != lab ] && ! command -v npm >/dev/null; then apt_packages+=(nodejs npm); fi
 
 missing=()
 for pkg in "${apt_packages[@]}"; do
@@ -33,7 +37,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # pip runs only when what it installs from changed since the last set-up (so a set-up
 # machine works offline): the stamp holds the extra and a hash of the build files.
-extra=$([ "$profile" = test ] && echo test || echo lab)
+extra=$profile
 stamp=.venv/.vlab-setup
 inputs=$(cat pyproject.toml setup.py vlab/kvm/_exitpath.c | sha256sum | cut -d' ' -f1)
 read -r done_extra done_inputs < "$stamp" 2>/dev/null || true
@@ -44,6 +48,14 @@ else
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[$extra]"
   echo "$extra $inputs" > "$stamp"
+fi
+# JupyterHub's proxy from npm, into .venv/bin, where deploy/jupyterhub's config looks first
+# (4.6 runs on Debian 12's Node.js 18; 5.x needs Node.js 20)
+chp_version=4.6.3
+if [ "$profile" != lab ] && [ "$(.venv/bin/configurable-http-proxy --version 2>/dev/null)" != "$chp_version" ]; then
+  echo "vlab setup: installing configurable-http-proxy $chp_version into .venv"
+  npm install -s --no-audit --no-fund --prefix .venv/lib/node "configurable-http-proxy@$chp_version"
+  ln -sfn ../lib/node/node_modules/.bin/configurable-http-proxy .venv/bin/configurable-http-proxy
 fi
 # Voila's page template for the dashboard (voila.json names it), where Voila looks for them
 mkdir -p .venv/share/jupyter/voila/templates
