@@ -237,6 +237,16 @@ def _ram_end(memory: GuestMemory, ram_size: int | None) -> int:
     return ram_size
 
 
+def memory_map(ram_end: int) -> list[tuple[int, int, int]]:
+    """(base, length, type) of a PC's RAM as its BIOS reports it (e820, also Linux's zero
+    page): the 639 KiB below the EBDA and the RAM from 1 MiB available; the EBDA and the
+    BIOS area reserved; VGA memory and the option ROMs in between not listed at all."""
+    return [(0, LOW_MEMORY_END, MEMORY_AVAILABLE),
+            (LOW_MEMORY_END, 0xA0000 - LOW_MEMORY_END, MEMORY_RESERVED),
+            (0xF0000, HIGH_MEMORY - 0xF0000, MEMORY_RESERVED),
+            (HIGH_MEMORY, ram_end - HIGH_MEMORY, MEMORY_AVAILABLE)]
+
+
 def _cstring(text: str, what: str) -> bytes:
     if "\0" in text:
         raise MultibootError(f"{what} {text!r} contains a NUL byte, which would end it early")
@@ -316,10 +326,7 @@ def load_multiboot(memory: GuestMemory, image: bytes | str | os.PathLike, cmdlin
     _check_reserved(segments)
     ram_end = _ram_end(memory, ram_size)
     mem_lower, mem_upper = LOW_MEMORY_END // 1024, (ram_end - HIGH_MEMORY) // 1024
-    mmap = [(0, LOW_MEMORY_END, MEMORY_AVAILABLE),
-            (LOW_MEMORY_END, 0xA0000 - LOW_MEMORY_END, MEMORY_RESERVED),
-            (0xF0000, HIGH_MEMORY - 0xF0000, MEMORY_RESERVED),
-            (HIGH_MEMORY, ram_end - HIGH_MEMORY, MEMORY_AVAILABLE)]
+    mmap = memory_map(ram_end)
     info_flags = INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOT_LOADER_NAME
     modules = [(name, bytes(blob)) for name, blob in modules]
 

@@ -95,15 +95,16 @@ class VcpuReport:
 
 
 @dataclass
-class MultibootResult:
-    """What `boot_multiboot` saw: the guest's exit status (None if it never wrote
-    isa-debug-exit), how and why the machine stopped, the console, each vCPU's end."""
+class PcResult:
+    """What `boot_pc` saw: the guest's exit status (None if it never wrote
+    isa-debug-exit), how and why the machine stopped, the console, what was loaded (a
+    MultibootBoot or a LinuxBoot), each vCPU's end."""
     status: int | None
     ended_by: str
     stop_reason: str
     console: str
     seconds: float
-    boot: MultibootBoot
+    boot: object
     vcpus: list[VcpuReport]
     resets: int = 0  # times the guest reset the machine and booted again (`reboot`)
 
@@ -125,10 +126,10 @@ def _open_kvm(accel: str):
     """The kvm accelerator: the irqchip, the PIT and INIT/SIPI are KVM's in-kernel devices,
     which the software accelerator does not have."""
     if accel not in ("kvm", "auto"):
-        raise ValueError(f"a multiboot PC needs the kvm accelerator (the in-kernel irqchip "
+        raise ValueError(f"this PC needs the kvm accelerator (the in-kernel irqchip "
                          f"and PIT); {accel!r} has neither")
     from ..accel.kvm import KvmAccelerator
-    return KvmAccelerator("a multiboot PC needs the in-kernel irqchip")
+    return KvmAccelerator("this PC needs the in-kernel irqchip")
 
 
 def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1,
@@ -252,11 +253,10 @@ def _report(runner: VcpuRunner, result: RunResult) -> VcpuReport:
                       runner.log.kernel_exit_table() if runner.kernel_trace is not None else None)
 
 
-def reset_pc(machine: Machine, kernel, *, append: str = "",
-             modules: Sequence[str | os.PathLike] = ()) -> MultibootBoot:
+def reset_pc(machine: Machine, load: Callable[[Machine], object]) -> object:
     """A guest's reset, followed through (QEMU without -no-reboot): the devices back to
     their reset state, every AP waiting for INIT/SIPI again, and, as the firmware would
-    run the multiboot option ROM again, the kernel reloaded and the BSP at its entry.
+    boot the kernel again, `load` (the kernel reloaded and the BSP at its entry).
     RAM keeps what the guest wrote, as on a PC. Unlike QEMU's, the in-kernel irqchip, PIT
     and local APICs keep their state."""
     machine.reset_request = None
@@ -265,28 +265,34 @@ def reset_pc(machine: Machine, kernel, *, append: str = "",
     for runner in machine.runners[1:]:
         runner.vcpu.set_mp_state(MpState.UNINITIALIZED)
     machine.runners[0].vcpu.set_mp_state(MpState.RUNNABLE)
-    return load_kernel(machine, kernel, append=append, modules=modules)
+    return load(machine)
 
 
 def boot_multiboot(kernel: bytes | str | os.PathLike, *, append: str = "",
-                   modules: Sequence[str | os.PathLike] = (), smp: int = 1,
-                   memory: int | str = DEFAULT_MEMORY, accel: str = "kvm",
-                   timeout: float | None = None,
-                   output: Callable[[bytes], None] | None = None,
-                   cpu_model: Callable[[list], list] | None = None,
-                   reboot: bool = False, kernel_trace=None) -> MultibootResult:
+                   modules: Sequence[str | os.PathLike] = (), **options) -> PcResult:
     """Build the PC, load `kernel` with its command line `append` and `modules` (each
-    "FILE [ARGS]", as QEMU's -initrd), run until the guest exits, stops or `timeout`
-    seconds pass, and close the machine. `output` receives console bytes as they come;
-    `cpu_model` is `create_pc`'s. A guest's reset ends the run unless `reboot`: then the
-    machine is reset (`reset_pc`) and runs on, within the same `timeout`. `kernel_trace` (a
-    vlab.kvm.KernelTrace) gives each exit record its KVM_RUN's kernel events, and each
-    vCPU's report the kernel's table of exits."""
+    "FILE [ARGS]", as QEMU's -initrd), and run it (`boot_pc`'s `options`)."""
+    return boot_pc(lambda machine: load_kernel(machine, kernel, append=append, modules=modules),
+                   **options)
+
+
+def boot_pc(load: Callable[[Machine], object], *, smp: int = 1,
+            memory: int | str = DEFAULT_MEMORY, accel: str = "kvm",
+            timeout: float | None = None, output: Callable[[bytes], None] | None = None,
+            cpu_model: Callable[[list], list] | None = None, reboot: bool = False,
+            kernel_trace=None, create: Callable[..., Machine] = create_pc) -> PcResult:
+    """Build the PC (`create`, `create_pc`'s arguments), `load` a guest into it (returns
+    what it loaded), run until the guest exits, stops or `timeout` seconds pass, and close
+    the machine. `output` receives console bytes as they come; `cpu_model` is
+    `create_pc`'s. A guest's reset ends the run unless `reboot`: then the machine is reset
+    (`reset_pc`, which loads the guest again) and runs on, within the same `timeout`.
+    `kernel_trace` (a vlab.kvm.KernelTrace) gives each exit record its KVM_RUN's kernel
+    events, and each vCPU's report the kernel's table of exits."""
     started = time.perf_counter()
     kvm = _open_kvm(accel)
     stuck = False
     try:
-        machine = create_pc(kvm, memory=memory, smp=smp, cpu_model=cpu_model)
+        machine = create(kvm, memory=memory, smp=smp, cpu_model=cpu_model)
     except BaseException:
         kvm.close()
         raise
@@ -295,7 +301,7 @@ def boot_multiboot(kernel: bytes | str | os.PathLike, *, append: str = "",
             machine.console.listeners.append(output)
         for runner in machine.runners:
             runner.kernel_trace = kernel_trace
-        boot = load_kernel(machine, kernel, append=append, modules=modules)
+        boot = load(machine)
         resets = 0
         while True:
             left = None if timeout is None else max(timeout - (time.perf_counter() - started), 0)
@@ -303,10 +309,10 @@ def boot_multiboot(kernel: bytes | str | os.PathLike, *, append: str = "",
             if ended_by != BY_RESET or not reboot:
                 break
             resets += 1
-            boot = reset_pc(machine, kernel, append=append, modules=modules)
+            boot = reset_pc(machine, load)
         status = machine.exit_request.status if machine.exit_request else None
-        return MultibootResult(status, ended_by, reason, machine.console.text,
-                               time.perf_counter() - started, boot, reports, resets)
+        return PcResult(status, ended_by, reason, machine.console.text,
+                        time.perf_counter() - started, boot, reports, resets)
     except VcpuStuckError:
         stuck = True  # closing would unmap kvm_run under a thread still inside KVM_RUN
         raise
