@@ -48,11 +48,12 @@ class Run:
         return self.exits / self.seconds
 
 
-def exit_rate_arguments(description: str, target: float) -> argparse.Namespace:
+def exit_rate_arguments(description: str, target: float, rounds: int = 7,
+                        exits: int = 100_000) -> argparse.Namespace:
     """The options every exits/s benchmark takes: rounds, exits per run, --check."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--exits", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--exits", type=int, default=exits)
     parser.add_argument("--check", action="store_true", help=f"exit 1 if the ratio is below {target}")
     return parser.parse_args()
 
