@@ -7,18 +7,22 @@ unit test, the run loop and a notebook console.
 """
 from __future__ import annotations
 
+from vlab.devices.acpi_pm import AcpiPm
 from vlab.devices.bus import Bus, BusError, Mapping
 from vlab.devices.device import Device
 from vlab.devices.debugcon import DebugConsole
 from vlab.devices.debugexit import IsaDebugExit
 from vlab.devices.fwcfg import FwCfg
 from vlab.devices.hpet import Hpet, HpetTicker
+from vlab.devices.i8042 import I8042
 from vlab.devices.pc_testdev import PcTestdev
 from vlab.devices.reset import Port92, ResetControl
+from vlab.devices.rtc import CmosRtc
 from vlab.devices.testdev import MmioTestDevice
 from vlab.devices.uart16550 import Uart16550
 
 __all__ = [
-    "Bus", "BusError", "DebugConsole", "Device", "FwCfg", "Hpet", "HpetTicker", "IsaDebugExit",
-    "Mapping", "MmioTestDevice", "PcTestdev", "Port92", "ResetControl", "Uart16550",
+    "AcpiPm", "Bus", "BusError", "CmosRtc", "DebugConsole", "Device", "FwCfg", "Hpet",
+    "HpetTicker", "I8042", "IsaDebugExit", "Mapping", "MmioTestDevice", "PcTestdev", "Port92",
+    "ResetControl", "Uart16550",
 ]

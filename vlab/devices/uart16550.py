@@ -127,6 +127,13 @@ class Uart16550:
         self.rbr_reads = 0   # how often the guest read RBR: whether it reads COM1 at all
         self.reset()
 
+    def connect_irq(self, irq: Callable[[bool], None]) -> None:
+        """Wire the interrupt line (a board gives COM1 IRQ 4) and drive it to the current
+        level, so a line connected after the guest enabled interrupts starts right."""
+        with self._lock:
+            self._irq = irq
+            irq(self.irq_level)
+
     def reset(self) -> None:
         """Power-on values, as QEMU's `serial_reset`: 9600 baud 8N1, OUT2 set, all quiet."""
         with self._lock:

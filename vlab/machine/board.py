@@ -99,6 +99,7 @@ class Machine:
         self.runners: list[VcpuRunner] = []
         self.exit_request: ExitRequest | None = None
         self.reset_request: str | None = None   # what the guest wrote to ask for a reset
+        self.poweroff_request: str | None = None  # how the guest switched the machine off
         self.on_close: list = []                # called before the VM closes (device threads)
         self.devices: dict[str, object] = {}
         # Which backend runs the guest shapes how fatal exits are explained.
@@ -141,6 +142,12 @@ class Machine:
         self.reset_request = cause
         for runner in self.runners:
             runner.stop(f"the guest asked for a reset: {cause}")
+
+    def request_poweroff(self, cause: str) -> None:
+        """The guest switched the machine off (ACPI S5): stop every vCPU, as QEMU ends."""
+        self.poweroff_request = cause
+        for runner in self.runners:
+            runner.stop(f"the guest powered off: {cause}")
 
     def _on_debug_exit(self, status: int) -> None:
         self.exit_request = ExitRequest(status)

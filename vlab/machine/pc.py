@@ -44,10 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..kvm.abi import MpState
-from ..devices import Hpet, HpetTicker, PcTestdev, Port92, ResetControl
+from ..devices import (AcpiPm, CmosRtc, Hpet, HpetTicker, I8042, PcTestdev, Port92,
+                       ResetControl)
 from ..devices.hpet import BASE as HPET_BASE, SIZE as HPET_SIZE
 from ..x86 import CR0_ET, CR0_PE
 from .board import TESTDEV_BASE, Machine, parse_size
+from .acpi import BASE as ACPI_BASE, build_tables as build_acpi_tables
 from .builder import build_board
 from .cpu_modes import DEFAULT_LAYOUT, CpuMode, initial_regs, setup_mode
 from .multiboot import MultibootBoot, load_multiboot
@@ -62,7 +64,8 @@ MAX_CPUS = 255  # xAPIC IDs are 8 bits and 0xff is the broadcast address
 # statuses are odd). A guest's reset exits 0, as QEMU with -no-reboot does.
 BY_GUEST = "isa-debug-exit"   # the others from runloop.run_vcpus
 BY_RESET = "reset"
-EXIT_CODES = {BY_RESET: 0, BY_VCPU: 2, BY_TIMEOUT: 124, BY_INTERRUPT: 130}  # 124 as timeout(1),
+BY_POWEROFF = "poweroff"
+EXIT_CODES = {BY_RESET: 0, BY_POWEROFF: 0, BY_VCPU: 2, BY_TIMEOUT: 124, BY_INTERRUPT: 130}  # 124 as timeout(1),
 # 130 as SIGINT
 
 
@@ -173,6 +176,37 @@ def add_pc_devices(machine: Machine) -> None:
     machine.on_close.append(ticker.stop)
 
 
+COM1_IRQ = 4
+
+
+def add_linux_devices(machine: Machine) -> None:
+    """What Linux with `console=ttyS0` and no firmware needs beyond `add_pc_devices`
+    (QEMU's `pc` has them all): COM1 on IRQ 4 through the in-kernel irqchip (Linux's 8250
+    driver transmits on THR-empty interrupts once /init opens the console); the CMOS RTC at
+    0x70 (rtc-cmos reads the time at boot); the i8042 at 0x60/0x64 (its driver probes it;
+    `reboot=k` resets through it); ACPI's PM1 registers at 0x600 and the tables that
+    describe them at 0xF0000 (`poweroff` enters S5 there and ends the run: vlab.machine.acpi
+    says why ACPI, and which tables). 0xcf9, the FADT's reset register, is already there."""
+    vm = machine.vm.vm
+    machine.devices["serial0"].connect_irq(lambda level: vm.irq_line(COM1_IRQ, int(level)))
+    for device in (CmosRtc(), I8042(irq=vm.irq_line, on_reset=machine.request_reset),
+                   AcpiPm(on_poweroff=machine.request_poweroff)):
+        machine.pio.register(device.IOBASE, device.SIZE, device)
+        machine.devices[device.name] = device
+    machine.memory.write(ACPI_BASE, build_acpi_tables(len(machine.runners)))
+
+
+def create_linux_pc(accel, **options) -> Machine:
+    """`create_pc` (same options), with `add_linux_devices`: the PC a Linux kernel boots on."""
+    machine = create_pc(accel, **options)
+    try:
+        add_linux_devices(machine)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
 def _module(spec: str | os.PathLike) -> tuple[str, bytes]:
     """QEMU's `-initrd "FILE ARGS"`: the file's bytes, the whole text as the module's string."""
     text = os.fspath(spec)
@@ -238,6 +272,9 @@ def run_vcpus(machine: Machine, *, timeout: float | None = None
     if machine.reset_request is not None:
         ended_by = BY_RESET
         reason = f"the guest asked for a reset: {machine.reset_request}"
+    if machine.poweroff_request is not None:
+        ended_by = BY_POWEROFF
+        reason = f"the guest powered off: {machine.poweroff_request}"
     if machine.exit_request is not None:
         ended_by = BY_GUEST
         reason = f"the guest wrote isa-debug-exit: status {machine.exit_request.status}"
