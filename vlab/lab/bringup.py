@@ -192,6 +192,14 @@ def kvm_arch_put_registers(lab, record: StageRecord) -> None:
             "VMM's KVM_SET_SREGS as given and checks CPUID only when the guest itself "
             "sets EFER.LME with WRMSR, which then raises #GP. Create a Lab with "
             "mode='protected' and let the guest try.")
+    if lab.guest.boot is not None:   # Linux: the boot protocol's entry, not the mode's
+        from ..machine.linux import enter_linux
+        writes = enter_linux(lab.vcpus[0], lab.machine.memory, lab.guest.boot)
+        record.notes += lab.guest.boot.summary().splitlines()
+        record.notes += [f"wrote {what} at {gpa:#x} ({length} bytes)" for gpa, length, what in writes]
+        lab.registers[0].refresh(lab.vcpus[0])
+        record.actions += lab.accel.stage_actions("kvm_arch_put_registers")
+        return
     for i, vcpu in enumerate(lab.vcpus):
         setup = lab.machine.setup_cpu(vcpu, lab.mode, lab.guest.entry,
                                        stack=GUEST_ORG - VCPU_STACK * i, rbx=i)

@@ -47,6 +47,8 @@ class Guest:
     entry: int
     source: str | None = None
     assembly: object | None = None
+    linux: tuple | None = None   # a Linux kernel's (initrd bytes or None, command line)
+    boot: object | None = None   # its vlab.machine.linux.LinuxBoot, once in memory
 
 
 def _release(machine, accel, kernel_trace) -> None:
@@ -192,6 +194,33 @@ class Lab(StagePipeline):
         self._write_guest_if_ready()
         return self.guest
 
+    def load_linux(self, kernel, initrd=None, append: str = "") -> Guest:
+        """A Linux kernel with its initrd and command line, as QEMU's -kernel -initrd
+        -append: a bzImage, or an ELF vmlinux with a PVH note (vlab.machine.linux). It is
+        loaded at pc_memory_init and entered at kvm_arch_put_registers the boot protocol's
+        way. Linux needs KVM with the in-kernel irqchip and PIT, and RAM:
+        `vlab.Lab(irqchip=True, memory="256M")`."""
+        from ..machine.linux import plan_linux
+        if not self.irqchip:
+            raise ValueError("Linux needs the in-kernel irqchip and PIT (its timer interrupts "
+                             "and serial console): create the Lab with irqchip=True")
+        if self.nr_vcpus != 1:
+            raise ValueError(f"vcpus={self.nr_vcpus}: a Lab boots Linux on one vCPU (the "
+                             f"boot protocol enters the bootstrap processor only)")
+        self._check_linux_accel()
+        data = read_image(kernel)
+        blob = read_image(initrd) if initrd is not None else None
+        boot, _ = plan_linux(data, blob, append, self.memory_size)  # refused now, not later
+        self.guest = Guest("linux", data, boot.kernel[0][0], boot.entry, linux=(blob, append))
+        self._write_guest_if_ready()
+        return self.guest
+
+    def _check_linux_accel(self) -> None:
+        if self.accel is not None and not self.accel.capabilities.kernel:
+            raise StageError(f"Linux needs KVM: its timer and interrupts come from KVM's "
+                             f"in-kernel irqchip and PIT, which the software accelerator "
+                             f"lacks ({self.accel.reason})")
+
     def _write_guest_if_ready(self) -> None:
         self._check_open()
         if "memory" in self.provided:
@@ -204,6 +233,14 @@ class Lab(StagePipeline):
             loaded = load_elf(self.machine.memory, guest.code)
             guest.entry = loaded.entry
             guest.load_address = loaded.segments[0][0] if loaded.segments else 0
+        elif guest.linux is not None:
+            from ..machine.linux import enter_linux, load_linux_image
+            self._check_linux_accel()
+            guest.boot = load_linux_image(self.machine.memory, guest.code, *guest.linux,
+                                          ram_size=self.memory_size)
+            if "registers" in self.provided:   # loaded after bring-up: enter it now
+                enter_linux(self.vcpus[0], self.machine.memory, guest.boot)
+                self.registers[0].refresh(self.vcpus[0])
         else:
             self.machine.memory.write(guest.load_address, guest.code)
 

@@ -117,14 +117,6 @@ class LinuxBoot:
         return "\n".join(lines)
 
 
-def _ram_end(memory: GuestMemory, ram_size: int | None) -> int:
-    region = memory.find(HIGH_MEMORY)
-    if region is None or region.kind != "ram":
-        raise LinuxBootError("no RAM at 1 MiB (0x100000), where Linux is loaded")
-    end = region.end if ram_size is None else min(ram_size, region.end)
-    return min(end, 1 << 32)
-
-
 def _cmdline(text: str, limit: int | None) -> bytes:
     if "\0" in text:
         raise LinuxBootError(f"the command line {text!r} contains a NUL byte, which would "
@@ -239,18 +231,29 @@ def _pvh(data: bytes, cmdline: str, initrd: bytes | None, ram_end: int,
     return boot, segments
 
 
+def plan_linux(kernel: bytes | str | os.PathLike, initrd: bytes | str | os.PathLike | None,
+               cmdline: str, ram_end: int, acpi_rsdp: int = 0
+               ) -> tuple[LinuxBoot, list[ImageSegment]]:
+    """Check a bzImage or a PVH vmlinux, its initrd and command line against RAM that ends
+    at `ram_end`, and decide where each piece goes, writing nothing: what was decided and
+    the bytes to place."""
+    data = read_image(kernel)
+    blob = read_image(initrd) if initrd is not None else None
+    load = _pvh if data[:4] == ELF_MAGIC else _bzimage
+    return load(data, cmdline, blob, min(ram_end, 1 << 32), acpi_rsdp)
+
+
 def load_linux_image(memory: GuestMemory, kernel: bytes | str | os.PathLike,
                      initrd: bytes | str | os.PathLike | None = None, cmdline: str = "",
                      ram_size: int | None = None, acpi_rsdp: int = 0) -> LinuxBoot:
-    """Check and place a bzImage or a PVH vmlinux, its initrd, command line and boot
-    information in guest memory (`ram_size`: where the RAM the kernel is told of ends,
-    default the end of the RAM at 1 MiB). `acpi_rsdp`: the ACPI RSDP's address, 0 for
-    none. Nothing is written unless everything fits."""
-    data = read_image(kernel)
-    blob = read_image(initrd) if initrd is not None else None
-    ram_end = _ram_end(memory, ram_size)
-    load = _pvh if data[:4] == ELF_MAGIC else _bzimage
-    boot, segments = load(data, cmdline, blob, ram_end, acpi_rsdp)
+    """`plan_linux`, then the pieces into guest memory (`ram_size`: where the RAM the
+    kernel is told of ends, default the end of the RAM at 1 MiB). `acpi_rsdp`: the ACPI
+    RSDP's address, 0 for none. Nothing is written unless everything fits."""
+    region = memory.find(HIGH_MEMORY)
+    if region is None or region.kind != "ram":
+        raise LinuxBootError("no RAM at 1 MiB (0x100000), where Linux is loaded")
+    ram_end = region.end if ram_size is None else min(ram_size, region.end)
+    boot, segments = plan_linux(kernel, initrd, cmdline, ram_end, acpi_rsdp)
     try:
         place(memory, segments)
     except LoadError as e:
@@ -314,4 +317,4 @@ def boot_linux(kernel: bytes | str | os.PathLike, initrd: bytes | str | os.PathL
 
 
 __all__ = ["LinuxBoot", "LinuxBootError", "load_linux_image", "load_linux", "enter_linux",
-           "boot_linux", "pvh_entry", "entry_sregs", "boot_gdt", "DEFAULT_MEMORY"]
+           "boot_linux", "plan_linux", "pvh_entry", "entry_sregs", "boot_gdt", "DEFAULT_MEMORY"]
