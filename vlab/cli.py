@@ -212,7 +212,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="load address of raw code, and the default org of .asm "
                              "(default 0x8000)")
     parser.add_argument("--accel", choices=["kvm", "tcg", "auto"], default="auto")
-    parser.add_argument("--memory", default="16M", help="guest RAM, e.g. 16M or 1G")
+    parser.add_argument("--memory", help="guest RAM, e.g. 16M or 1G (default 16M; 256M with "
+                                         "--linux)")
     parser.add_argument("--timeout", type=float, help="stop the guest after this many seconds")
     parser.add_argument("--kernel-trace", action="store_true",
                         help="trace KVM inside each KVM_RUN (its tracepoints; root, kvm only) and "
@@ -225,8 +226,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                            help="boot a Multiboot kernel instead of FILE (in-kernel irqchip and "
                                 "PIT; kvm only)")
     multiboot.add_argument("--append", default="",
-                           help="the kernel's arguments: its command line is the KERNEL path, a "
-                                "space, then these (QEMU's -append)")
+                           help="the kernel's arguments (QEMU's -append); a multiboot kernel's "
+                                "command line is the KERNEL path, a space, then these")
     multiboot.add_argument("--module", action="append", default=[], metavar="'FILE [ARGS]'",
                            help="a boot module, as QEMU's -initrd (repeatable)")
     multiboot.add_argument("--smp", type=int, default=1,
@@ -234,6 +235,14 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     multiboot.add_argument("--reboot", action="store_true",
                            help="when the guest resets the machine (port 0x92, 0xcf9), boot "
                                 "again instead of stopping (QEMU without -no-reboot)")
+    linux = parser.add_argument_group(
+        "Linux, as QEMU's -kernel -initrd -append (also --append, --smp, --reboot above)")
+    linux.add_argument("--linux", metavar="KERNEL",
+                       help="boot a Linux bzImage, or an ELF vmlinux with a PVH note, instead "
+                            "of FILE (kvm only; `vlab linux-kernel` finds one); give it "
+                            "--append console=ttyS0 to see its console")
+    linux.add_argument("--initrd", metavar="FILE",
+                       help="its initrd or initramfs (`vlab initramfs` builds a busybox one)")
 
 
 def _cpu_spec(text: str) -> str:
@@ -254,12 +263,12 @@ def _cpu_model(spec: str | None):
     return lambda host: CpuidTable.from_spec(spec, host).entries
 
 
-def _without_kvm(error: KvmUnavailable, multiboot: bool) -> str:
+def _without_kvm(error: KvmUnavailable, option: str | None) -> str:
     """KVM cannot be opened: what this command can do instead (the error's own hint names
-    the Python API)."""
+    the Python API). `option`: --multiboot or --linux, when one was given."""
     first = str(error).splitlines()[0]
-    if multiboot:
-        return (f"--multiboot needs KVM, which cannot be used here ({first}): the multiboot "
+    if option:
+        return (f"{option} needs KVM, which cannot be used here ({first}): the "
                 "PC's interrupt controllers and timer are KVM's in-kernel devices, which the "
                 "software accelerator lacks. Without KVM, `vlab run FILE --accel tcg` runs a "
                 "guest program (.asm, .elf or raw code); `vlab doctor` says how to make "
@@ -283,8 +292,15 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.flush()
         ended_line = data.endswith(b"\n")
 
-    if (args.file is None) == (args.multiboot is None):
-        print("vlab run: give either FILE or --multiboot KERNEL", file=sys.stderr)
+    if [args.file, args.multiboot, args.linux].count(None) != 2:
+        print("vlab run: give one of FILE, --multiboot KERNEL or --linux KERNEL", file=sys.stderr)
+        return 2
+    if args.initrd and not args.linux:
+        print("vlab run: --initrd goes with --linux (a multiboot kernel takes --module)",
+              file=sys.stderr)
+        return 2
+    if args.module and not args.multiboot:
+        print("vlab run: --module goes with --multiboot (Linux takes --initrd)", file=sys.stderr)
         return 2
     try:
         trace = KernelTrace() if args.kernel_trace else None
@@ -309,33 +325,93 @@ def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line
     """`vlab run` once its arguments are checked: boot, then the summary (and the kernel's
     table of exits with --kernel-trace)."""
     from .machine.boot import BOOT_ERRORS, boot
+    pc = dict(smp=args.smp, accel=args.accel, timeout=args.timeout, output=stream,
+              cpu_model=_cpu_model(args.cpu), reboot=args.reboot, kernel_trace=trace)
     try:
         if args.multiboot:
             from .machine.pc import boot_multiboot
             booted = boot_multiboot(args.multiboot, append=args.append, modules=args.module,
-                                    smp=args.smp, memory=args.memory, accel=args.accel,
-                                    timeout=args.timeout, output=stream,
-                                    cpu_model=_cpu_model(args.cpu), reboot=args.reboot,
-                                    kernel_trace=trace)
+                                    memory=args.memory or "16M", **pc)
+        elif args.linux:
+            from .machine.linux import DEFAULT_MEMORY, boot_linux
+            booted = boot_linux(args.linux, args.initrd, append=args.append,
+                                memory=args.memory or DEFAULT_MEMORY, **pc)
         else:
             booted = boot(args.file, mode=args.mode, org=args.org, accel=args.accel,
-                          memory=args.memory, timeout=args.timeout, output=stream,
+                          memory=args.memory or "16M", timeout=args.timeout, output=stream,
                           cpu_model=_cpu_model(args.cpu), kernel_trace=trace)
     except KvmUnavailable as e:
-        print(f"vlab run: {_without_kvm(e, bool(args.multiboot))}", file=sys.stderr)
+        option = "--multiboot" if args.multiboot else "--linux" if args.linux else None
+        print(f"vlab run: {_without_kvm(e, option)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         raise                    # not the guest's fault: main() ends quietly
     except BOOT_ERRORS as e:
         print(f"vlab run: {e}", file=sys.stderr)
         return 2
-    print(("" if ended_line() else "\n") + booted.summary())
+    if args.linux:
+        print(("" if ended_line() else "\n") + booted.boot.summary())
+    print(("" if ended_line() or args.linux else "\n") + booted.summary())
     if trace is not None:
-        if not args.multiboot:   # a multiboot run's summary has one table per vCPU
+        if args.file:   # a PC's (multiboot, Linux) summary has one table per vCPU
             print(f"\nexits by reason inside KVM_RUN (KVM's tracepoints):\n"
                   f"{booted.log.kernel_exit_table()}")
         print(f"kernel events lost: {trace.lost}")
     return booted.exit_code
+
+
+# --- vlab linux-kernel, vlab initramfs -------------------------------------------------------
+def _log(message: str) -> None:
+    print(f"vlab: {message}", file=sys.stderr)
+
+
+def _linux_kernel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--package", help="a linux-image package (default: what apt's "
+                                          "linux-image-6.12-amd64 or linux-image-amd64 "
+                                          "depends on)")
+    parser.add_argument("--vmlinux", action="store_true",
+                        help="the ELF vmlinux inside it instead (boots through its PVH note, "
+                             "without decompressing itself), extracted into the cache")
+
+
+@command("linux-kernel", "the path of a Debian kernel to boot (found in /boot or fetched "
+         "with apt into the cache)", _linux_kernel_arguments)
+def linux_kernel(args: argparse.Namespace) -> int:
+    """Print the path of a Debian kernel's bzImage: /boot/vmlinuz-VERSION when readable,
+    else the cached copy, downloaded on first use with `apt-get download` (nothing but apt's
+    sources) into $VLAB_CACHE or ~/.cache/vlab. For `vlab run --linux $(vlab linux-kernel)`."""
+    from .machine import debian_kernel
+    try:
+        find = debian_kernel.linux_vmlinux if args.vmlinux else debian_kernel.linux_kernel
+        path = find(args.package, log=_log)
+    except (debian_kernel.KernelPackageError, OSError) as e:
+        print(f"vlab linux-kernel: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _initramfs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shell", action="store_true",
+                        help="/init gives a shell on the serial console instead of printing "
+                             "/proc/cpuinfo and powering off")
+
+
+@command("initramfs", "the path of a busybox initramfs for Linux guests (built once, cached)",
+         _initramfs_arguments)
+def initramfs(args: argparse.Namespace) -> int:
+    """Print the path of a gzipped newc initramfs of Debian's busybox-static (apt-installed
+    when missing): its /init prints "vlab-init: reached /init" and the first lines of
+    /proc/cpuinfo, then powers off (`poweroff -f`); with --shell it gives a shell on ttyS0."""
+    from .machine.debian_kernel import KernelPackageError
+    from .machine.initramfs import build_initramfs
+    try:
+        path = build_initramfs("shell" if args.shell else "check", log=_log)
+    except (KernelPackageError, OSError, subprocess.CalledProcessError) as e:
+        print(f"vlab initramfs: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

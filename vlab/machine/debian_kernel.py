@@ -123,6 +123,20 @@ def linux_kernel(package: str | None = None, cache: Path | None = None, log=prin
     return bzimage
 
 
+def linux_vmlinux(package: str | None = None, cache: Path | None = None, log=print) -> Path:
+    """The ELF vmlinux inside the package's bzImage (`extract_vmlinux`), extracted into
+    the cache on first use."""
+    package = kernel_package(package)
+    elf = (cache or cache_dir()) / "linux" / package / "vmlinux"
+    if not elf.exists():
+        bzimage = linux_kernel(package, cache, log)
+        elf.parent.mkdir(parents=True, exist_ok=True)
+        staged = elf.with_suffix(f".{os.getpid()}.tmp")
+        staged.write_bytes(extract_vmlinux(bzimage.read_bytes()))
+        os.replace(staged, elf)
+    return elf
+
+
 def unzstd(data: bytes) -> bytes:
     return subprocess.run(["zstd", "-dcq"], input=data, capture_output=True).stdout
 
