@@ -106,20 +106,25 @@ def linux_kernel(package: str | None = None, cache: Path | None = None, log=prin
     installed = Path("/boot") / f"vmlinuz-{version}"
     if os.access(installed, os.R_OK):
         return installed
-    dest = (cache or cache_dir()) / "linux" / package
-    bzimage = dest / "vmlinuz"
+    bzimage = (cache or cache_dir()) / "linux" / package / "vmlinuz"
     if bzimage.exists():
         return bzimage
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        tree = unpack_package(package, Path(tmp), log)
-        found = next(tree.glob("boot/vmlinuz-*"), None)
-        if found is None:
-            raise KernelPackageError(f"{package} holds no boot/vmlinuz")
-        staged = Path(tmp) / "vmlinuz"
-        shutil.move(found, staged)
-        dest.mkdir(exist_ok=True)
-        os.replace(staged, bzimage)   # one step: another process may fetch it at once
+    bzimage.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=bzimage.parent) as tmp:
+        return store_bzimage(package, unpack_package(package, Path(tmp), log), cache)
+
+
+def store_bzimage(package: str, tree: Path, cache: Path | None = None) -> Path:
+    """Keep the bzImage of an unpacked package (`unpack_package`) where `linux_kernel`
+    finds it."""
+    found = next(tree.glob("boot/vmlinuz-*"), None)
+    if found is None:
+        raise KernelPackageError(f"{package} holds no boot/vmlinuz")
+    bzimage = (cache or cache_dir()) / "linux" / package / "vmlinuz"
+    bzimage.parent.mkdir(parents=True, exist_ok=True)
+    staged = bzimage.with_suffix(f".{os.getpid()}.tmp")
+    shutil.copyfile(found, staged)
+    os.replace(staged, bzimage)   # one step: another process may fetch it at once
     return bzimage
 
 
