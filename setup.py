@@ -1,8 +1,11 @@
-"""The one compiled part of vlab: the VM-exit fast path (vlab/kvm/_exitpath.c).
+"""vlab's compiled parts: the VM-exit fast path (vlab/kvm/_exitpath.c) and the run loop with
+the exit log's rows (vlab/machine/_runloop.c).
 
-Optional: without a C compiler and Python's headers the build goes on without it and
-vlab.kvm decodes every exit in Python (`vlab doctor` says which path is in use).
+Optional: without a C compiler and Python's headers the build goes on without them;
+vlab.kvm then decodes every exit in Python and VcpuRunner runs its Python loop (`vlab doctor`
+says which path and which loop are in use).
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("vlab.kvm._exitpath", ["vlab/kvm/_exitpath.c"], optional=True)])
+setup(ext_modules=[Extension("vlab.kvm._exitpath", ["vlab/kvm/_exitpath.c"], optional=True),
+                   Extension("vlab.machine._runloop", ["vlab/machine/_runloop.c"], optional=True)])

@@ -181,7 +181,7 @@ def breakdown(guest: bytes, results: dict[str, list[Run]]) -> None:
         run_machine(guest, gc_time=gc_default)
         run_machine(guest, keep=SMALL_KEEP, gc_time=gc_small)
     exits = results["traced"][0].exits
-    parts[f"garbage collection (ExitLog keeps {ExitLog().records.maxlen:,})"] = \
+    parts[f"garbage collection (ExitLog keeps {ExitLog().keep:,})"] = \
         statistics.median(gc_default) * 1e9 / exits
 
     def per_exit(name: str) -> float:

@@ -75,9 +75,7 @@ class StatsFd:
         """A reader of only these scalar counters, for the VM-exit path: one pread of the
         words up to the last one wanted and one unpack that skips the rest. Returns the
         names in the order the reader gives their values."""
-        wanted = set(names)
-        chosen = sorted((d for d in self.descriptors if d.name in wanted and d.size == 1),
-                        key=lambda d: d.offset)
+        chosen = self._chosen(names)
         layout, position = "<", 0
         for d in chosen:
             layout += f"{d.offset - position}xQ"
@@ -88,6 +86,18 @@ class StatsFd:
         def read() -> tuple[int, ...]:
             return unpack(pread(fd, position, offset))
         return tuple(d.name for d in chosen), read
+
+    def _chosen(self, names) -> list[StatDescriptor]:
+        wanted = set(names)
+        return sorted((d for d in self.descriptors if d.name in wanted and d.size == 1),
+                      key=lambda d: d.offset)
+
+    def layout(self, names) -> tuple[tuple[int, ...], int, int, int]:
+        """Where `selector(names)`'s reader finds its counters, for a reader in C: their
+        byte offsets in the data block (in the selector's order), the fd, the block's
+        offset in it, and how many bytes of it to read."""
+        offsets = tuple(d.offset for d in self._chosen(names))
+        return offsets, self.fd, self._data_offset, max(offsets, default=-8) + 8
 
     def read(self) -> dict[str, int | tuple[int, ...]]:
         """Every statistic by name; histograms as tuples of bucket counts."""

@@ -137,7 +137,7 @@ class VcpuFd(VcpuStateIoctls):
         if self._run_compiled is not None and not listeners:
             exit = self._run_compiled()
             if exit is None:
-                return decode(self.kvm_run, self.mmap_size, self._mapping)
+                return self.decode_exit()
             if exit.__class__ is int:
                 return self._run_failed(KvmError(-exit, "RUN"))
             return exit
@@ -152,6 +152,10 @@ class VcpuFd(VcpuStateIoctls):
             return self._run_failed(KvmError(e.errno, "RUN"))
         except ValueError:  # fcntl refuses fd -1: closed
             return self._run_failed(KvmError(errno.EBADF, "RUN"))
+        return self.decode_exit()
+
+    def decode_exit(self) -> Exit:
+        """The exit kvm_run holds now (that of the last KVM_RUN), decoded in Python."""
         return decode(self.kvm_run, self.mmap_size, self._mapping)
 
     def _run_failed(self, error: KvmError) -> Interrupted:

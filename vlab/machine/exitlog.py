@@ -3,17 +3,34 @@
 A record holds the decoded exit, RIP, the device that handled it, how long KVM_RUN took,
 and KVM's vCPU counters read right after it. The counters of consecutive records give the
 work the kernel did on its own between two userspace exits (instructions emulated, exits
-handled in the kernel, halts...). Deltas are computed when asked, not on the exit path.
+handled in the kernel, halts...).
+
+The log keeps its last `keep` records as fixed 64-byte rows in one buffer (a ring), so a
+million of them take 61 MiB, and the compiled run loop (`_runloop.c`) writes a row without
+making a Python object. Each row holds the exit's fields, RIP, a device number, the KVM_RUN
+time and each counter's delta since the vCPU's previous exit; an `ExitRecord` is made when a
+reader asks for one, its absolute counters summed back from the vCPU's latest reading. What
+does not fit a row (a `rep outs`, a DEBUG exit's registers, a delta above 65,535, the kernel's
+trace events) is kept beside it, by sequence number.
 """
 from __future__ import annotations
 
-from collections import Counter, deque
+import struct
+from array import array
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from ..kvm.abi import ExitReason
-from ..kvm.exits import Exit, IoIn, IoOut, MmioRead, MmioWrite, OtherExit
+from ..kvm.exits import Exit, Hlt, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, OtherExit
 from ..kvm.kernel_events import KvmEmulateInsn, KvmUserspaceExit, exit_outcomes
+
+try:   # the compiled rows (setup.py builds it where it can); else appended in Python
+    from . import _runloop
+except ImportError:
+    _runloop = None
+else:
+    _runloop.setup(IoOut, IoIn, MmioRead, MmioWrite, Hlt, Interrupted)
 
 
 @dataclass(slots=True)
@@ -40,6 +57,61 @@ _LABELS = {IoOut: "IO out", IoIn: "IO in", MmioRead: "MMIO read", MmioWrite: "MM
 def reason_label(exit: Exit) -> str:
     """The histogram's name for an exit: KVM_EXIT_* name, IO and MMIO split by direction."""
     return _LABELS.get(exit.__class__) or exit.reason.name
+
+
+def _key_label(key) -> str:
+    return key.name if isinstance(key, ExitReason) else _LABELS.get(key) or key.reason.name
+
+
+# One row: rip, address (port or guest-physical address), value (the data written, as an
+# integer; an IN's data_offset), KVM_RUN seconds, vCPU, device number, kind, size, flags,
+# and the counters' deltas. _runloop.c writes the same layout (its `struct row`).
+ROW = struct.Struct("<QQQfHHBBBx14H")
+MAX_COUNTERS = 14
+DELTA_MAX = 0xFFFF
+# kind: a number per histogram key; these six are rebuilt from the row alone
+IO_OUT, IO_IN, MMIO_READ, MMIO_WRITE, HLT, INTR = 1, 2, 3, 4, 5, 6
+_FIXED_KINDS = {IoOut: IO_OUT, IoIn: IO_IN, MmioRead: MMIO_READ, MmioWrite: MMIO_WRITE,
+                Hlt: HLT, Interrupted: INTR}
+# flags
+CLAIMED, HAS_COUNTERS, SIDE_EXIT, SIDE_DELTAS, SIDE_EVENTS = 1, 2, 4, 8, 16
+_KINDS = 256          # counts: [0] the total, [kind] per histogram key, [GENERATION] below
+GENERATION = _KINDS - 1   # bumped when the rows or the latest counters are replaced
+_FIRST_ROWS = 1024    # rows allocated at first; doubled up to `keep`
+
+
+def _row_fields(exit: Exit) -> tuple[int, int, int, int] | None:
+    """(kind, address, value, size) of an exit a row holds whole, else None."""
+    cls = exit.__class__
+    if cls is IoOut:
+        if exit.count == 1 and len(exit.data) == exit.size:
+            return IO_OUT, exit.port, int.from_bytes(exit.data, "little"), exit.size
+    elif cls is IoIn:
+        if exit.count == 1:
+            return IO_IN, exit.port, exit.data_offset, exit.size
+    elif cls is MmioWrite:
+        if len(exit.data) == exit.length <= 8:
+            return MMIO_WRITE, exit.address, int.from_bytes(exit.data, "little"), exit.length
+    elif cls is MmioRead:
+        if exit.length <= 0xFF:
+            return MMIO_READ, exit.address, 0, exit.length
+    elif cls is Hlt:
+        return HLT, 0, 0, 0
+    elif cls is Interrupted:
+        return INTR, 0, 0, 0
+    return None
+
+
+def _row_exit(kind: int, address: int, value: int, size: int) -> Exit:
+    if kind == IO_OUT:
+        return IoOut(address, size, 1, value.to_bytes(size, "little"))
+    if kind == IO_IN:
+        return IoIn(address, size, 1, value)
+    if kind == MMIO_READ:
+        return MmioRead(address, size)
+    if kind == MMIO_WRITE:
+        return MmioWrite(address, size, value.to_bytes(size, "little"))
+    return Hlt() if kind == HLT else Interrupted()
 
 
 @dataclass(frozen=True)
@@ -72,28 +144,155 @@ class KernelExitCounts:
                             columns=["reason", "in_kernel", "userspace"])
 
 
+class KeptRecords:
+    """The kept records as a read-only sequence, oldest first; each `ExitRecord` is made
+    when asked for (`records[-1]`, iteration, `reversed`)."""
+
+    def __init__(self, log: "ExitLog"):
+        self._log = log
+
+    def __len__(self) -> int:
+        return self._log.kept
+
+    def __getitem__(self, index: int) -> ExitRecord:
+        log = self._log
+        first, last = log._window()
+        n = last - first + 1
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("exit record index out of range")
+        return log._record(first + index)
+
+    def __iter__(self) -> Iterator[ExitRecord]:
+        return reversed(list(reversed(self)))
+
+    def __reversed__(self) -> Iterator[ExitRecord]:
+        return self._log._newest_first()
+
+
 class ExitLog:
     """The exits of one or more vCPUs: the last `keep` records, and counts of all of them."""
 
     def __init__(self, counter_names: tuple[str, ...] = (), keep: int = 100_000):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: a log keeps at least one record")
         self.counter_names = counter_names
-        self.records: deque[ExitRecord] = deque(maxlen=keep)
-        self.total = 0
-        # Written by the vCPU thread, read by views from others: readers take a copy, which
-        # (a dict's C-level copy) no append can interleave with, so the exit path needs no lock.
-        self._by_class: dict = {}
+        self.keep = keep
+        self._rows = bytearray(ROW.size * min(keep, _FIRST_ROWS))
+        # [0]: every exit appended since the last clear(); [kind]: those of each kind. Written
+        # in place by the vCPU thread (and _runloop.c) while views read it from others.
+        self._counts = array("Q", bytes(8 * _KINDS))
+        self._keys: list = [None, IoOut, IoIn, MmioRead, MmioWrite, Hlt, Interrupted]
+        self._kind_of: dict = {key: kind for kind, key in enumerate(self._keys) if kind}
+        self._devices: list[str | None] = [None]     # device number -> name
+        self._device_number: dict[str | None, int] = {None: 0}
+        self._latest: dict[int, array] = {}          # vCPU -> its counters after its last exit
+        self._breaks: dict[int, tuple | None] = {}   # seq -> the vCPU's counters before it, when
+        #                                              they are not its previous record's after
+        self._side: dict[int, tuple] = {}            # seq -> (exit, deltas, kernel events)
         self._listeners: list = []
 
+    # -- writing --------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        """Every exit appended since the log began (or was cleared), kept or not."""
+        return self._counts[0]
+
     def append(self, record: ExitRecord) -> None:
-        self.total = record.seq = self.total + 1
-        self.records.append(record)
-        cls = record.exit.__class__
-        key = cls if cls is not OtherExit else record.exit.reason
-        counts = self._by_class
-        counts[key] = counts.get(key, 0) + 1
+        if _runloop is None or not _runloop.append(self, record):
+            self._append_row(record)
         if self._listeners:
             for listener in self._listeners:
                 listener(record)
+
+    def _append_row(self, record: ExitRecord) -> None:
+        """`append`, for any record (the compiled one takes only those a row holds whole)."""
+        counts = self._counts
+        seq = record.seq = counts[0] + 1
+        exit = record.exit
+        fields = _row_fields(exit)
+        flags = CLAIMED if record.claimed else 0
+        side_exit = side_deltas = None
+        if fields is None:
+            cls = exit.__class__
+            key = cls if cls is not OtherExit else exit.reason
+            kind = self._kind_of.get(key) or self._new_kind(key)
+            address = value = size = 0
+            side_exit, flags = exit, flags | SIDE_EXIT
+        else:
+            kind, address, value, size = fields
+        before, after = record.counters_before, record.counters_after
+        deltas = _NO_DELTAS
+        if after is not None and before is not None:
+            flags |= HAS_COUNTERS
+            deltas = tuple(map(int.__sub__, after, before))
+            if len(deltas) > MAX_COUNTERS or max(deltas, default=0) > DELTA_MAX \
+                    or min(deltas, default=0) < 0:
+                side_deltas, deltas, flags = deltas, _NO_DELTAS, flags | SIDE_DELTAS
+            else:
+                deltas += _NO_DELTAS[len(deltas):]
+            vcpu = record.vcpu
+            latest = self._latest.get(vcpu)
+            if latest is None:
+                self._breaks[seq] = None
+                self._latest[vcpu] = array("Q", after)
+            else:
+                if latest.tolist() != list(before):
+                    self._breaks[seq] = tuple(latest)
+                latest[:] = array("Q", after)
+        events = record.kernel_events
+        if events:
+            flags |= SIDE_EVENTS
+        if flags & (SIDE_EXIT | SIDE_DELTAS | SIDE_EVENTS):
+            self._keep_aside(seq, (side_exit, side_deltas, events or ()))
+        device = self._device_number.get(record.device)
+        if device is None:
+            device = self.device_number(record.device)
+        index = (seq - 1) % self.keep
+        if (index + 1) * ROW.size > len(self._rows):
+            self.grow()
+        ROW.pack_into(self._rows, index * ROW.size, record.rip, address, value, record.duration_s,
+                      record.vcpu, device, kind, size, flags, *deltas)
+        counts[kind] += 1
+        counts[0] = seq
+
+    def _announce(self) -> None:
+        """Tell the listeners of the last record (the compiled loop wrote its row)."""
+        record = self.last
+        for listener in self._listeners:
+            listener(record)
+
+    def _new_kind(self, key) -> int:
+        kind = len(self._keys)
+        if kind >= GENERATION:
+            raise OverflowError(f"an exit log tells {GENERATION - 1} kinds of exit apart")
+        self._keys.append(key)
+        self._kind_of[key] = kind
+        return kind
+
+    def device_number(self, name: str | None) -> int:
+        """The number a row stores for a device name (the compiled loop asks for it once)."""
+        number = self._device_number.get(name)
+        if number is None:
+            number = self._device_number[name] = len(self._devices)
+            self._devices.append(name)
+        return number
+
+    def _keep_aside(self, seq: int, entry: tuple) -> None:
+        side = self._side
+        oldest = seq - self.keep
+        while side and next(iter(side)) <= oldest:   # seqs in order: drop those overwritten
+            del side[next(iter(side))]
+        side[seq] = entry
+
+    def grow(self) -> None:
+        """Double the rows (up to `keep`). A new buffer, not a resize: a DataFrame or the
+        compiled loop may hold a view of the old one."""
+        rows = bytearray(ROW.size * min(self.keep, 2 * len(self._rows) // ROW.size))
+        rows[:len(self._rows)] = self._rows
+        self._rows = rows
+        self._counts[GENERATION] += 1
 
     def subscribe(self, listener) -> None:
         """Call `listener(record)` on every new exit (views throttle their own redraws)."""
@@ -103,9 +302,51 @@ class ExitLog:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
+    def clear(self) -> None:
+        generation = self._counts[GENERATION]
+        self._counts[:] = array("Q", bytes(8 * _KINDS))
+        self._counts[GENERATION] = generation + 1
+        self._latest.clear()
+        self._breaks.clear()
+        self._side.clear()
+
+    # -- reading --------------------------------------------------------------------------
+    @property
+    def kept(self) -> int:
+        return min(self.total, self.keep)
+
+    @property
+    def records(self) -> KeptRecords:
+        return KeptRecords(self)
+
     @property
     def last(self) -> ExitRecord | None:
-        return self.records[-1] if self.records else None
+        while True:   # the vCPU thread may append meanwhile: a consistent reading
+            total = self.total
+            if not total:
+                return None
+            row = self._row(total)
+            before = after = None
+            if row[8] & HAS_COUNTERS and row[4] in self._latest:
+                after = tuple(self._latest[row[4]])
+                deltas = self._side[total][1] if row[8] & SIDE_DELTAS else row[9:9 + len(after)]
+                before = tuple(map(int.__sub__, after, deltas))
+            if total == self.total:
+                return self._make(total, row, before, after)
+
+    def record(self, seq: int) -> ExitRecord:
+        """The kept record numbered `seq` (IndexError if it is no longer kept)."""
+        first, last = self._window()
+        if not first <= seq <= last:
+            raise IndexError(f"exit {seq} is not kept (the log keeps {first} to {last})")
+        return self._record(seq)
+
+    def continues(self, vcpu: int, counters_before: tuple[int, ...] | None) -> bool:
+        """Whether a record of `vcpu` with these counters before it continues that vCPU's
+        last one (its counters after are these): the compiled loop then writes rows."""
+        latest = self._latest.get(vcpu)
+        return latest is not None and counters_before is not None \
+            and tuple(latest) == tuple(counters_before)
 
     def __len__(self) -> int:
         return self.total
@@ -113,37 +354,85 @@ class ExitLog:
     def __iter__(self) -> Iterator[ExitRecord]:
         return iter(self.records)
 
+    def _window(self) -> tuple[int, int]:
+        """The first and last kept seq."""
+        total = self.total
+        return max(1, total - self.keep + 1), total
+
+    def _row(self, seq: int) -> tuple:
+        return ROW.unpack_from(self._rows, (seq - 1) % self.keep * ROW.size)
+
+
+    def _make(self, seq: int, row: tuple, before, after) -> ExitRecord:
+        rip, address, value, duration, vcpu, device, kind, size, flags = row[:9]
+        side = self._side.get(seq) if flags & (SIDE_EXIT | SIDE_EVENTS) else None
+        exit = side[0] if flags & SIDE_EXIT else _row_exit(kind, address, value, size)
+        return ExitRecord(vcpu, exit, rip, self._devices[device], bool(flags & CLAIMED),
+                          duration, before, after, seq, side[2] if flags & SIDE_EVENTS else ())
+
+    def _newest_first(self, stop: int = 0) -> Iterator[ExitRecord]:
+        """The kept records from the newest back to seq `stop` (the oldest kept if 0), each
+        vCPU's counters summed back from its latest reading."""
+        while True:   # the vCPU thread may append meanwhile: a consistent start
+            total = self.total
+            after = {vcpu: tuple(latest) for vcpu, latest in self._latest.items()}
+            if total == self.total:
+                break
+        first = max(1, total - self.keep + 1, stop)
+        breaks = self._breaks
+        for seq in range(total, first - 1, -1):
+            row = self._row(seq)
+            before = counters = None
+            if row[8] & HAS_COUNTERS:
+                vcpu = row[4]
+                counters = after.get(vcpu)
+                if counters is not None:
+                    deltas = (self._side[seq][1] if row[8] & SIDE_DELTAS
+                              else row[9:9 + len(counters)])
+                    before = tuple(map(int.__sub__, counters, deltas))
+                    after[vcpu] = breaks[seq] if seq in breaks else before
+            yield self._make(seq, row, before, counters)
+
+    def _record(self, seq: int) -> ExitRecord:
+        for record in self._newest_first(seq):
+            if record.seq == seq:
+                return record
+        raise IndexError(f"exit {seq} is no longer kept")
+
     def histogram(self) -> dict[str, int]:
         """Userspace exits by reason, most frequent first (over every exit, not just kept ones)."""
         counts: Counter = Counter()
-        for cls, n in self._by_class.copy().items():
-            counts[cls.name if isinstance(cls, ExitReason) else _LABELS.get(cls) or cls.reason.name] += n
+        kinds = self._counts.tolist()
+        for kind, key in enumerate(self._keys[1:], 1):   # never GENERATION: _new_kind stops
+            if kinds[kind]:
+                counts[_key_label(key)] += kinds[kind]
         return dict(counts.most_common())
-
-    def _deltas(self, record: ExitRecord) -> tuple[int, ...] | None:
-        before, after = record.counters_before, record.counters_after
-        if before is None or after is None:
-            return None
-        return tuple(b - a for a, b in zip(before, after))
 
     def kernel_delta(self, record: ExitRecord) -> dict[str, int]:
         """KVM's counters that moved between the previous userspace exit and this one."""
-        deltas = self._deltas(record)
-        if deltas is None:
+        before, after = record.counters_before, record.counters_after
+        if before is None or after is None:
             return {}
-        return {name: d for name, d in zip(self.counter_names, deltas) if d}
+        return {name: b - a for name, a, b in zip(self.counter_names, before, after) if b != a}
 
     def kernel_totals(self) -> dict[str, int]:
         """KVM's counters summed over the kept records: what the kernel did meanwhile.
         Summing each record's own delta stays right when several vCPUs share the log."""
-        totals = [0] * len(self.counter_names)
-        seen = False
-        for record in self.records:
-            deltas = self._deltas(record)
-            if deltas is not None:
-                seen = True
+        first, last = self._window()
+        n = len(self.counter_names)
+        if not last or not n:
+            return {}
+        rows = memoryview(self._rows)[:self.kept * ROW.size]
+        flags = rows[34::ROW.size]
+        if not any(f & HAS_COUNTERS for f in flags):
+            return {}
+        words = rows.cast("H")   # a delta is the 18th+i halfword of its 32
+        totals = [sum(words[18 + i::ROW.size // 2]) for i in range(min(n, MAX_COUNTERS))]
+        totals += [0] * (n - len(totals))
+        for seq, (_, deltas, _) in self._side.items():
+            if deltas is not None and seq >= first:
                 totals = [t + d for t, d in zip(totals, deltas)]
-        return dict(zip(self.counter_names, totals)) if seen else {}
+        return dict(zip(self.counter_names, totals))
 
     def kernel_exit_table(self) -> KernelExitCounts:
         """The kept records' kernel events (vlab.Lab(kernel_trace=True)) by exit reason:
@@ -151,9 +440,9 @@ class ExitLog:
         in_kernel: Counter = Counter()
         userspace: Counter = Counter()
         runs = emulated = 0
-        for record in list(self.records):
-            events = record.kernel_events
-            if not events:
+        first, _ = self._window()
+        for seq, (_, _, events) in list(self._side.items()):
+            if not events or seq < first:
                 continue
             runs += 1
             reached = False
@@ -168,24 +457,48 @@ class ExitLog:
         return KernelExitCounts(tuple(KernelExitRow(r, in_kernel[r], userspace[r]) for r in reasons),
                                 runs, emulated)
 
-    def clear(self) -> None:
-        self.records.clear()
-        self.total = 0
-        self._by_class.clear()
+    def columns(self):
+        """The kept rows as a numpy structured array, oldest first: a view of the log's own
+        buffer while it has not wrapped around (a copy in order once it has)."""
+        import numpy as np
+        dtype = np.dtype([("rip", "<u8"), ("address", "<u8"), ("value", "<u8"),
+                          ("duration_s", "<f4"), ("vcpu", "<u2"), ("device", "<u2"),
+                          ("kind", "u1"), ("size", "u1"), ("flags", "u1"), ("pad", "u1"),
+                          ("deltas", "<u2", (MAX_COUNTERS,))])
+        rows = np.frombuffer(self._rows, dtype)
+        total, kept = self.total, self.kept
+        if total <= self.keep:
+            return rows[:kept]
+        start = total % self.keep
+        return np.concatenate((rows[start:], rows[:start]))
 
     def to_dataframe(self):
         """The kept records as a pandas DataFrame, one row per exit, with a `kvm.NAME` column
         per kernel counter holding its delta since the previous exit."""
+        import numpy as np
         import pandas as pd
+        rows = self.columns()
+        first, last = self._window()
         kernel = [f"kvm.{name}" for name in self.counter_names]
-        rows = []
-        for r in self.records:
-            row = [r.seq, r.vcpu, r.reason, r.rip, r.exit.describe(), r.device, r.claimed,
-                   r.duration_s * 1e6]
-            deltas = self._deltas(r)
-            rows.append(row + list(deltas if deltas is not None else [None] * len(kernel)))
-        return pd.DataFrame(rows, columns=["seq", "vcpu", "reason", "rip", "detail", "device",
-                                           "claimed", "kvm_run_us", *kernel])
+        labels = np.array([None] + [_key_label(k) for k in self._keys[1:]], dtype=object)
+        devices = np.array(self._devices, dtype=object)
+        seqs = np.arange(first, last + 1) if last else np.arange(0)
+        frame = {"seq": seqs, "vcpu": rows["vcpu"], "reason": labels[rows["kind"]],
+                 "rip": rows["rip"], "detail": [r.exit.describe() for r in self.records],
+                 "device": devices[rows["device"]], "claimed": (rows["flags"] & CLAIMED) != 0,
+                 "kvm_run_us": rows["duration_s"].astype(np.float64) * 1e6}
+        deltas = np.zeros((len(rows), len(kernel)), np.int64)
+        deltas[:, :MAX_COUNTERS] = rows["deltas"][:, :len(kernel)]
+        for seq, (_, side_deltas, _) in self._side.items():
+            if side_deltas is not None and seq >= first:
+                deltas[seq - first, :] = side_deltas
+        measured = (rows["flags"] & HAS_COUNTERS) != 0
+        for i, name in enumerate(kernel):
+            column = deltas[:, i]
+            frame[name] = column if measured.all() else pd.array(
+                np.where(measured, column, 0), dtype="Int64").where(measured)
+        return pd.DataFrame(frame, columns=["seq", "vcpu", "reason", "rip", "detail", "device",
+                                            "claimed", "kvm_run_us", *kernel])
 
     def __str__(self) -> str:
         hist = self.histogram()
@@ -193,3 +506,5 @@ class ExitLog:
         lines += [f"  {name:<16} {count}" for name, count in hist.items()]
         return "\n".join(lines)
 
+
+_NO_DELTAS = (0,) * MAX_COUNTERS

@@ -6,12 +6,18 @@ button. Every exit is recorded (`ExitLog`), with KVM's own counters since the pr
 so a learner sees how much the kernel handled between two exits that reached userspace.
 On tcg, `run()` handles port I/O inside emulation as QEMU's TCG does (`dispatch_port_io`):
 the same dispatch, records and stop conditions, without leaving Unicorn for each access.
+
+On KVM the loop runs compiled where setup.py built `_runloop.c`: the same steps per exit,
+with the debug console and unclaimed ports handled in C and every other exit handed to this
+module's own handling (`_exit_from_compiled`). `_run_python` is the loop to read; a
+differential test (tests/kvm/test_runloop_compiled.py) holds the compiled one to it.
 """
 from __future__ import annotations
 
 import gc
 import math
 import signal
+import struct
 import threading
 import time
 import contextlib
@@ -23,11 +29,17 @@ from ..devices.bus import Bus, BusError
 from ..kvm.abi import KVM_SYNC_X86_REGS, ExitReason, MpState
 from ..kvm.exits import (Debug, Exit, ExitDecodeError, Hlt, Interrupted, IoIn, IoOut, MmioRead,
                          MmioWrite)
-from .exitlog import ExitLog, ExitRecord
+from .exitlog import IO_IN, IO_OUT, MAX_COUNTERS, ExitLog, ExitRecord
 from .dispatch import RESUME, STOP, Outcome, handle_exit
 from .explain import explain
 from .snapshot import RegisterSnapshot
 from ..x86 import HW_BREAKPOINTS, RFLAGS_IF
+from ..devices.debugcon import DebugConsole
+
+try:   # the compiled loop (setup.py builds it where it can); else the Python loop runs
+    from . import _runloop
+except ImportError:
+    _runloop = None
 
 # KVM's vCPU counters worth showing next to each userspace exit (names from the stats fd).
 KERNEL_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits",
@@ -74,9 +86,15 @@ class StepResult:
 
 
 _HLT_OPCODE = 0xF4
+# how _runloop.run() ended (its STOP_* codes)
+_STOP_REQUESTED, _STOP_SLOW, _STOP_UNTIL, _STOP_PREDICATE, _STOP_MAX_EXITS, _STOP_ERRNO = range(1, 7)
 STOP_GRACE = 2.0  # seconds for a stopped run to return (a kicked vCPU to leave KVM_RUN)
 _clock = time.perf_counter
 _TRANSFERS = (IoIn, IoOut, MmioRead, MmioWrite)  # completed by the KVM_RUN after their exit
+
+
+def _undecodable(error: ExitDecodeError) -> str:
+    return f"KVM reported an exit that cannot be decoded: {error}"
 
 
 class StopFlag:
@@ -257,12 +275,12 @@ class VcpuRunner:
         exit = self.vcpu.run()
         if exit is self._inline_exit:  # handled in run(), by _on_port_io
             return exit, self._inline_outcome
-        return exit, self._handle(exit, _clock() - start)
+        return exit, self._handle(exit, _clock() - start, self._read_counters())
 
     def _on_port_io(self, exit: IoIn | IoOut) -> bool:
         """Port I/O inside tcg's emulation: handled and recorded as an exit, and checked
         against the run's stop conditions; True stops the guest after this access."""
-        outcome = self._handle(exit, _clock() - self._resumed)
+        outcome = self._handle(exit, _clock() - self._resumed, self._read_counters())
         stop_reason = self._check_exit(exit, outcome)
         self._resumed = _clock()
         if stop_reason is None:
@@ -270,8 +288,9 @@ class VcpuRunner:
         self._inline_exit, self._inline_outcome, self._inline_stop = exit, outcome, stop_reason
         return True
 
-    def _handle(self, exit: Exit, duration: float) -> Outcome:
-        """Dispatch one exit to its device, complete it, record it."""
+    def _handle(self, exit: Exit, duration: float, counters: tuple[int, ...] | None) -> Outcome:
+        """Dispatch one exit to its device, complete it, record it with KVM's counters read
+        after it."""
         vcpu = self.vcpu
         try:
             outcome = handle_exit(exit, self.pio, self.mmio)
@@ -279,7 +298,6 @@ class VcpuRunner:
             outcome = Outcome(STOP, stop_reason=f"bad access from the guest ({exit.describe()}): {e}")
         if outcome.answer is not None:
             outcome.answer(vcpu, exit, outcome.reply)
-        counters = self._counters() if self._counters is not None else None
         record = ExitRecord(vcpu.id, exit, vcpu.synced_rip, outcome.device, outcome.claimed,
                             duration, self._previous_counters, counters)
         if self.kernel_trace is not None:
@@ -368,20 +386,11 @@ class VcpuRunner:
                     exit, self._exits = stepped.exit, 1
                     if exit.__class__ is not Debug and stepped.outcome.action is STOP:
                         stop_reason = self._stop_reason(exit, stepped.outcome)
-                enter, stopping = self._enter, self.stop_requested.is_set
-                while stop_reason is None:
-                    if stopping():
-                        stop_reason = self._stop_cause
-                        break
-                    exit, outcome = enter()
-                    if exit.__class__ is Interrupted:
-                        continue  # a kick, not an exit the guest caused
-                    if exit is self._inline_exit:
-                        stop_reason = self._inline_stop
-                    else:
-                        stop_reason = self._check_exit(exit, outcome)
+                if stop_reason is None:
+                    run_loop = self._run_compiled if self.loop == "compiled" else self._run_python
+                    exit, stop_reason = run_loop(exit)
             except ExitDecodeError as e:
-                stop_reason = f"KVM reported an exit that cannot be decoded: {e}"
+                stop_reason = _undecodable(e)
             finally:
                 if dispatch_port_io is not None:
                     dispatch_port_io(None)
@@ -394,6 +403,105 @@ class VcpuRunner:
                        if exit is not None else None)
         return RunResult(stop_reason, self._exits, time.perf_counter() - started, exit,
                          self.vcpu.get_regs().rip, explanation)
+
+    def _run_python(self, exit: Exit | None) -> tuple[Exit | None, str]:
+        """kvm_cpu_exec's loop: enter the guest, handle its exit, until a stop condition.
+        Returns the last exit and why the loop stopped."""
+        enter, stopping = self._enter, self.stop_requested.is_set
+        try:
+            while True:
+                if stopping():
+                    return exit, self._stop_cause
+                exit, outcome = enter()
+                if exit.__class__ is Interrupted:
+                    continue  # a kick, not an exit the guest caused
+                if exit is self._inline_exit:
+                    return exit, self._inline_stop
+                stop_reason = self._check_exit(exit, outcome)
+                if stop_reason is not None:
+                    return exit, stop_reason
+        except ExitDecodeError as e:
+            return exit, _undecodable(e)
+
+    # -- the compiled loop ----------------------------------------------------------------------
+    @property
+    def loop(self) -> str:
+        """Which loop `run()` takes: "compiled" (_runloop.c) or "python" (`_run_python`).
+        The compiled one runs a KVM vCPU whose ioctls and kernel events are not traced, into
+        a log that keeps this runner's counters."""
+        from ..kvm.vcpu import VcpuFd
+        if (_runloop is None or not isinstance(self.vcpu, VcpuFd) or self.vcpu.tracer.listeners
+                or self.kernel_trace is not None or self.log.counter_names != self.counter_names
+                or len(self.counter_names) > MAX_COUNTERS):
+            return "python"
+        return "compiled"
+
+    def _fast_ports(self) -> tuple[bytes, DebugConsole | None]:
+        """Each port's handling in the compiled loop (_runloop.c's PORT_* codes): nobody's
+        (unclaimed), the debug console's, or Python's (every other device), and that debug
+        console. Its bytes are passed on in batches, so only to a Console (or nowhere)."""
+        from .board import Console
+        table = bytearray(b"\x01") * 0x10000                   # PORT_UNCLAIMED
+        debugcon = None
+        for base, end, _ in self.pio.mappings():
+            device, _ = self.pio.find(base)
+            output = getattr(device, "_output", None)
+            fast = (debugcon is None and type(device) is DebugConsole
+                    and (output is None or getattr(output, "__func__", None) is Console.write))
+            table[base:end] = (b"\x02" if fast else b"\x00") * (end - base)   # DEBUGCON, PYTHON
+            debugcon = device if fast else debugcon
+        return bytes(table), debugcon
+
+    def _run_compiled(self, exit: Exit | None) -> tuple[Exit | None, str]:
+        """`_run_python`'s loop in C (_runloop.c); exits it does not handle itself come to
+        `_exit_from_compiled`."""
+        from ..kvm.abi import ffi
+        from ..kvm.errors import KvmError
+        vcpu, log, stats = self.vcpu, self.log, self._stats
+        until, predicate, max_exits = self._conditions
+        offsets, stats_fd, data_offset, length = stats.layout(self.counter_names) \
+            if self._counters is not None else ((), -1, 0, 0)
+        ports, debugcon = self._fast_ports()
+        until_kinds = sum(1 << kind for kind, cls in ((IO_OUT, IoOut), (IO_IN, IoIn))
+                          if until is not None and (until == cls.reason if isinstance(until, int)
+                                                    else issubclass(cls, until)))
+        self._slow_exit = exit
+        first_slow = (self._counters is not None
+                      and not log.continues(vcpu.id, self._previous_counters))
+        try:
+            code, value, self._exits, last_seq, counters = _runloop.run(
+                vcpu.fd, int(ffi.cast("uintptr_t", vcpu.kvm_run)), vcpu.mmap_size, stats_fd,
+                data_offset, length, struct.pack(f"{len(offsets)}I", *offsets),
+                self._previous_counters, ports,
+                debugcon._data if debugcon else bytearray(), debugcon._output if debugcon else None,
+                log, self.stop_requested, max_exits or 0, until_kinds, predicate,
+                self._exit_from_compiled, self._exits, vcpu.id,
+                log.device_number(debugcon.name if debugcon else None),
+                log.device_number(self.pio.unassigned), first_slow)
+        except ExitDecodeError as e:   # raised by _exit_from_compiled, the exit before it kept
+            return self._slow_exit, _undecodable(e)
+        if counters is not None:
+            self._previous_counters = counters
+        exit = log.record(last_seq).exit if last_seq else self._slow_exit
+        if code == _STOP_ERRNO:
+            raise KvmError(value, "RUN", detail=f"vCPU {vcpu.id} is closed" if vcpu.closed else None)
+        return exit, {_STOP_REQUESTED: self._stop_cause, _STOP_SLOW: value,
+                      _STOP_UNTIL: f"reached {exit.describe()}",
+                      _STOP_PREDICATE: "predicate matched",
+                      _STOP_MAX_EXITS: f"max_exits={max_exits} reached"}[code]
+
+    def _exit_from_compiled(self, duration: float, before, after, exits: int,
+                            interrupted: bool) -> tuple[str | None, int]:
+        """An exit the compiled loop leaves to Python, handled as `_run_python` handles it,
+        with the KVM_RUN time and counters the loop measured. Returns the stop reason (or
+        None) and the guest exits counted so far."""
+        self._exits = exits
+        exit = Interrupted() if interrupted else self.vcpu.decode_exit()
+        self._previous_counters, self._slow_exit = before, exit
+        outcome = self._handle(exit, duration, after)
+        if exit.__class__ is Interrupted:
+            return None, exits
+        return self._check_exit(exit, outcome), self._exits
 
     def _stop_reason(self, exit: Exit, outcome: Outcome) -> str:
         if exit.__class__ is Debug:

@@ -1,0 +1,773 @@
+/* The compiled run loop: `VcpuRunner.run()`'s loop for a KVM vCPU, and ExitLog's rows.
+ *
+ * runloop.py's `VcpuRunner._run_python` is the reference a learner reads; this file does the
+ * same per exit without entering Python for the common exits, and
+ * tests/kvm/test_runloop_compiled.py holds the two to the same records, device effects and
+ * stop reasons. Per exit: KVM_RUN (the GIL released), its duration, KVM's counters from the
+ * binary stats fd (one pread), then
+ *   - port I/O to a port no device claims, or an OUT to the debug console: handled here, a
+ *     row written to the log (exitlog.py's ROW layout), the stop conditions checked;
+ *   - EINTR: an `Interrupted` row, as the Python loop records it;
+ *   - anything else (other devices, MMIO, HLT, DEBUG...), or counters that moved more than
+ *     a row holds: `slow(duration, before, after, exits, interrupted)`, the Python loop's
+ *     own handling of the exit in kvm_run.
+ * The console's bytes are passed on in batches: before any Python code runs, every 10 ms,
+ * and when the run returns, so their order with other devices' output is kept.
+ *
+ *   run(state tuple) -> (code, value, exits, last_seq, counters)
+ *   append(log, record) -> bool     ExitLog.append for a record that fits a row whole
+ *   setup(IoOut, IoIn, MmioRead, MmioWrite, Hlt, Interrupted)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_COUNTERS 14
+#define DELTA_MAX 0xFFFF
+#define GENERATION 255   /* ExitLog._counts[255]: bumped when _rows or _latest are replaced */
+
+/* exitlog.py: ROW = struct.Struct("<QQQfHHBBBx14H") */
+#pragma pack(push, 1)
+struct row {
+    uint64_t rip, address, value;
+    float duration_s;
+    uint16_t vcpu, device;
+    uint8_t kind, size, flags, pad;
+    uint16_t deltas[MAX_COUNTERS];
+};
+#pragma pack(pop)
+_Static_assert(sizeof(struct row) == 64, "a row is 64 bytes");
+
+enum { IO_OUT = 1, IO_IN = 2, MMIO_READ = 3, MMIO_WRITE = 4, HLT = 5, INTR = 6 };
+enum { CLAIMED = 1, HAS_COUNTERS = 2 };
+/* port table (runloop.py's _port_table) */
+enum { PORT_PYTHON = 0, PORT_UNCLAIMED = 1, PORT_DEBUGCON = 2 };
+/* how run() ended */
+enum { STOP_REQUESTED = 1, STOP_SLOW = 2, STOP_UNTIL = 3, STOP_PREDICATE = 4,
+       STOP_MAX_EXITS = 5, STOP_ERRNO = 6 };
+
+static PyTypeObject *cls[7];   /* indexed by kind: IoOut .. Interrupted */
+static PyObject *s_rows, *s_counts, *s_keep, *s_latest, *s_device_number, *s_grow, *s_set,
+                *s_seq, *s_vcpu, *s_exit, *s_rip, *s_device, *s_claimed, *s_duration_s,
+                *s_counters_before, *s_counters_after, *s_kernel_events, *s_port, *s_size,
+                *s_count, *s_data, *s_data_offset, *s_address, *s_length, *s_last,
+                *s_announce, *s_listeners;
+
+/* -- the log's buffers ------------------------------------------------------------------ */
+
+struct log_view {
+    PyObject *log;
+    Py_buffer rows, counts, latest;   /* latest: the vCPU's counters after its last exit */
+    int have_rows, have_counts, have_latest;
+    unsigned long long keep, generation;
+};
+
+static void log_release(struct log_view *lv) {
+    if (lv->have_rows) PyBuffer_Release(&lv->rows);
+    if (lv->have_counts) PyBuffer_Release(&lv->counts);
+    if (lv->have_latest) PyBuffer_Release(&lv->latest);
+    lv->have_rows = lv->have_counts = lv->have_latest = 0;
+}
+
+static int get_buffer(PyObject *owner, PyObject *name, Py_buffer *view, int *have) {
+    PyObject *obj = PyObject_GetAttr(owner, name);
+    if (obj == NULL)
+        return -1;
+    int status = PyObject_GetBuffer(obj, view, PyBUF_WRITABLE);
+    Py_DECREF(obj);
+    if (status == 0)
+        *have = 1;
+    return status;
+}
+
+/* Take the log's buffers (again: after any Python code, which may have replaced them). With
+ * `vcpu` >= 0 also its latest counters, which must then exist. */
+static int log_acquire(struct log_view *lv, long vcpu) {
+    log_release(lv);
+    if (get_buffer(lv->log, s_rows, &lv->rows, &lv->have_rows) < 0
+            || get_buffer(lv->log, s_counts, &lv->counts, &lv->have_counts) < 0)
+        return -1;
+    PyObject *keep = PyObject_GetAttr(lv->log, s_keep);
+    if (keep == NULL)
+        return -1;
+    lv->keep = PyLong_AsUnsignedLongLong(keep);
+    Py_DECREF(keep);
+    if (PyErr_Occurred())
+        return -1;
+    lv->generation = ((uint64_t *)lv->counts.buf)[GENERATION];
+    if (vcpu >= 0) {
+        PyObject *latest = PyObject_GetAttr(lv->log, s_latest);
+        if (latest == NULL)
+            return -1;
+        PyObject *key = PyLong_FromLong(vcpu);
+        PyObject *array = key ? PyDict_GetItemWithError(latest, key) : NULL;
+        Py_XDECREF(key);
+        int status = -1;
+        if (array != NULL) {
+            status = PyObject_GetBuffer(array, &lv->latest, PyBUF_WRITABLE);
+            lv->have_latest = status == 0;
+        } else if (!PyErr_Occurred()) {
+            status = 0;   /* no counters for this vCPU (yet): rows without them */
+        }
+        Py_DECREF(latest);
+        return status;
+    }
+    return 0;
+}
+
+/* The next row, its seq in *seq; NULL with an exception set if the log could not grow. */
+static struct row *log_next(struct log_view *lv, long vcpu, unsigned long long *seq) {
+    uint64_t *counts = lv->counts.buf;
+    *seq = counts[0] + 1;
+    unsigned long long index = (*seq - 1) % lv->keep;
+    if ((index + 1) * sizeof(struct row) > (unsigned long long)lv->rows.len) {
+        PyObject *done = PyObject_CallMethodNoArgs(lv->log, s_grow);
+        if (done == NULL)
+            return NULL;
+        Py_DECREF(done);
+        if (log_acquire(lv, vcpu) < 0)
+            return NULL;
+    }
+    return (struct row *)lv->rows.buf + index;
+}
+
+static void log_commit(struct log_view *lv, unsigned long long seq, int kind) {
+    uint64_t *counts = lv->counts.buf;
+    counts[kind] += 1;
+    counts[0] = seq;
+}
+
+/* -- append(log, record) ---------------------------------------------------------------- */
+
+static int as_u64(PyObject *obj, unsigned long long *value) {
+    *value = PyLong_AsUnsignedLongLong(obj);
+    if (*value == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 0;
+}
+
+static int attr_u64(PyObject *obj, PyObject *name, unsigned long long *value) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int status = as_u64(v, value);
+    Py_DECREF(v);
+    return status;
+}
+
+/* The row fields of an exit a row holds whole (exitlog.py's _row_fields); -1 if it does not. */
+static int exit_fields(PyObject *exit, int *kind, unsigned long long *address,
+                       unsigned long long *value, unsigned long long *size) {
+    PyTypeObject *type = Py_TYPE(exit);
+    *address = *value = *size = 0;
+    for (*kind = IO_OUT; *kind <= INTR; ++*kind)
+        if (type == cls[*kind])
+            break;
+    if (*kind > INTR)
+        return -1;
+    if (*kind == HLT || *kind == INTR)
+        return 0;
+    if (*kind == IO_OUT || *kind == IO_IN) {
+        unsigned long long count;
+        if (attr_u64(exit, s_port, address) < 0 || attr_u64(exit, s_size, size) < 0
+                || attr_u64(exit, s_count, &count) < 0 || count != 1)
+            return -1;
+        if (*kind == IO_IN)
+            return attr_u64(exit, s_data_offset, value);
+    } else {
+        if (attr_u64(exit, s_address, address) < 0 || attr_u64(exit, s_length, size) < 0
+                || *size > 0xFF)
+            return -1;
+        if (*kind == MMIO_READ)
+            return 0;
+    }
+    PyObject *data = PyObject_GetAttr(exit, s_data);
+    if (data == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int status = -1;
+    if (PyBytes_Check(data) && (unsigned long long)PyBytes_GET_SIZE(data) == *size && *size <= 8) {
+        const unsigned char *bytes = (const unsigned char *)PyBytes_AS_STRING(data);
+        for (unsigned long long i = 0; i < *size; i++)
+            *value |= (unsigned long long)bytes[i] << (8 * i);
+        status = 0;
+    }
+    Py_DECREF(data);
+    return status;
+}
+
+/* before/after of a record, as deltas; 0: none; 1: deltas; -1: not for a row (Python's path) */
+static int record_deltas(PyObject *before, PyObject *after, const Py_buffer *latest,
+                         uint16_t deltas[MAX_COUNTERS], uint64_t values[MAX_COUNTERS]) {
+    if (before == Py_None || after == Py_None)
+        return 0;
+    if (!PyTuple_Check(before) || !PyTuple_Check(after) || latest == NULL)
+        return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(after);
+    if (n > MAX_COUNTERS || PyTuple_GET_SIZE(before) != n
+            || latest->len != (Py_ssize_t)(n * sizeof(uint64_t)))
+        return -1;
+    const uint64_t *previous = latest->buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long b, a;
+        if (as_u64(PyTuple_GET_ITEM(before, i), &b) < 0 || as_u64(PyTuple_GET_ITEM(after, i), &a) < 0
+                || b != previous[i] || a < b || a - b > DELTA_MAX)
+            return -1;
+        deltas[i] = (uint16_t)(a - b);
+        values[i] = a;
+    }
+    return 1;
+}
+
+static PyObject *runloop_append(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "append(log, record)");
+        return NULL;
+    }
+    PyObject *log = args[0], *record = args[1];
+    PyObject *exit = NULL, *events = NULL, *device = NULL, *numbers = NULL, *before = NULL,
+             *after = NULL, *rip = NULL, *duration = NULL, *claimed = NULL;
+    PyObject *result = Py_False;
+    unsigned long long vcpu;
+    struct log_view lv = {.log = log};
+    if (attr_u64(record, s_vcpu, &vcpu) < 0 || vcpu > 0xFFFF)
+        goto done;
+    if (!(exit = PyObject_GetAttr(record, s_exit)) || !(events = PyObject_GetAttr(record, s_kernel_events))
+            || !(device = PyObject_GetAttr(record, s_device))
+            || !(numbers = PyObject_GetAttr(log, s_device_number))
+            || !(before = PyObject_GetAttr(record, s_counters_before))
+            || !(after = PyObject_GetAttr(record, s_counters_after))
+            || !(rip = PyObject_GetAttr(record, s_rip)) || !(duration = PyObject_GetAttr(record, s_duration_s))
+            || !(claimed = PyObject_GetAttr(record, s_claimed)))
+        goto failed;
+    int truth = PyObject_IsTrue(events);
+    if (truth != 0)
+        goto failed_or_python;
+    PyObject *number = PyDict_GetItemWithError(numbers, device);
+    if (number == NULL)
+        goto failed_or_python;
+    unsigned long long device_number, rip_value, address, value, size;
+    int kind;
+    if (as_u64(number, &device_number) < 0 || as_u64(rip, &rip_value) < 0
+            || exit_fields(exit, &kind, &address, &value, &size) < 0)
+        goto done;
+    double seconds = PyFloat_AsDouble(duration);
+    int is_claimed = PyObject_IsTrue(claimed);
+    if ((seconds == -1.0 && PyErr_Occurred()) || is_claimed < 0)
+        goto failed;
+    if (log_acquire(&lv, (long)vcpu) < 0)
+        goto failed;
+    uint16_t deltas[MAX_COUNTERS] = {0};
+    uint64_t values[MAX_COUNTERS];
+    int measured = record_deltas(before, after, lv.have_latest ? &lv.latest : NULL, deltas, values);
+    if (measured < 0)
+        goto done;
+    unsigned long long seq = ((uint64_t *)lv.counts.buf)[0] + 1;
+    if (((seq - 1) % lv.keep + 1) * sizeof(struct row) > (unsigned long long)lv.rows.len)
+        goto done;   /* Python grows the rows */
+    PyObject *seq_obj = PyLong_FromUnsignedLongLong(seq);
+    if (seq_obj == NULL || PyObject_SetAttr(record, s_seq, seq_obj) < 0) {
+        Py_XDECREF(seq_obj);
+        goto failed;
+    }
+    Py_DECREF(seq_obj);
+    struct row *row = (struct row *)lv.rows.buf + (seq - 1) % lv.keep;
+    *row = (struct row){.rip = rip_value, .address = address, .value = value,
+                        .duration_s = (float)seconds, .vcpu = (uint16_t)vcpu,
+                        .device = (uint16_t)device_number, .kind = (uint8_t)kind,
+                        .size = (uint8_t)size,
+                        .flags = (is_claimed ? CLAIMED : 0) | (measured ? HAS_COUNTERS : 0)};
+    if (measured) {
+        memcpy(row->deltas, deltas, sizeof deltas);
+        memcpy(lv.latest.buf, values, lv.latest.len);
+    }
+    log_commit(&lv, seq, kind);
+    result = Py_True;
+    goto done;
+failed_or_python:
+    if (!PyErr_Occurred())
+        goto done;
+failed:
+    result = NULL;
+done:
+    log_release(&lv);
+    Py_XDECREF(exit); Py_XDECREF(events); Py_XDECREF(device); Py_XDECREF(numbers);
+    Py_XDECREF(before); Py_XDECREF(after); Py_XDECREF(rip); Py_XDECREF(duration);
+    Py_XDECREF(claimed);
+    if (result == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();   /* not an ExitRecord as a row takes it: Python's path says why */
+        result = Py_False;
+    }
+    Py_XINCREF(result);
+    return result;
+}
+
+/* -- run(state) ----------------------------------------------------------------------- */
+
+struct loop {
+    int fd;
+    struct kvm_run *run;
+    unsigned long long mapping_size;
+    int stats_fd;
+    long long stats_offset;
+    Py_ssize_t stats_length;
+    unsigned char *stats_block;
+    uint32_t offsets[MAX_COUNTERS];
+    int ncounters;
+    uint64_t previous[MAX_COUNTERS], current[MAX_COUNTERS];
+    const unsigned char *ports;        /* 65536 port codes */
+    PyObject *debugcon_data;           /* the debug console's bytearray */
+    PyObject *output;                  /* where its bytes go (the console), or None */
+    char pending[4096];
+    Py_ssize_t npending;
+    double flushed_at;
+    PyObject *stop_flag, *predicate, *slow, *listeners;
+    unsigned long long max_exits, exits;
+    unsigned until_kinds;              /* bit per kind: `until` matches it */
+    long vcpu;
+    uint16_t debugcon_number, unassigned_number;
+    struct log_view lv;
+};
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int flush(struct loop *l) {
+    if (l->npending == 0)
+        return 0;
+    Py_ssize_t n = l->npending;
+    l->npending = 0;
+    if (l->output == Py_None)
+        return 0;
+    PyObject *bytes = PyBytes_FromStringAndSize(l->pending, n);
+    PyObject *done = bytes ? PyObject_CallOneArg(l->output, bytes) : NULL;
+    Py_XDECREF(bytes);
+    if (done == NULL)
+        return -1;
+    Py_DECREF(done);
+    return 0;
+}
+
+/* Before Python code runs: the console's bytes out, the log's buffers let go. After it: the
+ * buffers again. */
+static int leave(struct loop *l) {
+    log_release(&l->lv);
+    return flush(l);
+}
+
+static int back(struct loop *l) {
+    return log_acquire(&l->lv, l->ncounters ? l->vcpu : -1);
+}
+
+static PyObject *counters_tuple(const uint64_t *values, int n) {
+    PyObject *t = PyTuple_New(n);
+    for (int i = 0; t != NULL && i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(values[i]);
+        if (v == NULL) {
+            Py_CLEAR(t);
+            break;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+/* Read the counters into l->current; the deltas since l->previous into `deltas`.
+ * 1: they fit a row; 0: one does not; -1: error (exception set). */
+static int read_counters(struct loop *l, uint16_t deltas[MAX_COUNTERS]) {
+    if (l->ncounters == 0)
+        return 1;
+    ssize_t got = pread(l->stats_fd, l->stats_block, l->stats_length, l->stats_offset);
+    if (got != l->stats_length) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    int fits = 1;
+    for (int i = 0; i < l->ncounters; i++) {
+        uint64_t value;
+        memcpy(&value, l->stats_block + l->offsets[i], sizeof value);
+        l->current[i] = value;
+        uint64_t delta = value - l->previous[i];
+        if (value < l->previous[i] || delta > DELTA_MAX)
+            fits = 0;
+        deltas[i] = (uint16_t)delta;
+    }
+    return fits;
+}
+
+/* A row for an exit handled here; its seq in *seq. */
+static int record_row(struct loop *l, double duration, int kind, unsigned long long address,
+                      unsigned long long value, unsigned size, uint16_t device, int claimed,
+                      const uint16_t deltas[MAX_COUNTERS], unsigned long long *seq) {
+    if (((uint64_t *)l->lv.counts.buf)[GENERATION] != l->lv.generation && back(l) < 0)
+        return -1;   /* another vCPU's thread grew or cleared the log meanwhile */
+    struct row *row = log_next(&l->lv, l->ncounters ? l->vcpu : -1, seq);
+    if (row == NULL)
+        return -1;
+    *row = (struct row){.rip = l->run->s.regs.regs.rip, .address = address, .value = value,
+                        .duration_s = (float)duration, .vcpu = (uint16_t)l->vcpu,
+                        .device = device, .kind = (uint8_t)kind, .size = (uint8_t)size,
+                        .flags = (claimed ? CLAIMED : 0) | (l->ncounters ? HAS_COUNTERS : 0)};
+    if (l->ncounters) {
+        memcpy(row->deltas, deltas, l->ncounters * sizeof deltas[0]);
+        if (l->lv.have_latest)
+            memcpy(l->lv.latest.buf, l->current, l->ncounters * sizeof(uint64_t));
+        memcpy(l->previous, l->current, l->ncounters * sizeof(uint64_t));
+    }
+    log_commit(&l->lv, *seq, kind);
+    return 0;
+}
+
+/* The Python loop's handling of this exit; its stop reason (a new reference), or Py_None. */
+static PyObject *call_slow(struct loop *l, double duration, int interrupted) {
+    if (leave(l) < 0)
+        return NULL;
+    PyObject *before = counters_tuple(l->previous, l->ncounters);
+    PyObject *after = counters_tuple(l->current, l->ncounters);
+    PyObject *result = NULL;
+    if (before && after) {
+        PyObject *args[] = {PyFloat_FromDouble(duration), l->ncounters ? before : Py_None,
+                            l->ncounters ? after : Py_None, PyLong_FromUnsignedLongLong(l->exits),
+                            interrupted ? Py_True : Py_False};
+        if (args[0] && args[3]) {
+            /* returns (stop reason or None, exits) */
+            PyObject *pair = PyObject_Vectorcall(l->slow, args, 5, NULL);
+            if (pair != NULL && PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) == 2) {
+                l->exits = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(pair, 1));
+                if (!PyErr_Occurred()) {
+                    result = PyTuple_GET_ITEM(pair, 0);
+                    Py_INCREF(result);
+                }
+            } else if (pair != NULL) {
+                PyErr_SetString(PyExc_TypeError, "slow() must return (stop reason, exits)");
+            }
+            Py_XDECREF(pair);
+        }
+        Py_XDECREF(args[0]);
+        Py_XDECREF(args[3]);
+    }
+    Py_XDECREF(before);
+    Py_XDECREF(after);
+    memcpy(l->previous, l->current, l->ncounters * sizeof(uint64_t));
+    if (result != NULL && back(l) < 0)
+        Py_CLEAR(result);
+    return result;
+}
+
+/* After an exit handled here: listeners, then the stop conditions in the Python loop's
+ * order (`until`, the predicate, max_exits). 0: go on; a STOP_* code; -1: error. */
+static int after_fast_exit(struct loop *l, int kind) {
+    if (PyList_GET_SIZE(l->listeners)) {
+        if (leave(l) < 0)
+            return -1;
+        PyObject *done = PyObject_CallMethodNoArgs(l->lv.log, s_announce);
+        if (done == NULL)
+            return -1;
+        Py_DECREF(done);
+        if (back(l) < 0)
+            return -1;
+    }
+    if (kind == INTR)
+        return 0;   /* a kick, not an exit the guest caused */
+    l->exits++;
+    if (l->until_kinds & (1u << kind))
+        return STOP_UNTIL;
+    if (l->predicate != Py_None) {
+        if (leave(l) < 0)
+            return -1;
+        PyObject *last = PyObject_GetAttr(l->lv.log, s_last);
+        PyObject *matched = last ? PyObject_CallOneArg(l->predicate, last) : NULL;
+        Py_XDECREF(last);
+        int truth = matched ? PyObject_IsTrue(matched) : -1;
+        Py_XDECREF(matched);
+        if (truth < 0 || back(l) < 0)
+            return -1;
+        if (truth)
+            return STOP_PREDICATE;
+    }
+    if (l->max_exits && l->exits >= l->max_exits)
+        return STOP_MAX_EXITS;
+    return 0;
+}
+
+static int stop_requested(struct loop *l) {
+    PyObject *set = PyObject_GetAttr(l->stop_flag, s_set);
+    if (set == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(set);
+    Py_DECREF(set);
+    return truth;
+}
+
+/* The loop; its result tuple's first two items in *code and *value (a new reference). */
+static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
+                unsigned long long *last_seq) {
+    uint16_t deltas[MAX_COUNTERS] = {0};
+    *value = NULL;
+    for (;;) {
+        int stop = stop_requested(l);
+        if (stop)
+            return stop < 0 ? -1 : (*code = STOP_REQUESTED, 0);
+        double started = now();
+        if (started - l->flushed_at > 0.01) {
+            l->flushed_at = started;
+            if (flush(l) < 0)
+                return -1;
+        }
+        int status, error = 0;
+        Py_BEGIN_ALLOW_THREADS
+        status = ioctl(l->fd, KVM_RUN, 0);
+        if (status < 0)
+            error = errno;
+        Py_END_ALLOW_THREADS
+        double duration = now() - started;
+        if (status < 0 && error != EINTR && error != EAGAIN) {
+            *code = STOP_ERRNO;
+            *value = PyLong_FromLong(error);
+            return *value ? 0 : -1;
+        }
+        int fits = read_counters(l, deltas);
+        if (fits < 0)
+            return -1;
+        int kind = 0, port_code = PORT_PYTHON;
+        unsigned long long address = 0, data = 0;
+        unsigned size = 0;
+        const struct kvm_run *run = l->run;
+        if (status < 0) {
+            l->run->immediate_exit = 0;
+            if (leave(l) < 0 || PyErr_CheckSignals() < 0 || back(l) < 0)
+                return -1;
+            kind = INTR;
+        } else if (run->exit_reason == KVM_EXIT_IO && run->io.count == 1
+                   && (run->io.size == 1 || run->io.size == 2 || run->io.size == 4)
+                   && run->io.data_offset <= l->mapping_size - run->io.size
+                   && run->io.direction <= KVM_EXIT_IO_OUT) {
+            port_code = l->ports[run->io.port];
+            kind = run->io.direction == KVM_EXIT_IO_OUT ? IO_OUT : IO_IN;
+            address = run->io.port;
+            size = run->io.size;
+            unsigned char *bytes = (unsigned char *)run + run->io.data_offset;
+            if (kind == IO_OUT) {
+                for (unsigned i = 0; i < size; i++)
+                    data |= (unsigned long long)bytes[i] << (8 * i);
+            } else {
+                data = run->io.data_offset;
+            }
+        }
+        int fast = fits && !first_slow && (kind == INTR || port_code == PORT_UNCLAIMED
+                                           || (port_code == PORT_DEBUGCON && kind == IO_OUT));
+        first_slow = 0;
+        if (!fast) {
+            PyObject *reason = call_slow(l, duration, status < 0);
+            if (reason == NULL)
+                return -1;
+            *last_seq = 0;
+            if (reason != Py_None) {
+                *code = STOP_SLOW;
+                *value = reason;
+                return 0;
+            }
+            Py_DECREF(reason);
+            continue;
+        }
+        uint16_t device = 0;
+        int claimed = 1;
+        if (kind == IO_OUT && port_code == PORT_DEBUGCON) {
+            /* isa-debugcon: the low byte, into the device's bytes and (batched) the console */
+            Py_ssize_t n = PyByteArray_GET_SIZE(l->debugcon_data);
+            if (PyByteArray_Resize(l->debugcon_data, n + 1) < 0)
+                return -1;
+            PyByteArray_AS_STRING(l->debugcon_data)[n] = (char)(data & 0xFF);
+            l->pending[l->npending++] = (char)(data & 0xFF);
+            if (l->npending == sizeof l->pending && flush(l) < 0)
+                return -1;
+            device = l->debugcon_number;
+        } else if (kind == IO_OUT) {
+            claimed = 0;   /* a write nobody claims is dropped */
+        } else if (kind == IO_IN) {
+            /* a read nobody claims floats high: all-ones (QEMU's unassigned_io_ops) */
+            memset((unsigned char *)l->run + run->io.data_offset, 0xFF, size);
+            device = l->unassigned_number;
+            claimed = 0;
+        }
+        if (record_row(l, duration, kind, address, data, size, device, claimed, deltas, last_seq) < 0)
+            return -1;
+        int ended = after_fast_exit(l, kind);
+        if (ended)
+            return ended < 0 ? -1 : (*code = ended, 0);
+    }
+}
+
+static int u64_arg(PyObject *obj, unsigned long long *value) {
+    *value = PyLong_AsUnsignedLongLong(obj);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    enum { FD, RUN, MAPPING_SIZE, STATS_FD, STATS_OFFSET, STATS_LENGTH, OFFSETS, PREVIOUS,
+           PORTS, DEBUGCON_DATA, OUTPUT, LOG, STOP_FLAG, MAX_EXITS, UNTIL_KINDS, PREDICATE,
+           SLOW, EXITS, VCPU, DEBUGCON_NUMBER, UNASSIGNED_NUMBER, FIRST_SLOW, NARGS };
+    if (nargs != NARGS) {
+        PyErr_Format(PyExc_TypeError, "run() takes %d arguments, got %zd", NARGS, nargs);
+        return NULL;
+    }
+    struct loop *l = PyMem_Calloc(1, sizeof *l);
+    if (l == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = NULL, *value = NULL;
+    unsigned long long fd, address, stats_length, until, vcpu, debugcon, unassigned, first;
+    long long stats_fd;
+    if (u64_arg(args[FD], &fd) < 0 || u64_arg(args[RUN], &address) < 0
+            || u64_arg(args[MAPPING_SIZE], &l->mapping_size) < 0
+            || (stats_fd = PyLong_AsLongLong(args[STATS_FD]), PyErr_Occurred())
+            || (l->stats_offset = PyLong_AsLongLong(args[STATS_OFFSET]), PyErr_Occurred())
+            || u64_arg(args[STATS_LENGTH], &stats_length) < 0
+            || u64_arg(args[MAX_EXITS], &l->max_exits) < 0 || u64_arg(args[UNTIL_KINDS], &until) < 0
+            || u64_arg(args[EXITS], &l->exits) < 0 || u64_arg(args[VCPU], &vcpu) < 0
+            || u64_arg(args[DEBUGCON_NUMBER], &debugcon) < 0
+            || u64_arg(args[UNASSIGNED_NUMBER], &unassigned) < 0
+            || u64_arg(args[FIRST_SLOW], &first) < 0)
+        goto out;
+    if (!PyBytes_Check(args[OFFSETS]) || PyBytes_GET_SIZE(args[OFFSETS]) > (Py_ssize_t)sizeof l->offsets
+            || !PyBytes_Check(args[PORTS]) || PyBytes_GET_SIZE(args[PORTS]) != 65536
+            || !PyByteArray_Check(args[DEBUGCON_DATA])) {
+        PyErr_SetString(PyExc_TypeError, "run(): bad counter offsets, port table or console");
+        goto out;
+    }
+    if ((l->listeners = PyObject_GetAttr(args[LOG], s_listeners)) == NULL)
+        goto out;
+    if (!PyList_Check(l->listeners)) {
+        PyErr_SetString(PyExc_TypeError, "run(): the log's listeners must be a list");
+        goto out;
+    }
+    if (l->mapping_size < sizeof(struct kvm_run)) {
+        PyErr_SetString(PyExc_ValueError, "the mapping is smaller than struct kvm_run");
+        goto out;
+    }
+    l->fd = (int)fd;
+    l->run = (struct kvm_run *)(uintptr_t)address;
+    l->stats_fd = (int)stats_fd;
+    l->stats_length = (Py_ssize_t)stats_length;
+    l->ncounters = (int)(PyBytes_GET_SIZE(args[OFFSETS]) / sizeof(uint32_t));
+    memcpy(l->offsets, PyBytes_AS_STRING(args[OFFSETS]), l->ncounters * sizeof(uint32_t));
+    for (int i = 0; i < l->ncounters; i++)
+        if (l->offsets[i] + sizeof(uint64_t) > stats_length) {
+            PyErr_SetString(PyExc_ValueError, "a counter lies outside the stats block");
+            goto out;
+        }
+    if (l->ncounters) {
+        if (!PyTuple_Check(args[PREVIOUS]) || PyTuple_GET_SIZE(args[PREVIOUS]) != l->ncounters) {
+            PyErr_SetString(PyExc_TypeError, "run(): the previous counters must match the offsets");
+            goto out;
+        }
+        for (int i = 0; i < l->ncounters; i++) {
+            unsigned long long v;
+            if (u64_arg(PyTuple_GET_ITEM(args[PREVIOUS], i), &v) < 0)
+                goto out;
+            l->previous[i] = v;
+        }
+        if ((l->stats_block = PyMem_Malloc(stats_length)) == NULL) {
+            PyErr_NoMemory();
+            goto out;
+        }
+    }
+    l->ports = (const unsigned char *)PyBytes_AS_STRING(args[PORTS]);
+    l->debugcon_data = args[DEBUGCON_DATA];
+    l->output = args[OUTPUT];
+    l->stop_flag = args[STOP_FLAG];
+    l->predicate = args[PREDICATE];
+    l->slow = args[SLOW];
+    l->until_kinds = (unsigned)until;
+    l->vcpu = (long)vcpu;
+    l->debugcon_number = (uint16_t)debugcon;
+    l->unassigned_number = (uint16_t)unassigned;
+    l->lv.log = args[LOG];
+    l->flushed_at = now();
+    if (back(l) < 0)
+        goto out;
+    int code = 0;
+    unsigned long long last_seq = 0;
+    int status = loop(l, (int)first, &code, &value, &last_seq);
+    if (leave(l) < 0 || status < 0)
+        goto out;
+    PyObject *counters = l->ncounters ? counters_tuple(l->previous, l->ncounters) : Py_NewRef(Py_None);
+    if (counters != NULL)
+        result = Py_BuildValue("(iOKKN)", code, value ? value : Py_None, l->exits, last_seq, counters);
+out:
+    if (result == NULL) {
+        /* an error: the console still gets what the guest wrote, the error kept */
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        log_release(&l->lv);
+        if (flush(l) < 0)
+            PyErr_Clear();
+        PyErr_Restore(type, exc, tb);
+    }
+    Py_XDECREF(value);
+    Py_XDECREF(l->listeners);
+    PyMem_Free(l->stats_block);
+    PyMem_Free(l);
+    return result;
+}
+
+static PyObject *runloop_setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != INTR) {
+        PyErr_SetString(PyExc_TypeError, "setup(IoOut, IoIn, MmioRead, MmioWrite, Hlt, Interrupted)");
+        return NULL;
+    }
+    for (int kind = IO_OUT; kind <= INTR; kind++) {
+        if (!PyType_Check(args[kind - 1])) {
+            PyErr_SetString(PyExc_TypeError, "setup() takes the exit classes");
+            return NULL;
+        }
+        Py_XSETREF(cls[kind], (PyTypeObject *)Py_NewRef(args[kind - 1]));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"run", (PyCFunction)(void (*)(void))runloop_run, METH_FASTCALL,
+     "VcpuRunner's loop: (code, value, exits, last seq, counters)."},
+    {"append", (PyCFunction)(void (*)(void))runloop_append, METH_FASTCALL,
+     "ExitLog.append of a record that fits a row whole: True, else False (append it in Python)."},
+    {"setup", (PyCFunction)(void (*)(void))runloop_setup, METH_FASTCALL,
+     "The exit classes rows are made of."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_runloop",
+                                    "The compiled run loop and ExitLog rows.", -1, methods};
+
+#define INTERN(var, text) (var = PyUnicode_InternFromString(text))
+
+PyMODINIT_FUNC PyInit__runloop(void) {
+    if (!INTERN(s_rows, "_rows") || !INTERN(s_counts, "_counts") || !INTERN(s_keep, "keep")
+            || !INTERN(s_latest, "_latest") || !INTERN(s_device_number, "_device_number")
+            || !INTERN(s_grow, "grow") || !INTERN(s_set, "_set") || !INTERN(s_seq, "seq")
+            || !INTERN(s_vcpu, "vcpu") || !INTERN(s_exit, "exit") || !INTERN(s_rip, "rip")
+            || !INTERN(s_device, "device") || !INTERN(s_claimed, "claimed")
+            || !INTERN(s_duration_s, "duration_s") || !INTERN(s_counters_before, "counters_before")
+            || !INTERN(s_counters_after, "counters_after")
+            || !INTERN(s_kernel_events, "kernel_events") || !INTERN(s_port, "port")
+            || !INTERN(s_size, "size") || !INTERN(s_count, "count") || !INTERN(s_data, "data")
+            || !INTERN(s_data_offset, "data_offset") || !INTERN(s_address, "address")
+            || !INTERN(s_length, "length") || !INTERN(s_last, "last")
+            || !INTERN(s_announce, "_announce") || !INTERN(s_listeners, "_listeners"))
+        return NULL;
+    return PyModule_Create(&module);
+}
