@@ -8,8 +8,10 @@ profile=${1:-lab}
 case $profile in lab|hub|test) ;; *) echo "usage: tools/setup.sh lab|hub|test" >&2; exit 2 ;; esac
 
 # gcc, Python's headers and <linux/kvm.h> build vlab's compiled VM-exit path (setup.py);
-# libtraceevent1 and libtracefs1 decode KVM's tracepoints (vlab.kvm.kernel_trace)
-apt_packages=(nasm python3-venv gcc python3-dev libc6-dev linux-libc-dev libtraceevent1 libtracefs1)
+# libtraceevent1 and libtracefs1 decode KVM's tracepoints (vlab.kvm.kernel_trace); busybox-static
+# is the userspace of Linux guests' initramfs (vlab.machine.initramfs)
+apt_packages=(nasm python3-venv gcc python3-dev libc6-dev linux-libc-dev libtraceevent1 libtracefs1
+              busybox-static)
 [ "$profile" = test ] && apt_packages+=(chromium)
 # JupyterHub's proxy (configurable-http-proxy) runs on Node.js
 if [ "$profile" != lab ] && ! command -v npm >/dev/null; then apt_packages+=(nodejs npm); fi
