@@ -133,4 +133,4 @@ def test_every_registered_command_is_a_subcommand(capsys):
     assert caught.value.code == 0
     out = capsys.readouterr().out
     assert {"doctor", "caps"} <= set(cli.COMMANDS)
-    assert all(re.search(rf"^    {name} ", out, re.MULTILINE) for name in cli.COMMANDS)
+    assert all(re.search(rf"^    {name}( |$)", out, re.MULTILINE) for name in cli.COMMANDS)
