@@ -24,6 +24,7 @@ from typing import Callable
 from .accel import explain_auto
 from .kvm import Cap, Kvm, KvmError, KvmUnavailable, detect_backend, kvm_usable
 from .kvm import vcpu as vcpu_module
+from .machine import runloop as runloop_module
 from .kvm.kernel_trace import KernelTrace, KernelTraceUnavailable, kernel_trace_usable
 from .kvm.system import DEV_KVM, DEVICE_ENV, device_path
 from .machine.assembler import AssemblerNotFound, assemble
@@ -117,13 +118,18 @@ def _import(name: str) -> tuple[bool, str]:
 
 
 def _exit_path() -> tuple[str, str, str]:
-    """Whether setup.py built the C exit path; the lab works without it, a little slower."""
+    """Whether setup.py built the C exit path and the compiled run loop; the lab works
+    without them, slower."""
     purpose = "VcpuFd.run() decoding port-I/O exits in C"
-    if vcpu_module._exitpath is not None:
-        return "ok", "exit path", f"{purpose}: compiled (vlab.kvm._exitpath)"
-    return ("python", "exit path", f"{purpose}: not built, so exits are decoded in Python "
-            "(about 0.05 of a C loop's rate slower); install gcc and Python's headers "
-            "(python3-dev), then `pip install -e .` again")
+    decoding = ("compiled (vlab.kvm._exitpath)" if vcpu_module._exitpath is not None else
+                "not built, so exits are decoded in Python (about 0.05 of a C loop's rate slower)")
+    loop = ("the run loop: compiled (vlab.machine._runloop), about a C loop's rate with every "
+            "exit recorded" if runloop_module._runloop is not None else
+            "the run loop: not built, so VcpuRunner runs its Python loop (about 0.6 of a C "
+            "loop's rate)")
+    fix = ("; install gcc and Python's headers (python3-dev), then `pip install -e .` again"
+           if None in (vcpu_module._exitpath, runloop_module._runloop) else "")
+    return ("ok" if not fix else "python", "exit path", f"{purpose}: {decoding}; {loop}{fix}")
 
 
 def _kernel_trace() -> tuple[str, str, str]:

@@ -16,6 +16,7 @@ import pytest
 from vlab import cli
 from vlab.kvm import Cap, Kvm
 from vlab.kvm import vcpu as vcpu_module
+from vlab.machine import runloop as runloop_module
 from vlab.kvm.errors import hint_for
 from vlab.kvm.system import DEVICE_ENV
 
@@ -111,6 +112,13 @@ def test_doctor_says_which_exit_path_runs(capsys, monkeypatch):
     cli.main(["doctor"])
     out = " ".join(capsys.readouterr().out.split())
     assert "python exit path" in out and "decoded in Python" in out and "python3-dev" in out
+
+
+def test_doctor_says_which_run_loop_runs(capsys, monkeypatch):
+    monkeypatch.setattr(runloop_module, "_runloop", None)
+    cli.main(["doctor"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "python exit path" in out and "runs its Python loop" in out and "python3-dev" in out
 
 
 def test_doctor_fails_when_neither_kvm_nor_tcg_can_run(no_kvm, capsys, monkeypatch):
