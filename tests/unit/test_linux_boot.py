@@ -298,3 +298,48 @@ def test_initramfs_variant_is_checked():
     from vlab.machine.initramfs import init_script
     with pytest.raises(ValueError, match="choose one of check, shell"):
         init_script("rescue")
+
+
+# --- Lab.load_linux and vlab run --linux refuse what cannot boot, before anything runs -----
+
+def test_lab_load_linux_needs_the_irqchip_one_vcpu_and_room():
+    from vlab import Lab
+    image = make_bzimage(KERNEL, pref_address=0x1000000, init_size=0x2000000)
+    with Lab(accel="tcg", memory="64M") as lab, pytest.raises(ValueError, match="irqchip=True"):
+        lab.load_linux(image)
+    with Lab(accel="tcg", memory="64M", vcpus=2, irqchip=True) as lab, \
+            pytest.raises(ValueError, match="vcpus=2: a Lab boots Linux on one vCPU"):
+        lab.load_linux(image)
+    with Lab(accel="tcg", memory="16M", irqchip=True) as lab, \
+            pytest.raises(LinuxBootError, match=r"init_size.*RAM ends at 0x1000000"):
+        lab.load_linux(image)
+    assert lab.guest is None
+
+
+def test_lab_load_linux_on_tcg_says_linux_needs_kvm():
+    from vlab import Lab, StageError
+    with Lab(accel="tcg", memory="64M", irqchip=True) as lab:
+        lab.load_linux(make_bzimage(KERNEL))
+        with pytest.raises(StageError, match="Linux needs KVM: its timer and interrupts come "
+                                             "from KVM's in-kernel irqchip and PIT"):
+            lab.bring_up()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--linux", "k", "--module", "m"], "--module goes with --multiboot (Linux takes --initrd)"),
+    (["f.asm", "--initrd", "i"], "--initrd goes with --linux"),
+    (["f.asm", "--linux", "k"], "give one of FILE, --multiboot KERNEL or --linux KERNEL"),
+])
+def test_vlab_run_linux_arguments(capsys, argv, message):
+    from vlab import cli
+    assert cli.main(["run", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_vlab_run_linux_refuses_a_malformed_kernel_before_making_a_vm(capsys, tmp_path):
+    from vlab import cli
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage(KERNEL)[:3000])
+    assert cli.main(["run", "--linux", str(kernel), "--accel", "kvm"]) == 2
+    err = capsys.readouterr().err
+    assert "vlab run: truncated bzImage: syssize says 768 bytes" in err, err

@@ -311,7 +311,11 @@ def boot_linux(kernel: bytes | str | os.PathLike, initrd: bytes | str | os.PathL
     """Build the PC, load Linux (`load_linux`) and run it until it stops, with
     `vlab.machine.pc.boot_pc`'s `options` (smp, accel, timeout, output, cpu_model, reboot,
     kernel_trace)."""
+    from .board import check_ram_size
     from .pc import boot_pc
+    kernel = read_image(kernel)
+    initrd = read_image(initrd) if initrd is not None else None
+    plan_linux(kernel, initrd, append, check_ram_size(memory))   # refused before a VM exists
     return boot_pc(lambda machine: load_linux(machine, kernel, initrd, append),
                    memory=memory, **options)
 
