@@ -19,7 +19,7 @@ from vlab.machine.memory import GuestMemory
 from vlab.machine.snapshot import RegisterSnapshot
 from vlab.widgets import (CpuidExplorer, Dashboard, Disassembly, ExitHistogram, MemoryView,
                           RegisterView, SerialConsole, StageStepper, code_bits, hexdump)
-from vlab.widgets.base import Throttle
+from vlab.widgets.base import Poller
 
 LONG_CS = Segment(selector=8, type=11, l=1)
 PROTECTED = Sregs(cr0=0x11, cs=Segment(selector=8, type=11, db=1, g=1, limit=0xFFFFFFFF))
@@ -55,28 +55,42 @@ def test_hexdump_lines():
         "00008000  4e 4f 50                                         |NOP|"]
 
 
-def test_throttle_calls_at_once_when_due_and_defers_the_rest():
-    calls = []
-    throttle = Throttle(0.1, lambda: calls.append(time.monotonic()))
-    start = time.monotonic()
+def wait_for(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_poller_calls_once_the_version_moved_then_waits_the_interval():
+    poller, version, calls = Poller(), [0], []
+    unwatch = poller.watch(lambda: version[0], lambda: calls.append(time.monotonic()), 0.3)
+    time.sleep(3 * Poller.TICK)
+    assert calls == []                      # nothing changed: nothing drawn
     for _ in range(1000):
-        throttle()
-    assert len(calls) == 1
-    deadline = time.monotonic() + 10
-    while len(calls) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(calls) == 2 and calls[1] - start >= 0.1   # the last change, shown late
-    throttle.cancel()
+        version[0] += 1                     # as exits come, no call each
+    assert wait_for(lambda: len(calls) == 1)
+    version[0] += 1
+    assert wait_for(lambda: len(calls) == 2)
+    assert calls[1] - calls[0] >= 0.3       # the last change, shown once the interval is over
+    unwatch()
+    assert wait_for(lambda: poller._thread is None)   # nothing watched: the thread ends
+    version[0] += 1
+    time.sleep(3 * Poller.TICK)
+    assert len(calls) == 2
 
 
-def test_throttle_counts_the_interval_from_the_end_of_a_slow_call():
-    """A draw slower than the interval (as on an emulated host) does not run on every exit."""
-    calls = []
-    throttle = Throttle(0.02, lambda: (calls.append(time.monotonic()), time.sleep(0.05)))
-    for _ in range(5):
-        throttle()                  # back to back, as VM exits come
-    throttle.cancel()
-    assert len(calls) == 1
+def test_poller_counts_the_interval_from_the_end_of_a_slow_call():
+    """A draw slower than the interval (as on an emulated host) does not run back to back."""
+    poller, version, calls = Poller(), [0], []
+    unwatch = poller.watch(lambda: version[0],
+                           lambda: (calls.append(time.monotonic()), time.sleep(0.1)), 0.05)
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:
+        version[0] += 1
+        time.sleep(0.001)
+    unwatch()
+    assert len(calls) >= 2 and all(b - a >= 0.15 for a, b in zip(calls, calls[1:]))
 
 
 # --- views over hand-built models ---------------------------------------------------------------
@@ -108,11 +122,15 @@ def test_histogram_changes_with_the_exit_log():
     for _ in range(2):
         log.append(ExitRecord(0, IoOut(port=0x80), 0x8000, None, False, 1e-5, None, None))
     log.append(ExitRecord(0, Hlt(), 0x8001, None, True, 1e-5, None, None))
-    # The first exit drew (the throttle was due); the others wait for the end of the run.
+    # The poller saw the log's total move and drew; later changes wait for the interval
+    # (an hour here) or the end of the run.
+    assert wait_for(lambda: view.redraws == 2)
+    log.append(ExitRecord(0, IoOut(port=0x80), 0x8002, None, False, 1e-5, None, None))
+    time.sleep(3 * Poller.TICK)
     assert view.redraws == 2
     model.update(snapshot(0x8002))
     assert view.redraws == 3 and view.html.value != empty
-    assert view.summary().startswith("3 userspace exits: IO out 2, HLT 1")
+    assert view.summary().startswith("4 userspace exits: IO out 3, HLT 1")
     view.close()
     assert log._listeners == []
 
@@ -174,9 +192,10 @@ def test_serial_console_feeds_the_uart_and_streams_output():
     console = SerialConsole(lab, newline="\n")
     console.input.value = "x"       # no FIFOs enabled: the newline overruns the held "x"
     assert uart.state()["rx_fifo"] == b"\n" and "1 of 2 bytes kept" in console.status.value
-    console_model.write(b"<tag> & more")
-    assert "&lt;tag&gt; &amp; more" in console.output.value
+    console_model.write(b"<tag> & more")    # streamed while the guest runs, by the poller
+    assert wait_for(lambda: "&lt;tag&gt; &amp; more" in console.output.value)
     assert console.summary() == "<tag> & more"
+    console.close()
 
 
 def test_memory_view_and_disassembly_read_guest_memory():

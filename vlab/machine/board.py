@@ -57,10 +57,12 @@ class Console:
         self._chunks: list[bytes] = []
         self._lock = threading.Lock()
         self.listeners: list = []
+        self.written = 0   # bytes written since it was made, clear() or not (views poll it)
 
     def write(self, data: bytes) -> None:
         with self._lock:
             self._chunks.append(data if data.__class__ is bytes else bytes(data))
+            self.written += len(data)
         for listener in self.listeners:
             listener(data)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import html
 import threading
 import time
+import traceback
+from dataclasses import dataclass
 from typing import Callable
 
 import ipywidgets as widgets
@@ -49,47 +51,71 @@ def message(text: str, kind: str = "info") -> str:
     return f"<div class='vlab-{kind}' style='color:{color};{MONO}'>{escape(text)}</div>"
 
 
-class Throttle:
-    """Calls `action` at most once per `interval` seconds, counted from the end of the last
-    call (a draw slower than the interval, as on an emulated host, must not run on every VM
-    exit): at once when due, otherwise once when the interval is over, so the last change is
-    never left unshown. Cheap enough to call on every VM exit (no lock unless a deferred call
-    has to be scheduled)."""
+class Poller:
+    """Redraws live views while a guest runs, at no cost per VM exit: one daemon thread looks
+    at every watched model's version (a cheap number: an exit log's total, the bytes the
+    console took) every TICK seconds, and when it has moved calls the view's action, at
+    most once per the watch's interval counted from the end of the last call (a draw slower
+    than the interval, as on an emulated host, does not run back to back). A view thus costs
+    a run its redraws, not a call per exit. The thread runs while something is watched."""
 
-    def __init__(self, interval: float, action: Callable[[], None]):
-        self.interval = interval
-        self.action = action
-        self._last = float("-inf")
-        self._timer: threading.Timer | None = None
+    TICK = 0.05
+
+    def __init__(self):
+        self._watches: list[_Watch] = []
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
-    def __call__(self, *_) -> None:
-        if self._timer is not None:          # the deferred call will show this change too
-            return
-        wait = self._last + self.interval - time.monotonic()
-        if wait <= 0:
-            self._last = time.monotonic()
-            self.action()
-            self._last = time.monotonic()
-            return
+    def watch(self, version: Callable[[], object], action: Callable[[], None],
+              interval: float) -> Callable[[], None]:
+        """Call `action()` after `version()` changes, at most every `interval` seconds;
+        returns the function that stops watching."""
+        watch = _Watch(version, action, interval, version())
         with self._lock:
-            if self._timer is None:
-                self._timer = threading.Timer(wait, self._deferred)
-                self._timer.daemon = True
-                self._timer.start()
+            self._watches.append(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="vlab views", daemon=True)
+                self._thread.start()
+        return lambda: self._forget(watch)
 
-    def _deferred(self) -> None:
+    def _forget(self, watch: "_Watch") -> None:
         with self._lock:
-            self._timer = None
-            self._last = time.monotonic()
-        self.action()
-        self._last = time.monotonic()
+            if watch in self._watches:
+                self._watches.remove(watch)
 
-    def cancel(self) -> None:
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.TICK)
+            with self._lock:
+                watches = tuple(self._watches)
+                if not watches:
+                    self._thread = None
+                    return
+            now = time.monotonic()
+            for watch in watches:
+                if now < watch.due:
+                    continue
+                seen = watch.version()
+                if seen == watch.seen:
+                    continue
+                watch.seen = seen
+                try:
+                    watch.action()
+                except Exception:   # one view's failure must not stop the others' redraws
+                    traceback.print_exc()
+                watch.due = time.monotonic() + watch.interval
+
+
+@dataclass(eq=False)
+class _Watch:
+    version: Callable[[], object]
+    action: Callable[[], None]
+    interval: float
+    seen: object
+    due: float = 0.0
+
+
+POLLER = Poller()
 
 
 class LabView(widgets.VBox):
@@ -152,14 +178,14 @@ class LabView(widgets.VBox):
 
 
 class ExitLogView(LabView):
-    """A view over one vCPU's exit log: redrawn as exits arrive (at most every `interval`
-    seconds, from the vCPU thread or a timer for the last change) and at once when a step
-    or run ends. `render` holds `_lock`: the vCPU thread and the kernel's may both draw."""
+    """A view over one vCPU's exit log: redrawn while exits arrive (at most every `interval`
+    seconds, by the `POLLER`, which reads the log's total) and at once when a step or run
+    ends. `render` holds `_lock`: the poller's thread and the kernel's may both draw."""
 
     def __init__(self, lab, vcpu: int, interval: float, live: bool = True, **kwargs):
         super().__init__(lab, live, **kwargs)
         self.vcpu = vcpu
-        self._throttle = Throttle(interval, self.render)
+        self.interval = interval
         self._lock = threading.Lock()
 
     @property
@@ -170,6 +196,5 @@ class ExitLogView(LabView):
         log = self.exit_log
         if log is None:
             return False
-        log.subscribe(self._throttle)
-        self._detachers += [lambda: log.unsubscribe(self._throttle), self._throttle.cancel]
+        self._detachers.append(POLLER.watch(lambda: log.total, self.render, self.interval))
         return self._on_registers(self.vcpu, self.render)

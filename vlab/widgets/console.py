@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 
-from .base import MONO, LabView, Throttle, escape, message
+from .base import MONO, POLLER, LabView, escape, message
 
 TAIL = 16_384          # characters of output shown (the Console keeps all of it)
 STREAM_INTERVAL = 0.1  # seconds between output updates while the guest prints
@@ -24,16 +24,15 @@ class SerialConsole(LabView):
         self.status = widgets.HTML()
         self.children = (self.output, self.input, self.status)
         self.input.observe(self._on_input, "value")
-        self._throttle = Throttle(interval, self.render)
+        self.interval = interval
         self.refresh()
 
     def _attach(self) -> bool:
         machine = self.lab.machine
         if machine is None or not self.lab.registers:
             return False
-        listeners = machine.console.listeners
-        listeners.append(self._throttle)
-        self._detachers += [lambda: listeners.remove(self._throttle), self._throttle.cancel]
+        console = machine.console
+        self._detachers.append(POLLER.watch(lambda: console.written, self.render, self.interval))
         return self._on_registers(None, self.render)
 
     @property

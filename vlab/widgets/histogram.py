@@ -31,8 +31,8 @@ def bar_chart(counts: dict[str, int], title: str) -> str:
 class ExitHistogram(ExitLogView):
     """Two bar charts in HTML: userspace exits by reason (ExitLog.histogram) and KVM's
     counters for the vCPU from the binary stats fd (the run loop's KERNEL_COUNTERS). While
-    the guest runs it redraws at most every `interval` seconds (from the vCPU thread, or a
-    timer for the last change); the end of every run or step redraws at once."""
+    the guest runs it redraws at most every `interval` seconds (the views' poller, which costs
+    the run nothing per exit); the end of every run or step redraws at once."""
 
     def __init__(self, lab, vcpu: int = 0, interval: float = REDRAW_INTERVAL, live: bool = True):
         super().__init__(lab, vcpu, interval, live)

@@ -292,7 +292,7 @@ def tracing_state(lab) -> str | None:
 
 def lost_note(lab) -> str:
     """The ring buffer's overruns so far: a timeline with lost events is incomplete. (A
-    redraw the throttle deferred may come after the Lab closed its trace.)"""
+    live redraw may come after the Lab closed its trace.)"""
     trace = getattr(lab, "kernel_trace", None)
     lost = trace.lost if trace is not None and not trace.closed else 0
     if not lost:
