@@ -44,6 +44,7 @@ c.Spawner.cmd = [str(VENV_BIN / "jupyterhub-singleuser")]
 c.Spawner.default_url = "/lab/tree/vlab-notebooks/00-index.ipynb"
 c.Spawner.mem_limit = "2G"      # the server, its kernels and their guests' RAM together
 c.Spawner.cpu_limit = 1.0       # cores
+c.Spawner.environment = {"VLAB_MAX_VMS": "4"}  # VMs open at once, over all the student's kernels
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 60
 

@@ -242,6 +242,33 @@ def test_each_student_runs_a_lesson_on_kvm(classroom):
         assert "HLT" in output and "Hello from real mode" in output, output
 
 
+def test_vms_per_student_are_limited_over_all_their_kernels(classroom):
+    (a, b), servers, kernels = classroom
+    second = servers[a].kernel()   # a second notebook of the same student
+    try:
+        second.execute("from vlab.kvm import Kvm\nkvm = Kvm()\nvm = kvm.create_vm()")
+        refused = json.loads(kernels[a].execute(
+            "import json, os\n"
+            "from vlab.kvm import Kvm, VmLimitReached\n"
+            "extra = []\n"
+            "try:\n"
+            "    while True:\n"
+            "        extra.append(Kvm().create_vm())\n"
+            "except VmLimitReached as error:\n"
+            "    print(json.dumps({'limit': os.environ['VLAB_MAX_VMS'], 'held': error.held,\n"
+            "                      'made': len(extra)}))\n"
+            "for vm in extra:\n"
+            "    vm.close()"))
+        assert refused["held"] == int(refused["limit"]), refused
+        assert refused["made"] == int(refused["limit"]) - 2, "lesson 01's VM and the second kernel's"
+        other = kernels[b].execute("from vlab.kvm import Kvm\n"
+                                   "with Kvm() as kvm, kvm.create_vm() as vm:\n    print(vm.fd > 0)")
+        assert other == "True\n", "the other student's VMs are theirs to count"
+    finally:
+        second.execute("vm.close()")
+        second.ws.close()
+
+
 def test_a_students_token_does_not_open_another_students_server(classroom):
     (a, b), servers, _ = classroom
     own = servers[b].api("GET", "contents/vlab-notebooks")

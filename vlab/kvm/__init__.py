@@ -7,7 +7,7 @@ One method per ioctl, named after it without `KVM_`; every call passes through
 """
 from .abi import Cap, ExitReason, Ioctl, MpState
 from .backend import Backend, detect as detect_backend
-from .errors import KvmError, KvmUnavailable
+from .errors import KvmError, KvmUnavailable, VmLimitReached
 from .exits import (Debug, Exception_, Exit, ExitDecodeError, FailEntry, Hlt, Hypercall,
                     InternalError, Interrupted, IoIn, OtherExit, IoOut, MmioRead, MmioWrite, Shutdown,
                     SystemEvent, Unknown, X86Rdmsr, X86Wrmsr, decode)
@@ -27,5 +27,5 @@ __all__ = [
     "Shutdown", "SystemEvent", "Unknown", "X86Rdmsr", "X86Wrmsr", "decode", "CpuidEntry",
     "DebugRegs", "DTable", "Regs", "Segment", "Sregs", "StatDescriptor", "StatsFd", "DEV_KVM",
     "Kvm", "kvm_usable", "IoctlRecord", "Tracer", "VcpuFd", "VmFd", "host_address",
-    "KernelTrace", "KernelTraceUnavailable", "kernel_trace_usable",
+    "KernelTrace", "KernelTraceUnavailable", "kernel_trace_usable", "VmLimitReached",
 ]

@@ -72,6 +72,18 @@ class KvmUnavailable(KvmError):
     """/dev/kvm cannot be used on this machine."""
 
 
+class VmLimitReached(KvmError):
+    """KVM_CREATE_VM not issued: this user's processes hold $VLAB_MAX_VMS VMs already (a
+    limit per student on a shared host, such as a class's JupyterHub)."""
+
+    def __init__(self, limit: int, held: int):
+        self.limit, self.held = limit, held
+        super().__init__(
+            _errno.EMFILE, "CREATE_VM", detail=f"$VLAB_MAX_VMS={limit}: your processes hold {held}",
+            hint="close a Lab you no longer need (lab.close()), or shut down the kernel of a "
+                 "notebook you have finished: the limit counts the VMs of all your kernels.")
+
+
 def hint_for(ioctl: str, err: int) -> str | None:
     return _HINTS.get((ioctl, err)) or _HINTS.get(("*", err))
 

@@ -6,7 +6,7 @@ import weakref
 
 from .abi import Cap
 from .convert import cpuid_entries_from_c, flexible
-from .errors import KvmError, KvmUnavailable
+from .errors import KvmError, KvmUnavailable, VmLimitReached
 from .state import CpuidEntry
 from .vm import VmFd
 from .fd import KvmFd, close_fd
@@ -14,6 +14,8 @@ from .trace import Tracer
 
 DEV_KVM = "/dev/kvm"
 DEVICE_ENV = "VLAB_KVM_DEVICE"
+MAX_VMS_ENV = "VLAB_MAX_VMS"
+VM_FD_TARGET = "anon_inode:kvm-vm"   # what /proc/PID/fd/N links to for a VM fd
 
 
 def device_path() -> str:
@@ -126,6 +128,9 @@ class Kvm(KvmFd):
         >>> vm.vcpus, vm.closed
         ([], False)
         """
+        limit = os.environ.get(MAX_VMS_ENV)
+        if limit and (held := vms_held_by(os.getuid())) >= int(limit):
+            raise VmLimitReached(int(limit), held)
         fd = self._ioctl("CREATE_VM", machine_type, f"type={machine_type}")
         return VmFd(self, fd)
 
@@ -140,6 +145,41 @@ class Kvm(KvmFd):
 
     def __repr__(self) -> str:
         return f"<Kvm fd={self.fd}{' closed' if self.closed else ''}>"
+
+
+def vm_fds(pid: int | str) -> int:
+    """VM fds open in process `pid`, as /proc shows them (0 where it cannot be read).
+
+    >>> import os
+    >>> from vlab.kvm.system import vm_fds
+    >>> before = vm_fds(os.getpid())
+    >>> with Kvm() as kvm, kvm.create_vm(), kvm.create_vm():
+    ...     vm_fds(os.getpid()) - before
+    2
+    """
+    held = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                held += os.readlink(f"/proc/{pid}/fd/{fd}") == VM_FD_TARGET
+            except FileNotFoundError:   # closed while we looked
+                continue
+    except (FileNotFoundError, PermissionError):
+        pass
+    return held
+
+
+def vms_held_by(uid: int) -> int:
+    """VM fds open in all processes of `uid`: the count that $VLAB_MAX_VMS limits (a
+    student's kernels are their processes)."""
+    held = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                held += vm_fds(pid)
+        except FileNotFoundError:
+            continue
+    return held
 
 
 def kvm_usable(path: str | None = None) -> tuple[bool, str]:
