@@ -17,7 +17,7 @@ from linux_images import make_bzimage, make_pvh_elf
 from vlab.kvm import detect_backend
 from vlab.machine.assembler import assemble
 from vlab.machine.debian_kernel import KernelPackageError, linux_kernel
-from vlab.machine.initramfs import build_initramfs
+from vlab.machine.initramfs import MARKER, build_initramfs
 from vlab.machine.linux import BOOT_INFO, boot_linux
 from vlab.machine.pc import BY_GUEST, BY_VCPU
 
@@ -27,6 +27,7 @@ MEMORY = "64M"
 APPEND = "vlab entry check"
 INITRD = b"INIT" + bytes(range(256)) * 16
 STOP_TIMEOUT = 120   # seconds: the Debian kernel stops in its emulator in a few here
+BOOT_TIMEOUT = 240   # seconds: a boot to /init where kernel code runs natively
 PASS = 1             # isa-debug-exit status of the guest's `out 0xf4, 0`
 
 # The guest checks what it was handed, in order, and writes the number of the first check
@@ -166,6 +167,8 @@ def test_lab_load_linux_runs_the_same_guest(make_lab):
     assert any(note.startswith("Linux, bzImage, 32-bit boot protocol 2.15") for note in notes)
     assert any(f"zero page at {BOOT_INFO:#x}" in note for note in notes)
     assert lab.vcpus[0].get_regs().rsi == BOOT_INFO
+    devices = lab.records["pc_memory_init"].notes[-1]
+    assert devices.startswith("devices for Linux") and "rtc" in devices and "i8042" in devices
     result = lab.run(timeout=30)
     assert result.stop_reason.endswith(f"isa-debug-exit: the guest asked to exit with status "
                                        f"{PASS}"), result
@@ -229,3 +232,17 @@ def test_boot_linux_stops_within_bounded_time(kvm, debian_kernel):
     assert result.ended_by == BY_VCPU, result.summary()
     assert result.seconds < STOP_TIMEOUT
     assert_explained_emulation_failure(result.vcpus[0].explanation)
+
+
+@pytest.mark.skipif(detect_backend().emulates_kernel_mode,
+                    reason="this KVM backend emulates guest kernel code (kvm_pvm): Linux stops "
+                           "in KVM's emulator, which the tests above check")
+def test_lab_boots_linux_to_init_and_powers_off(make_lab, debian_kernel):
+    """The same stages as any guest, and a Debian kernel reaches the initramfs's /init,
+    whose `poweroff -f` ends the run (ACPI S5)."""
+    lab = make_lab(memory="256M", irqchip=True)
+    lab.load_linux(debian_kernel, build_initramfs(log=lambda msg: None), "console=ttyS0")
+    lab.bring_up()
+    result = lab.run(timeout=BOOT_TIMEOUT)
+    assert MARKER in lab.console, f"{result}\n{lab.console[-3000:]}"
+    assert "the guest powered off" in result.stop_reason, result

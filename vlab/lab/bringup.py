@@ -180,6 +180,14 @@ def pc_memory_init(lab, record: StageRecord) -> None:
                             "kvm_pit_realizefn): board init, after the RAM slots")
     record.notes.append("devices: " + ", ".join(
         f"{name}" for name in devices) + " (pc_basic_device_init's COM1, debug ports, fw_cfg)")
+    if lab.guest.linux is not None:   # what QEMU's pc has besides, and Linux uses
+        from ..machine.pc import add_linux_devices, add_pc_devices
+        standard = set(devices)
+        add_pc_devices(lab.machine)
+        add_linux_devices(lab.machine)
+        record.notes.append("devices for Linux (vlab.machine.pc's add_pc_devices and "
+                            "add_linux_devices): "
+                            + ", ".join(sorted(set(lab.machine.devices) - standard)))
     record.actions += lab.accel.stage_actions("pc_memory_init")
 
 

@@ -308,11 +308,13 @@ def load_linux(machine, kernel: bytes | str | os.PathLike,
 def boot_linux(kernel: bytes | str | os.PathLike, initrd: bytes | str | os.PathLike | None = None,
                *, append: str = "", memory: int | str = DEFAULT_MEMORY,
                **options) -> "PcResult":  # noqa: F821 (vlab.machine.pc.PcResult)
-    """Build the PC, load Linux (`load_linux`) and run it until it stops, with
+    """Build the PC Linux needs (`vlab.machine.pc.create_linux_pc`, unless `create` says
+    otherwise), load Linux (`load_linux`) and run it until it stops, with
     `vlab.machine.pc.boot_pc`'s `options` (smp, accel, timeout, output, cpu_model, reboot,
-    kernel_trace)."""
+    kernel_trace, create)."""
     from .board import check_ram_size
-    from .pc import boot_pc
+    from .pc import boot_pc, create_linux_pc
+    options.setdefault("create", create_linux_pc)
     kernel = read_image(kernel)
     initrd = read_image(initrd) if initrd is not None else None
     plan_linux(kernel, initrd, append, check_ram_size(memory))   # refused before a VM exists
