@@ -41,7 +41,7 @@ fi
 # machine works offline): the stamp holds the extra and a hash of the build files.
 extra=$profile
 stamp=.venv/.vlab-setup
-inputs=$(cat pyproject.toml setup.py vlab/kvm/_exitpath.c vlab/machine/_runloop.c | sha256sum | cut -d' ' -f1)
+inputs=$(cat pyproject.toml setup.py vlab/kvm/_exitpath.c vlab/machine/_runloop.c vlab/accel/tcg/_insnhooks.c | sha256sum | cut -d' ' -f1)
 read -r done_extra done_inputs < "$stamp" 2>/dev/null || true
 if [ "${done_inputs:-}" = "$inputs" ] && { [ "$done_extra" = "$extra" ] || [ "$done_extra" = test ]; }; then
   echo "vlab setup: .venv is up to date (vlab[$done_extra])"

@@ -7,6 +7,7 @@ import pytest
 from unicorn import UC_ERR_OK
 from unicorn import x86_const as x86
 
+from vlab.accel.tcg import engine as engine_module
 from vlab.accel.tcg.cpustate import write_sregs
 from vlab.accel.tcg.engine import Engine
 from vlab.kvm.abi import ffi
@@ -78,16 +79,46 @@ def test_hole_accesses_reach_the_callbacks_with_physical_addresses(engine):
     assert engine.accesses == [("read", 0x20000, 1), ("write", 0x20002, 1, 0x5A)]
 
 
-def test_an_exception_in_an_io_hook_is_raised_by_start(engine):
+@pytest.fixture(params=["C", "ctypes"])
+def trampoline(request, monkeypatch):
+    """The IN and OUT hooks in C (`_insnhooks`), and the ctypes ones vlab uses without it."""
+    if request.param == "C" and engine_module._insnhooks is None:
+        pytest.skip("vlab.accel.tcg._insnhooks is not built (no C compiler at install)")
+    if request.param == "ctypes":
+        monkeypatch.setattr(engine_module, "_C_HOOKS", {})
+    return request.param
+
+
+def test_io_hooks_get_rip_and_cs_at_the_instruction(engine, trampoline):
+    ram = Region(0, 0x10000)
+    engine.set_memory([ram])
+    write_sregs(engine.uc, REAL_MODE.replace(cs=Segment(selector=0x700, base=0x7000, type=11)))
+    seen = []
+    engine.hook_insn(x86.UC_X86_INS_OUT, lambda *args: seen.append(("out", *args)))
+    engine.hook_insn(x86.UC_X86_INS_IN, lambda *args: seen.append(("in", *args)) or 0x1234)
+    # at CS:IP 0x700:0x1000: mov al, 0x5a; out 0x80, al; in ax, dx; hlt
+    ram.memory[0x8000:0x8006] = bytes.fromhex("b0 5a e6 80 ed f4")
+    engine.flush_translations()
+    engine.write(x86.UC_X86_REG_RDX, 0x3F8)
+    engine.write(x86.UC_X86_REG_RIP, 0x1000)
+    assert engine.start(100) == UC_ERR_OK
+    assert seen == [("out", 0x80, 1, 0x5A, 0x1002, 0x700), ("in", 0x3F8, 2, 0x1004, 0x700)]
+    assert engine.read(x86.UC_X86_REG_RAX) & 0xFFFF == 0x1234
+
+
+@pytest.mark.parametrize("insn, code", [(x86.UC_X86_INS_OUT, "e6 80 f4"),   # out 0x80, al
+                                        (x86.UC_X86_INS_IN, "e4 80 f4")])   # in al, 0x80
+def test_an_exception_in_an_io_hook_is_raised_by_start(engine, trampoline, insn, code):
     ram = Region(0, 0x10000)
     engine.set_memory([ram])
 
-    def broken(port, size, value):
+    def broken(port, size, *rest):
         raise RuntimeError(f"port {port:#x}")
 
-    engine.hook_insn(x86.UC_X86_INS_OUT, broken)
+    engine.hook_insn(insn, broken)
     with pytest.raises(RuntimeError, match="port 0x80"):
-        run(engine, ram, bytes.fromhex("e6 80 f4"))   # out 0x80, al; hlt
+        run(engine, ram, bytes.fromhex(code))
+    assert engine.rip() == 0x8002   # stopped after the instruction, before the HLT
 
 
 def test_fetch_stops_where_memory_ends(engine):

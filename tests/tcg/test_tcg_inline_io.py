@@ -85,6 +85,15 @@ def test_emulation_is_entered_once_for_a_run_of_port_io(tcg_board):
     assert after["emu_starts"] - before["emu_starts"] == 1  # ended by the HLT
 
 
+def test_each_inline_record_counts_its_own_exit(tcg_board):
+    """KVM's counters read after an exit include it: so do tcg's, handled inline or not."""
+    guest = tcg_board(PORT_IO["real"])
+    guest.runner.run()
+    log = guest.machine.log
+    deltas = [log.kernel_delta(record) for record in log.records]
+    assert deltas == [{"exits": 1, "io_exits": 1}] * 5 + [{"exits": 1, "halt_exits": 1}]
+
+
 def test_max_exits_stops_right_after_the_access_then_resumes(tcg_board):
     guest = tcg_board(PORT_IO["real"])
     first = guest.runner.run(max_exits=1)

@@ -12,10 +12,13 @@ memory slot becomes KVM_EXIT_MMIO.
 Below the binding's documented API, and only here: the per-exit calls (emu_start, reg_read,
 the IN, OUT and CPUID hooks) go straight to the C library through the binding's `uclib`
 prototypes, because the binding's per-call layers cost as much as the rest of an exit; the
-hooks are registered with the binding's `_Uc__do_hook_add` and report exceptions through
-its `_hook_exception`, as its own hooks do; `close` runs its finalizer; and
+hooks are registered with `uc_hook_add` and report exceptions through the binding's
+`_hook_exception`, as its own hooks do; `close` runs its finalizer; and
 `uc_vmem_read`/`uc_vmem_write` (MMU-translated access, new in Unicorn 2.1 and not wrapped
 by the binding) are declared here. This ties the module to Unicorn 2.1's Python binding.
+The IN and OUT hooks are C functions (`_insnhooks.c`) where vlab was built with a compiler:
+a ctypes callback and the RIP and CS reads cost as much as the rest of a port access
+handled inside emulation. Without it, ctypes trampolines do the same at Python speed.
 """
 from __future__ import annotations
 
@@ -26,9 +29,14 @@ from unicorn import (UC_ARCH_X86, UC_ERR_OK, UC_HOOK_INSN, UC_HOOK_MEM_FETCH_UNM
                      UC_MEM_FETCH_UNMAPPED, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC,
                      UC_PROT_READ, Uc, UcError)
 from unicorn import x86_const as x86
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from ...x86 import MAX_INSN, PAGE_SIZE
+
+try:
+    from . import _insnhooks
+except ImportError:   # built without a C compiler: the ctypes trampolines of `hook_insn`
+    _insnhooks = None
 
 
 uclib.uc_vmem_read.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
@@ -36,7 +44,10 @@ uclib.uc_vmem_read.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
 uclib.uc_vmem_write.argtypes = uclib.uc_vmem_read.argtypes
 uclib.uc_vmem_read.restype = uclib.uc_vmem_write.restype = ctypes.c_int
 _emu_start, _emu_stop, _reg_read = uclib.uc_emu_start, uclib.uc_emu_stop, uclib.uc_reg_read
-_RIP = x86.UC_X86_REG_RIP
+_RIP, _CS = x86.UC_X86_REG_RIP, x86.UC_X86_REG_CS
+_REG_READ = ctypes.cast(_reg_read, ctypes.c_void_p).value
+_C_HOOKS = ({} if _insnhooks is None else
+            {x86.UC_X86_INS_IN: _insnhooks.IN, x86.UC_X86_INS_OUT: _insnhooks.OUT})
 # <unicorn/unicorn.h> uc_cb_insn_in_t, uc_cb_insn_out_t; <unicorn/x86.h> uc_cb_insn_cpuid_t
 _INSN_HOOKS = {
     x86.UC_X86_INS_IN: ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32,
@@ -61,6 +72,12 @@ class Engine:
         self._handle = self.uc._uch
         self._word = ctypes.c_uint64()
         self._word_ref = ctypes.byref(self._word)
+        # RIP and CS in one uc_reg_read_batch, for the ctypes IN and OUT trampolines
+        self._rip_cs = (ctypes.c_uint64 * 2)()
+        self._rip_cs_args = ((ctypes.c_int * 2)(_RIP, _CS),
+                             (ctypes.c_void_p * 2)(ctypes.addressof(self._rip_cs),
+                                                   ctypes.addressof(self._rip_cs) + 8))
+        self._hooks: list = []           # what Unicorn calls, kept alive as long as the engine
         self._mmio = (lambda uc, offset, size, base: mmio_read(base + offset, size),
                       lambda uc, offset, size, value, base: mmio_write(base + offset, size, value))
         self._backed: set[int] = set()   # gpa of each region mapped
@@ -82,20 +99,45 @@ class Engine:
         return status
 
     def hook_insn(self, insn: int, callback) -> None:
-        """UC_HOOK_INSN for IN, OUT or CPUID, called as `callback(port, size)` (returns the
-        value read), `callback(port, size, value)` or `callback()` (True: the hook answered).
-        The binding's own hook layers would cost as much as the rest of an exit; like them,
-        an exception raised in the callback stops emulation and is re-raised by `start`."""
-        def hook(handle, *args):
+        """UC_HOOK_INSN for IN, OUT or CPUID, called as `callback(port, size, rip, cs)`
+        (returns the value read), `callback(port, size, value, rip, cs)` (RIP and CS's
+        selector at the instruction) or `callback()` (True: the hook answered). Like the
+        binding's own hooks, an exception raised in the callback stops emulation and is
+        re-raised by `start`."""
+        if insn in _C_HOOKS:
+            hook = _insnhooks.Hook(callback, self._hook_failed, _REG_READ, _RIP, _CS)
+            self._add_insn_hook(insn, _C_HOOKS[insn], id(hook), hook)
+            return
+        port_io = insn != x86.UC_X86_INS_CPUID
+        batch, (ids, pointers) = uclib.uc_reg_read_batch, self._rip_cs_args
+        rip_cs, handle = self._rip_cs, self._handle
+
+        def trampoline(uc, *args):
             try:
-                return callback(*args[:-1])  # the last argument is Unicorn's user data
+                if port_io:
+                    batch(handle, ids, pointers, 2)
+                    return callback(*args[:-1], rip_cs[0], rip_cs[1] & 0xFFFF)
+                return callback()   # the last argument is Unicorn's user data
             except BaseException as error:
-                if self.uc._hook_exception is None:
-                    self.uc._hook_exception = error
-                self.stop()
+                self._hook_failed(error)
                 return 0
-        function = _INSN_HOOKS[insn](hook)
-        self.uc._Uc__do_hook_add(UC_HOOK_INSN, function, 1, 0, ctypes.c_int(insn))
+        function = _INSN_HOOKS[insn](trampoline)
+        self._add_insn_hook(insn, function, None, function)
+
+    def _add_insn_hook(self, insn: int, function, user_data: int | None, keep) -> None:
+        handle = uc_hook_h()
+        status = uclib.uc_hook_add(self._handle, ctypes.byref(handle), UC_HOOK_INSN, function,
+                                   user_data, ctypes.c_uint64(1), ctypes.c_uint64(0),
+                                   ctypes.c_int(insn))
+        if status != UC_ERR_OK:
+            raise UcError(status)
+        self._hooks.append(keep)
+
+    def _hook_failed(self, error: BaseException) -> None:
+        """A hook raised: keep the first exception for `start` to raise, stop emulation."""
+        if self.uc._hook_exception is None:
+            self.uc._hook_exception = error
+        self.stop()
 
     def stop(self) -> None:
         """`uc_emu_stop`: safe from any thread and from hooks; ignored when not running."""

@@ -18,33 +18,37 @@ _EXITS, _IO_EXITS = INDEX["exits"], INDEX["io_exits"]
 class UnicornHooks:
     """Part of `TcgVcpu`: the callbacks it gives its engine."""
 
-    def _on_out(self, port, size, value):
+    def _on_out(self, port, size, value, rip, cs):
         exit = IoOut(port, size, 1, value.to_bytes(size, "little"))
         if self._io_handler is not None and not self._single_step:
-            self._dispatch_inline(exit)
+            self._dispatch_inline(exit, rip, cs)
             return
         self._exit = exit
         self._engine.stop()
 
-    def _on_in(self, port, size):
+    def _on_in(self, port, size, rip, cs):
         logged = self._log.replay("in", port, size)
         if logged is not None:
             return logged.value or 0
         exit = IoIn(port, size, 1, 0)
         if self._io_handler is not None and not self._single_step:
-            value = self._dispatch_inline(exit)
+            value = self._dispatch_inline(exit, rip, cs)
             if self._log.replaying:  # INS run again: its store may exit again
                 self._log.record_answered(Access("in", port, size, value))
             return value
         self._exit = exit
-        self._in_rip = self._engine.rip()
+        self._in_rip = rip
         self._engine.stop()
         return 0
 
-    def _dispatch_inline(self, exit: IoIn | IoOut) -> int:
+    def _dispatch_inline(self, exit: IoIn | IoOut, rip: int, cs: int) -> int:
         """QEMU's cpu_outb/cpu_inb: the device is called from the instruction; an IN's
-        answer (set by `complete_io_in` in the handler) is what the instruction reads."""
-        self._inline, self._inline_reply = exit, 0
+        answer (set by `complete_io_in` in the handler) is what the instruction reads.
+        The exit counts before the handler sees it, as those `run()` returns do."""
+        counts = self._counts
+        counts[_EXITS] += 1
+        counts[_IO_EXITS] += 1
+        self._inline, self._inline_at, self._inline_reply = exit, (rip, cs), 0
         try:
             stop = self._io_handler(exit)
         finally:
@@ -52,10 +56,6 @@ class UnicornHooks:
         if stop:  # run() returns it once the instruction (this element of it) completes
             self._exit = self._handled = exit
             self._engine.stop()
-        else:  # what run() counts for an I/O exit, done here as it does not return
-            counts = self._counts
-            counts[_EXITS] += 1
-            counts[_IO_EXITS] += 1
         return self._inline_reply
 
     def _on_cpuid(self):

@@ -9,6 +9,9 @@ the name is KVM's (`exits`, `io_exits`, `mmio_exits`, `halt_exits`, `signal_exit
 """
 from __future__ import annotations
 
+import functools
+import operator
+
 from ...kvm.abi import StatType, StatUnit
 from ...kvm.stats import StatDescriptor
 
@@ -36,7 +39,10 @@ class TcgStats:
     def selector(self, names):
         """`StatsFd.selector`: a reader of only these counters, in the order returned."""
         chosen = tuple(n for n in NAMES if n in set(names))
-        read, index = self._counts.__getitem__, [INDEX[n] for n in chosen]
+        index = [INDEX[n] for n in chosen]
+        if len(index) > 1:   # itemgetter of several gives a tuple, without a Python frame
+            return chosen, functools.partial(operator.itemgetter(*index), self._counts)
+        read = self._counts.__getitem__
         return chosen, lambda: tuple(map(read, index))
 
     def read(self) -> dict[str, int]:

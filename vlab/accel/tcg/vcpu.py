@@ -124,6 +124,7 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
         self._shadow = RESET_SREGS
         self._io_handler: Callable[[IoIn | IoOut], bool] | None = None
         self._inline: IoIn | IoOut | None = None   # the port I/O the handler is handling now
+        self._inline_at = (0, 0)                   # ... and its instruction's RIP and CS
         self._inline_reply = 0
         self._handled: Exit | None = None          # the last exit a handler stopped on
         self._io_shapes: dict[tuple[int, int], IoShape] = {}
@@ -150,9 +151,10 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
     def run(self) -> Exit:
         """Run until the guest needs the VMM; one exit per call, as KVM_RUN."""
         exit = self._next_exit()
-        counts = self._counts
-        counts[_EXITS] += 1
-        counts[_STAT_INDEX[type(exit)]] += 1
+        if exit is not self._handled:   # else counted where a port-I/O handler took it
+            counts = self._counts
+            counts[_EXITS] += 1
+            counts[_STAT_INDEX[type(exit)]] += 1
         return exit
 
     def _next_exit(self) -> Exit:
@@ -339,16 +341,17 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
     def synced_rip(self) -> int:
         """RIP at the exit (KVM_CAP_SYNC_REGS' purpose): RIP now after `run()`; in a port-I/O
         handler, where KVM reports it: at an IN, past an OUT (see `portio`)."""
-        if self._inline is None or type(self._inline) is IoIn:
+        if self._inline is None:
             return self._engine.rip()
-        engine = self._engine
-        rip = engine.rip()
-        key = (rip, engine.read(x86.UC_X86_REG_CS) & 0xFFFF)
+        key = self._inline_at
+        if type(self._inline) is IoIn:
+            return key[0]
         shape = self._io_shapes.get(key)
+        engine = self._engine
         if shape is None:
             cs = read_segments(engine.uc)["cs"]
             shape = self._io_shapes[key] = io_shape(engine.fetch(self._linear_rip(cs)), cs)
-        return shape.rip_after(rip, engine.read(x86.UC_X86_REG_RCX) if shape.count_mask else 0)
+        return shape.rip_after(key[0], engine.read(x86.UC_X86_REG_RCX) if shape.count_mask else 0)
 
     def dispatch_port_io(self, handler: Callable[[IoIn | IoOut], bool] | None) -> None:
         """Handle port I/O inside emulation, as QEMU's TCG does: its `cpu_outb`/`cpu_inb`
