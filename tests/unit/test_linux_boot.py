@@ -343,3 +343,13 @@ def test_vlab_run_linux_refuses_a_malformed_kernel_before_making_a_vm(capsys, tm
     assert cli.main(["run", "--linux", str(kernel), "--accel", "kvm"]) == 2
     err = capsys.readouterr().err
     assert "vlab run: truncated bzImage: syssize says 768 bytes" in err, err
+
+
+def test_every_truncation_of_a_pvh_kernel_is_refused():
+    """Cut anywhere, an ELF kernel gives a LoadError naming what is wrong, never another
+    exception (pyelftools' own included)."""
+    from vlab.machine.loaders import LoadError
+    image = make_pvh_elf(b"\x90" * 64 + b"\xf4")
+    for size in range(0, len(image), 7):
+        with pytest.raises(LoadError):
+            plan_linux(image[:size], None, "", 64 * MiB)

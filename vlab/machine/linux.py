@@ -74,7 +74,7 @@ class LinuxBootError(LoadError):
 @dataclass
 class LinuxBoot:
     """What the loader put where, and the state the kernel is entered with."""
-    protocol: str                # "bzImage (32-bit boot protocol)" or "PVH"
+    protocol: str                # "bzImage, 32-bit boot protocol 2.15", "PVH (...)"
     entry: int                   # RIP
     boot_info: int               # the zero page (ESI) or hvm_start_info (EBX)
     cmdline: str
@@ -143,12 +143,14 @@ def _initrd_at(size: int, highest: int, ram_end: int, floor: int, what: str) -> 
 def pvh_entry(data: bytes) -> int | None:
     """The physical entry address from a vmlinux's XEN_ELFNOTE_PHYS32_ENTRY note (name
     "Xen", type 18; 4 or 8 bytes), read from its PT_NOTE segments; None without one."""
-    from elftools.elf.elffile import ELFFile   # as in loaders.parse_elf: only when needed
-    elf = ELFFile(io.BytesIO(data))
-    for segment in elf.iter_segments():
-        if segment.header.p_type != "PT_NOTE":
-            continue
-        notes = segment.data()
+    from elftools.common.exceptions import ELFError   # as in loaders.parse_elf: only
+    from elftools.elf.elffile import ELFFile          # when an ELF kernel is booted
+    try:
+        found = [segment.data() for segment in ELFFile(io.BytesIO(data)).iter_segments()
+                 if segment.header.p_type == "PT_NOTE"]
+    except ELFError as e:
+        raise LinuxBootError(f"malformed ELF kernel: {e}") from e
+    for notes in found:
         offset = 0
         while offset + 12 <= len(notes):
             namesz, descsz, kind = struct.unpack_from("<III", notes, offset)
