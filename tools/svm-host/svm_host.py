@@ -9,6 +9,7 @@ machine's root shared read-only over 9p and runs the checkout's pytest inside, s
 output; the exit status is pytest's.
 
 Usage: svm_host.py [pytest args]   (default: tests/kvm)
+       svm_host.py --python SCRIPT [args]   (the checkout's Python runs SCRIPT instead)
 Settings (environment): VLAB_SVM_TIMEOUT (seconds for pytest, default 2400), VLAB_SVM_CPU
 (QEMU -cpu, default max,-npt), VLAB_SVM_SMP (default 1), VLAB_SVM_KERNEL (a linux-image
 package, default the newest linux-image-<series>-amd64 apt offers).
@@ -224,13 +225,26 @@ def prepare() -> Path:
     return current
 
 
+def linux_assets() -> str:
+    """vlab's cache folder, with the Debian bzImage and the busybox initramfs that the
+    Linux boot tests use fetched or built there: the guest reads it (VLAB_CACHE) from the
+    read-only root, where it could build neither."""
+    python = CHECKOUT / ".venv" / "bin" / "python"
+    code = ("from vlab.machine.debian_kernel import cache_dir, linux_kernel\n"
+            "from vlab.machine.initramfs import build_initramfs\n"
+            "log = lambda msg: print(msg, file=__import__('sys').stderr)\n"
+            "linux_kernel(log=log); build_initramfs('check', log=log); print(cache_dir())")
+    return run([str(python), "-c", code], "preparing the Linux kernel and initramfs",
+               cwd=CHECKOUT).stdout.strip()
+
+
 # --- the run ------------------------------------------------------------------------------
 
-def write_job(results: Path, args: list[str]) -> None:
+def write_job(results: Path, args: list[str], cache: str) -> None:
     """The script the guest runs in the chroot: pytest in the checkout, with its venv."""
     forwarded = {k: v for k, v in os.environ.items() if k.startswith("VLAB_") and
                  not k.startswith("VLAB_SVM_")}
-    env = {"HOME": "/dev/shm/home", "TMPDIR": "/dev/shm/tmp",
+    env = {"HOME": "/dev/shm/home", "TMPDIR": "/dev/shm/tmp", "VLAB_CACHE": cache,
            "PATH": "/usr/local/bin:/usr/bin:/bin",
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
            "PY_COLORS": "1" if sys.stdout.isatty() else "0",
@@ -242,8 +256,11 @@ def write_job(results: Path, args: list[str]) -> None:
     if fonts.is_dir():
         lines.append(f"cp -r {shlex.quote(str(fonts))} /dev/shm/home/.cache/")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    lines.append("exec " + shlex.join([str(python), "-m", "pytest", "-p", "no:cacheprovider",
-                                       *args]))
+    if args[:1] == ["--python"]:    # a script instead of pytest (a benchmark)
+        command = [str(python), *args[1:]]
+    else:
+        command = [str(python), "-m", "pytest", "-p", "no:cacheprovider", *args]
+    lines.append("exec " + shlex.join(command))
     (results / "job").write_text("\n".join(lines) + "\n")
 
 
@@ -334,7 +351,7 @@ def main(argv: list[str]) -> int:
     CACHE.mkdir(parents=True, exist_ok=True)
     results = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))  # this run's, shared rw
     try:
-        write_job(results, argv or ["tests/kvm"])
+        write_job(results, argv or ["tests/kvm"], linux_assets())
         return boot(results, float(os.environ.get("VLAB_SVM_TIMEOUT", 2400)))
     except HostError as err:
         log(f"error: {err}")
