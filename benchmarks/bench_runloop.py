@@ -4,12 +4,13 @@ standard devices and the full exit trace, against the C reference loop.
     python benchmarks/bench_runloop.py [--rounds N] [--exits N] [--check]
 
 The guest writes to the debug console (port 0xE9) in a loop, so every exit is decoded,
-dispatched through the port bus to a device, recorded in the ExitLog with its RIP and its
-KVM_RUN time, and (unless switched off) paired with KVM's in-kernel counters read from the
-stats fd. The same guest runs under exit_loop.c, in alternating rounds. A breakdown then
-says where the per-exit time goes, component by component, so the cost of each part of the
-trace is visible. "Python floor" bounds what any Python loop keeping that trace could reach.
-`--check` exits with status 1 when the traced loop is below the target.
+handled by the debug console, recorded in the ExitLog with its RIP and its KVM_RUN time, and
+(unless switched off) with KVM's in-kernel counters read from the stats fd. The same guest
+runs under exit_loop.c, in alternating rounds. "traced" is `run()` as installed: the compiled
+loop (vlab/machine/_runloop.c) where setup.py built it; "Python loop" is the same run through
+`VcpuRunner._run_python`, the loop a learner reads. A breakdown then says where the Python
+loop's per-exit time goes, part by part; "Python floor" bounds what any Python loop keeping
+that trace could reach. `--check` exits with status 1 when the traced loop is below the target.
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ from reference import (LOAD_ADDR, MEM_SIZE, Run, assemble, build_c_reference, co
                        interleave, print_table, run_c_reference)
 from vlab.accel import select
 from vlab.kvm import Hlt, IoOut
+from vlab.machine import runloop
 from vlab.machine.board import Machine
 from vlab.machine.exitlog import ExitLog, ExitRecord
 from vlab.machine.dispatch import handle_exit
 from vlab.machine.runloop import VcpuRunner
 
 TARGET = 0.9
-SMALL_KEEP = 10_000
 
 DEBUGCON_LOOP = """\
 bits 16
@@ -64,30 +65,20 @@ def build_machine(guest: bytes, kernel_counters: bool = True,
     return machine, runner
 
 
-def run_machine(guest: bytes, kernel_counters: bool = True, keep: int | None = None,
-                gc_time: list[float] | None = None) -> Run:
-    """One round: only `runner.run()` is timed, as exit_loop.c times only its loop. With
-    `gc_time`, the time the garbage collector takes during the run is appended to it."""
-    machine, runner = build_machine(guest, kernel_counters, keep)
-    collecting = [0.0, 0.0]  # start of the current collection, total
-
-    def on_gc(phase: str, info: dict) -> None:
-        if phase == "start":
-            collecting[0] = time.perf_counter()
-        else:
-            collecting[1] += time.perf_counter() - collecting[0]
-
-    if gc_time is not None:
-        gc.callbacks.append(on_gc)
+def run_machine(guest: bytes, kernel_counters: bool = True, loop: str | None = None) -> Run:
+    """One round: only `runner.run()` is timed, as exit_loop.c times only its loop. `loop`
+    "python" runs the Python loop even where the compiled one is built."""
+    machine, runner = build_machine(guest, kernel_counters)
+    installed = runloop._runloop
+    if loop == "python":
+        runloop._runloop = None
     try:
         result = runner.run()
         if not isinstance(result.last_exit, Hlt):
             raise RuntimeError(f"the guest stopped on {result.stop_reason}, not HLT")
         return Run(machine.log.histogram()["IO out"], result.seconds)
     finally:
-        if gc_time is not None:
-            gc.callbacks.remove(on_gc)
-            gc_time.append(collecting[1])
+        runloop._runloop = installed
         machine.close()
         machine.accel.close()
 
@@ -155,7 +146,8 @@ def ns_per_call(fn, n: int = 100_000) -> float:
 
 
 def breakdown(guest: bytes, results: dict[str, list[Run]]) -> None:
-    """What one traced exit costs, part by part, measured outside KVM_RUN where possible."""
+    """What one exit of the Python loop costs, part by part, measured outside KVM_RUN where
+    possible."""
     machine, runner = build_machine(guest, kernel_counters=True)
     try:
         exit = IoOut(0xE9, 1, 1, b"\0")
@@ -176,32 +168,21 @@ def breakdown(guest: bytes, results: dict[str, list[Run]]) -> None:
         machine.close()
         machine.accel.close()
 
-    gc_default, gc_small = [], []
-    for _ in range(3):
-        run_machine(guest, gc_time=gc_default)
-        run_machine(guest, keep=SMALL_KEEP, gc_time=gc_small)
-    exits = results["traced"][0].exits
-    parts[f"garbage collection (ExitLog keeps {ExitLog().keep:,})"] = \
-        statistics.median(gc_default) * 1e9 / exits
-
     def per_exit(name: str) -> float:
         return 1e9 / statistics.median(run.rate for run in results[name])
 
-    bare, full = per_exit("bare run()"), per_exit("traced")
-    print("\nwhere a traced exit's time goes (ns per exit; medians):")
+    bare, full = per_exit("bare run()"), per_exit("Python loop")
+    print("\nwhere an exit of the Python loop goes (ns per exit; medians):")
     print(f"  {'C reference loop (whole exit)':<52} {per_exit('C'):8.0f}")
     print(f"  {'vcpu.run(): KVM_RUN + decode, bare loop':<52} {bare:8.0f}")
     for name, ns in parts.items():
         print(f"  {'+ ' + name:<52} {ns:8.0f}")
     accounted = bare + sum(parts.values())
     print(f"  {'= sum of the parts':<52} {accounted:8.0f}")
-    print(f"  {'traced run() measured':<52} {full:8.0f}  "
+    print(f"  {'Python loop measured':<52} {full:8.0f}  "
           f"(loop control and the rest: {full - accounted:.0f})")
-    print(f"  {'run() with kernel_counters=False measured':<52} {per_exit('no counters'):8.0f}  "
-          f"(the stats fd costs {full - per_exit('no counters'):.0f})")
-    print(f"  {f'run() with ExitLog(keep={SMALL_KEEP:,}) measured':<52} "
-          f"{per_exit(f'keep {SMALL_KEEP:,}'):8.0f}  (garbage collection "
-          f"{statistics.median(gc_small) * 1e9 / exits:.0f})")
+    print(f"  {'traced run() measured (the loop installed)':<52} {per_exit('traced'):8.0f}  "
+          f"(without the stats fd: {per_exit('no counters'):.0f})")
 
 
 def main() -> int:
@@ -213,15 +194,16 @@ def main() -> int:
         code = guest.read_bytes()
         results = interleave({"C": partial(run_c_reference, c_binary, guest),
                               "traced": partial(run_machine, code),
+                              "Python loop": partial(run_machine, code, loop="python"),
                               "no counters": partial(run_machine, code, False),
-                              f"keep {SMALL_KEEP:,}": partial(run_machine, code, keep=SMALL_KEEP),
                               "bare run()": partial(run_bare, code),
                               "Python floor": partial(run_floor, code)},
                              args.rounds, expected_exits=args.exits)
     print(f"{args.exits:,} debug-console exits per run, {args.rounds} interleaved rounds (exits/s)")
-    print("traced: Machine + VcpuRunner, devices, ExitLog records and KVM's counters per exit;"
-          f" no counters: the same without the stats fd; keep {SMALL_KEEP:,}: the same with an "
-          f"ExitLog keeping {SMALL_KEEP:,} records; bare run(): vcpu.run() alone; Python floor: "
+    loop = "compiled" if runloop._runloop is not None else "Python: _runloop is not built"
+    print(f"traced: Machine + VcpuRunner ({loop} loop), devices, ExitLog records and KVM's "
+          "counters per exit; Python loop: the same through VcpuRunner._run_python; no "
+          "counters: traced without the stats fd; bare run(): vcpu.run() alone; Python floor: "
           "the least a Python loop can do with the same trace (see run_floor)")
     print_table(results, reference="C")
     breakdown(code, results)

@@ -5,8 +5,10 @@
  * tests/kvm/test_runloop_compiled.py holds the two to the same records, device effects and
  * stop reasons. Per exit: KVM_RUN (the GIL released), its duration, KVM's counters from the
  * binary stats fd (one pread), then
- *   - port I/O to a port no device claims, or an OUT to the debug console: handled here, a
- *     row written to the log (exitlog.py's ROW layout), the stop conditions checked;
+ *   - port I/O to a port no device claims, an OUT to the debug console, and the 16550's
+ *     polling (an LSR read, a THR write) while it has no interrupt, loopback or divisor
+ *     latch on: handled here, a row written to the log (exitlog.py's ROW layout), the stop
+ *     conditions checked;
  *   - EINTR: an `Interrupted` row, as the Python loop records it;
  *   - anything else (other devices, MMIO, HLT, DEBUG...), or counters that moved more than
  *     a row holds: `slow(duration, before, after, exits, interrupted)`, the Python loop's
@@ -48,7 +50,10 @@ _Static_assert(sizeof(struct row) == 64, "a row is 64 bytes");
 enum { IO_OUT = 1, IO_IN = 2, MMIO_READ = 3, MMIO_WRITE = 4, HLT = 5, INTR = 6 };
 enum { CLAIMED = 1, HAS_COUNTERS = 2 };
 /* port table (runloop.py's _port_table) */
-enum { PORT_PYTHON = 0, PORT_UNCLAIMED = 1, PORT_DEBUGCON = 2 };
+enum { PORT_PYTHON = 0, PORT_UNCLAIMED = 1, PORT_DEBUGCON = 2, PORT_UART = 3 };
+/* uart16550.py's registers and bits */
+enum { UART_TX = 0, UART_LSR = 5, LCR_DLAB = 0x80, MCR_LOOP = 0x10, LSR_OE = 0x02,
+       LSR_BI = 0x10, LSR_THRE_TEMT = 0x60 };
 /* how run() ended */
 enum { STOP_REQUESTED = 1, STOP_SLOW = 2, STOP_UNTIL = 3, STOP_PREDICATE = 4,
        STOP_MAX_EXITS = 5, STOP_ERRNO = 6 };
@@ -58,7 +63,8 @@ static PyObject *s_rows, *s_counts, *s_keep, *s_latest, *s_device_number, *s_gro
                 *s_seq, *s_vcpu, *s_exit, *s_rip, *s_device, *s_claimed, *s_duration_s,
                 *s_counters_before, *s_counters_after, *s_kernel_events, *s_port, *s_size,
                 *s_count, *s_data, *s_data_offset, *s_address, *s_length, *s_last,
-                *s_announce, *s_listeners;
+                *s_announce, *s_listeners, *s_lcr, *s_ier, *s_mcr, *s_lsr, *s_thr,
+                *s_thr_ipending, *s_irq_level;
 
 /* -- the log's buffers ------------------------------------------------------------------ */
 
@@ -329,15 +335,18 @@ struct loop {
     uint64_t previous[MAX_COUNTERS], current[MAX_COUNTERS];
     const unsigned char *ports;        /* 65536 port codes */
     PyObject *debugcon_data;           /* the debug console's bytearray */
-    PyObject *output;                  /* where its bytes go (the console), or None */
-    char pending[4096];
+    PyObject *debugcon_output;         /* where its bytes go (the console), or None */
+    PyObject *uart, *uart_output;      /* the 16550 handled here, and its output */
+    unsigned uart_base;
+    char pending[4096];                /* bytes for pending_target, not passed on yet */
     Py_ssize_t npending;
+    PyObject *pending_target;
     double flushed_at;
     PyObject *stop_flag, *predicate, *slow, *listeners;
     unsigned long long max_exits, exits;
     unsigned until_kinds;              /* bit per kind: `until` matches it */
     long vcpu;
-    uint16_t debugcon_number, unassigned_number;
+    uint16_t debugcon_number, unassigned_number, uart_number;
     struct log_view lv;
 };
 
@@ -352,14 +361,104 @@ static int flush(struct loop *l) {
         return 0;
     Py_ssize_t n = l->npending;
     l->npending = 0;
-    if (l->output == Py_None)
-        return 0;
     PyObject *bytes = PyBytes_FromStringAndSize(l->pending, n);
-    PyObject *done = bytes ? PyObject_CallOneArg(l->output, bytes) : NULL;
+    PyObject *done = bytes ? PyObject_CallOneArg(l->pending_target, bytes) : NULL;
     Py_XDECREF(bytes);
     if (done == NULL)
         return -1;
     Py_DECREF(done);
+    return 0;
+}
+
+/* A byte for `target` (None: nowhere), after the bytes pending for another. */
+static int pend(struct loop *l, PyObject *target, char byte) {
+    if (target == Py_None)
+        return 0;
+    if (l->npending && l->pending_target != target && flush(l) < 0)
+        return -1;
+    l->pending_target = target;
+    l->pending[l->npending++] = byte;
+    return l->npending == sizeof l->pending ? flush(l) : 0;
+}
+
+static int attr_long(PyObject *obj, PyObject *name, long *value) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    *value = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return *value == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int set_attr(PyObject *obj, PyObject *name, PyObject *value) {
+    if (value == NULL)
+        return -1;
+    int status = PyObject_SetAttr(obj, name, value);
+    Py_DECREF(value);
+    return status;
+}
+
+/* The 16550 polled: an LSR read or a THR write of one byte, done here when it has no effect
+ * beyond the register (Uart16550._read_register, _transmit): no interrupt enabled or raised,
+ * no loopback, no divisor latch, THR empty, no error bits to clear. 1: done; 0: Python's. */
+static int uart_polled(struct loop *l, int kind, unsigned port, unsigned size,
+                       unsigned long long data, unsigned char *io_data) {
+    unsigned reg = port - l->uart_base;
+    if (size != 1 || !((reg == UART_LSR && kind == IO_IN) || (reg == UART_TX && kind == IO_OUT)))
+        return 0;
+    long lcr, ier, mcr, lsr;
+    if (attr_long(l->uart, s_lcr, &lcr) < 0 || attr_long(l->uart, s_ier, &ier) < 0
+            || attr_long(l->uart, s_mcr, &mcr) < 0 || attr_long(l->uart, s_lsr, &lsr) < 0)
+        return -1;
+    if ((lcr & LCR_DLAB) || ier || (mcr & MCR_LOOP) || (lsr & LSR_THRE_TEMT) != LSR_THRE_TEMT
+            || (lsr & (LSR_OE | LSR_BI)))
+        return 0;
+    PyObject *level = PyObject_GetAttr(l->uart, s_irq_level);
+    int raised = level ? PyObject_IsTrue(level) : -1;
+    Py_XDECREF(level);
+    if (raised)
+        return raised < 0 ? -1 : 0;
+    if (kind == IO_IN) {
+        io_data[0] = (unsigned char)lsr;
+        return 1;
+    }
+    /* sent at once: THR empty again, its interrupt pending (masked, as IER is 0) */
+    if (set_attr(l->uart, s_thr, PyLong_FromUnsignedLongLong(data & 0xFF)) < 0
+            || PyObject_SetAttr(l->uart, s_thr_ipending, Py_True) < 0
+            || pend(l, l->uart_output, (char)(data & 0xFF)) < 0)
+        return -1;
+    return 1;
+}
+
+/* An exit of a port handled here: the device's effect, its number and whether it claimed
+ * the access. 1: done; 0: Python's; -1: error. */
+static int port_io(struct loop *l, int port_code, int kind, unsigned port, unsigned size,
+                   unsigned long long data, unsigned char *io_data, uint16_t *device,
+                   int *claimed) {
+    *device = 0;
+    *claimed = 1;
+    if (port_code == PORT_UNCLAIMED) {
+        *claimed = 0;   /* a write nobody claims is dropped */
+        if (kind == IO_IN) {
+            /* a read nobody claims floats high: all-ones (QEMU's unassigned_io_ops) */
+            memset(io_data, 0xFF, size);
+            *device = l->unassigned_number;
+        }
+        return 1;
+    }
+    if (port_code == PORT_DEBUGCON && kind == IO_OUT) {
+        /* isa-debugcon: the low byte, into the device's bytes and (batched) its output */
+        Py_ssize_t n = PyByteArray_GET_SIZE(l->debugcon_data);
+        if (PyByteArray_Resize(l->debugcon_data, n + 1) < 0)
+            return -1;
+        PyByteArray_AS_STRING(l->debugcon_data)[n] = (char)(data & 0xFF);
+        *device = l->debugcon_number;
+        return pend(l, l->debugcon_output, (char)(data & 0xFF)) < 0 ? -1 : 1;
+    }
+    if (port_code == PORT_UART) {
+        *device = l->uart_number;
+        return uart_polled(l, kind, port, size, data, io_data);
+    }
     return 0;
 }
 
@@ -569,8 +668,13 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
                 data = run->io.data_offset;
             }
         }
-        int fast = fits && !first_slow && (kind == INTR || port_code == PORT_UNCLAIMED
-                                           || (port_code == PORT_DEBUGCON && kind == IO_OUT));
+        uint16_t device = 0;
+        int claimed = 1, fast = fits && !first_slow && kind != 0;
+        if (fast && kind != INTR)
+            fast = port_io(l, port_code, kind, run->io.port, size, data,
+                           (unsigned char *)l->run + run->io.data_offset, &device, &claimed);
+        if (fast < 0)
+            return -1;
         first_slow = 0;
         if (!fast) {
             PyObject *reason = call_slow(l, duration, status < 0);
@@ -584,26 +688,6 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
             }
             Py_DECREF(reason);
             continue;
-        }
-        uint16_t device = 0;
-        int claimed = 1;
-        if (kind == IO_OUT && port_code == PORT_DEBUGCON) {
-            /* isa-debugcon: the low byte, into the device's bytes and (batched) the console */
-            Py_ssize_t n = PyByteArray_GET_SIZE(l->debugcon_data);
-            if (PyByteArray_Resize(l->debugcon_data, n + 1) < 0)
-                return -1;
-            PyByteArray_AS_STRING(l->debugcon_data)[n] = (char)(data & 0xFF);
-            l->pending[l->npending++] = (char)(data & 0xFF);
-            if (l->npending == sizeof l->pending && flush(l) < 0)
-                return -1;
-            device = l->debugcon_number;
-        } else if (kind == IO_OUT) {
-            claimed = 0;   /* a write nobody claims is dropped */
-        } else if (kind == IO_IN) {
-            /* a read nobody claims floats high: all-ones (QEMU's unassigned_io_ops) */
-            memset((unsigned char *)l->run + run->io.data_offset, 0xFF, size);
-            device = l->unassigned_number;
-            claimed = 0;
         }
         if (record_row(l, duration, kind, address, data, size, device, claimed, deltas, last_seq) < 0)
             return -1;
@@ -620,8 +704,9 @@ static int u64_arg(PyObject *obj, unsigned long long *value) {
 
 static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     enum { FD, RUN, MAPPING_SIZE, STATS_FD, STATS_OFFSET, STATS_LENGTH, OFFSETS, PREVIOUS,
-           PORTS, DEBUGCON_DATA, OUTPUT, LOG, STOP_FLAG, MAX_EXITS, UNTIL_KINDS, PREDICATE,
-           SLOW, EXITS, VCPU, DEBUGCON_NUMBER, UNASSIGNED_NUMBER, FIRST_SLOW, NARGS };
+           PORTS, DEBUGCON_DATA, DEBUGCON_OUTPUT, UART, UART_OUTPUT, UART_BASE, LOG, STOP_FLAG,
+           MAX_EXITS, UNTIL_KINDS, PREDICATE, SLOW, EXITS, VCPU, DEBUGCON_NUMBER,
+           UNASSIGNED_NUMBER, UART_NUMBER, FIRST_SLOW, NARGS };
     if (nargs != NARGS) {
         PyErr_Format(PyExc_TypeError, "run() takes %d arguments, got %zd", NARGS, nargs);
         return NULL;
@@ -630,7 +715,8 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
     if (l == NULL)
         return PyErr_NoMemory();
     PyObject *result = NULL, *value = NULL;
-    unsigned long long fd, address, stats_length, until, vcpu, debugcon, unassigned, first;
+    unsigned long long fd, address, stats_length, until, vcpu, debugcon, unassigned, first,
+                       uart_base, uart_number;
     long long stats_fd;
     if (u64_arg(args[FD], &fd) < 0 || u64_arg(args[RUN], &address) < 0
             || u64_arg(args[MAPPING_SIZE], &l->mapping_size) < 0
@@ -641,6 +727,7 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
             || u64_arg(args[EXITS], &l->exits) < 0 || u64_arg(args[VCPU], &vcpu) < 0
             || u64_arg(args[DEBUGCON_NUMBER], &debugcon) < 0
             || u64_arg(args[UNASSIGNED_NUMBER], &unassigned) < 0
+            || u64_arg(args[UART_BASE], &uart_base) < 0 || u64_arg(args[UART_NUMBER], &uart_number) < 0
             || u64_arg(args[FIRST_SLOW], &first) < 0)
         goto out;
     if (!PyBytes_Check(args[OFFSETS]) || PyBytes_GET_SIZE(args[OFFSETS]) > (Py_ssize_t)sizeof l->offsets
@@ -688,7 +775,11 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
     }
     l->ports = (const unsigned char *)PyBytes_AS_STRING(args[PORTS]);
     l->debugcon_data = args[DEBUGCON_DATA];
-    l->output = args[OUTPUT];
+    l->debugcon_output = args[DEBUGCON_OUTPUT];
+    l->uart = args[UART];
+    l->uart_output = args[UART_OUTPUT];
+    l->uart_base = (unsigned)uart_base;
+    l->uart_number = (uint16_t)uart_number;
     l->stop_flag = args[STOP_FLAG];
     l->predicate = args[PREDICATE];
     l->slow = args[SLOW];
@@ -696,6 +787,7 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
     l->vcpu = (long)vcpu;
     l->debugcon_number = (uint16_t)debugcon;
     l->unassigned_number = (uint16_t)unassigned;
+    l->pending_target = Py_None;
     l->lv.log = args[LOG];
     l->flushed_at = now();
     if (back(l) < 0)
@@ -767,7 +859,10 @@ PyMODINIT_FUNC PyInit__runloop(void) {
             || !INTERN(s_size, "size") || !INTERN(s_count, "count") || !INTERN(s_data, "data")
             || !INTERN(s_data_offset, "data_offset") || !INTERN(s_address, "address")
             || !INTERN(s_length, "length") || !INTERN(s_last, "last")
-            || !INTERN(s_announce, "_announce") || !INTERN(s_listeners, "_listeners"))
+            || !INTERN(s_announce, "_announce") || !INTERN(s_listeners, "_listeners")
+            || !INTERN(s_lcr, "lcr") || !INTERN(s_ier, "ier") || !INTERN(s_mcr, "mcr")
+            || !INTERN(s_lsr, "lsr") || !INTERN(s_thr, "thr")
+            || !INTERN(s_thr_ipending, "thr_ipending") || !INTERN(s_irq_level, "irq_level"))
         return NULL;
     return PyModule_Create(&module);
 }

@@ -35,6 +35,7 @@ from .explain import explain
 from .snapshot import RegisterSnapshot
 from ..x86 import HW_BREAKPOINTS, RFLAGS_IF
 from ..devices.debugcon import DebugConsole
+from ..devices.uart16550 import Uart16550
 
 try:   # the compiled loop (setup.py builds it where it can); else the Python loop runs
     from . import _runloop
@@ -86,6 +87,8 @@ class StepResult:
 
 
 _HLT_OPCODE = 0xF4
+# devices the compiled loop handles itself, by class: their PORT_* code in _runloop.c
+_COMPILED_DEVICES = {DebugConsole: 2, Uart16550: 3}
 # how _runloop.run() ended (its STOP_* codes)
 _STOP_REQUESTED, _STOP_SLOW, _STOP_UNTIL, _STOP_PREDICATE, _STOP_MAX_EXITS, _STOP_ERRNO = range(1, 7)
 STOP_GRACE = 2.0  # seconds for a stopped run to return (a kicked vCPU to leave KVM_RUN)
@@ -436,21 +439,23 @@ class VcpuRunner:
             return "python"
         return "compiled"
 
-    def _fast_ports(self) -> tuple[bytes, DebugConsole | None]:
-        """Each port's handling in the compiled loop (_runloop.c's PORT_* codes): nobody's
-        (unclaimed), the debug console's, or Python's (every other device), and that debug
-        console. Its bytes are passed on in batches, so only to a Console (or nowhere)."""
+    def _fast_ports(self) -> tuple[bytes, dict[type, tuple[int, object]]]:
+        """Each port's handling in the compiled loop as the run begins (_runloop.c's PORT_*
+        codes): nobody's (unclaimed), the debug console's, the 16550's, or Python's (every
+        other device); and the first debug console and 16550, by class, with their base
+        port. Their output is passed on in batches, so only to a Console (or nowhere)."""
         from .board import Console
         table = bytearray(b"\x01") * 0x10000                   # PORT_UNCLAIMED
-        debugcon = None
+        handled: dict[type, tuple[int, object]] = {}
         for base, end, _ in self.pio.mappings():
             device, _ = self.pio.find(base)
             output = getattr(device, "_output", None)
-            fast = (debugcon is None and type(device) is DebugConsole
+            fast = (type(device) in _COMPILED_DEVICES and type(device) not in handled
                     and (output is None or getattr(output, "__func__", None) is Console.write))
-            table[base:end] = (b"\x02" if fast else b"\x00") * (end - base)   # DEBUGCON, PYTHON
-            debugcon = device if fast else debugcon
-        return bytes(table), debugcon
+            table[base:end] = bytes((_COMPILED_DEVICES[type(device)] if fast else 0,)) * (end - base)
+            if fast:
+                handled[type(device)] = (base, device)
+        return bytes(table), handled
 
     def _run_compiled(self, exit: Exit | None) -> tuple[Exit | None, str]:
         """`_run_python`'s loop in C (_runloop.c); exits it does not handle itself come to
@@ -461,7 +466,9 @@ class VcpuRunner:
         until, predicate, max_exits = self._conditions
         offsets, stats_fd, data_offset, length = stats.layout(self.counter_names) \
             if self._counters is not None else ((), -1, 0, 0)
-        ports, debugcon = self._fast_ports()
+        ports, handled = self._fast_ports()
+        _, debugcon = handled.get(DebugConsole, (0, None))
+        uart_base, uart = handled.get(Uart16550, (0, None))
         until_kinds = sum(1 << kind for kind, cls in ((IO_OUT, IoOut), (IO_IN, IoIn))
                           if until is not None and (until == cls.reason if isinstance(until, int)
                                                     else issubclass(cls, until)))
@@ -474,10 +481,12 @@ class VcpuRunner:
                 data_offset, length, struct.pack(f"{len(offsets)}I", *offsets),
                 self._previous_counters, ports,
                 debugcon._data if debugcon else bytearray(), debugcon._output if debugcon else None,
+                uart, uart._output if uart else None, uart_base,
                 log, self.stop_requested, max_exits or 0, until_kinds, predicate,
                 self._exit_from_compiled, self._exits, vcpu.id,
                 log.device_number(debugcon.name if debugcon else None),
-                log.device_number(self.pio.unassigned), first_slow)
+                log.device_number(self.pio.unassigned),
+                log.device_number(uart.name if uart else None), first_slow)
         except ExitDecodeError as e:   # raised by _exit_from_compiled, the exit before it kept
             return self._slow_exit, _undecodable(e)
         if counters is not None:
