@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "jupyterhub" / "jupyterhub_config.py"
 VENV_BIN = Path(sys.prefix) / "bin"
 LESSON = "vlab-notebooks/01-accel-init.ipynb"   # the student's copy, made by the config's pre_spawn_hook
-MEM_LIMIT = 1 << 30
+MEM_LIMIT, CPU_LIMIT, PIDS_LIMIT = 1 << 30, 1.5, 256   # per student, for the test
 START_TIMEOUT = 90   # seconds, for the hub and for a server
 
 pytestmark = pytest.mark.kvm
@@ -170,6 +171,8 @@ def hub(tmp_path_factory):
         f"c.JupyterHub.hub_bind_url = 'http://127.0.0.1:{free_port()}'\n"
         f"c.ConfigurableHTTPProxy.api_url = 'http://127.0.0.1:{free_port()}'\n"
         f"c.Spawner.mem_limit = {MEM_LIMIT}\n"
+        f"c.Spawner.cpu_limit = {CPU_LIMIT}\n"
+        f"c.VlabSpawner.pids_limit = {PIDS_LIMIT}\n"
         "c.JupyterHub.services.append({'name': 'test-admin', 'api_token': %r})\n"
         "c.JupyterHub.load_roles.append({'name': 'admin', 'services': ['test-admin']})\n" % token)
     log = tmp / "jupyterhub.log"
@@ -219,13 +222,14 @@ def classroom(hub):
     def ready(name):
         return hub.api("GET", f"users/{name}").json()["servers"].get("", {}).get("ready")
 
-    servers, kernels = {}, {}
+    servers = {}
     for name in names:
         wait_for(lambda: ready(name), START_TIMEOUT, f"{name}'s server", hub.log)
         response = hub.api("POST", f"users/{name}/tokens", json={"note": "test"})
         assert response.status_code == 201, response.text
         servers[name] = Server(f"{hub.url}/user/{name}/", response.json()["token"])
-        kernels[name] = servers[name].run_notebook(LESSON)
+    with ThreadPoolExecutor() as pool:   # both students at once, as in a class
+        kernels = dict(zip(names, pool.map(lambda name: servers[name].run_notebook(LESSON), names)))
     return names, servers, kernels
 
 
@@ -320,17 +324,25 @@ def test_a_students_code_cannot_reach_another_students_files_or_vm(classroom):
     assert set(theirs.values()) == {"denied"}, theirs
 
 
-def test_each_server_runs_within_its_memory_limit(classroom):
+def test_each_server_runs_within_its_memory_cpu_and_task_limits(classroom):
     names, _, kernels = classroom
     for name in names:
-        pid = kernels[name].facts()["pid"]
+        pid = kernels[name].facts()["pid"]   # a kernel: its server's cgroups are its own
         cgroups = dict(line.split(":", 2)[1:] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines())
         if "memory" in cgroups:   # cgroup v1 (VlabSpawner)
-            limit = Path("/sys/fs/cgroup/memory", cgroups["memory"].lstrip("/"), "memory.limit_in_bytes")
+            def read(controller, file):
+                assert name in cgroups[controller]
+                return Path("/sys/fs/cgroup", controller, cgroups[controller].lstrip("/"), file).read_text()
+            memory = int(read("memory", "memory.limit_in_bytes"))
+            cpus = int(read("cpu", "cpu.cfs_quota_us")) / int(read("cpu", "cpu.cfs_period_us"))
+            assert int(read("pids", "pids.max")) == PIDS_LIMIT
         else:                     # cgroup v2 (SystemdSpawner's unit)
-            limit = Path("/sys/fs/cgroup", cgroups[""].lstrip("/"), "memory.max")
-        assert name in str(limit)
-        assert int(limit.read_text()) == MEM_LIMIT
+            unit = Path("/sys/fs/cgroup", cgroups[""].lstrip("/"))
+            assert name in str(unit)
+            memory = int((unit / "memory.max").read_text())
+            quota, period = (unit / "cpu.max").read_text().split()
+            cpus = int(quota) / int(period)
+        assert (memory, cpus) == (MEM_LIMIT, CPU_LIMIT)
 
 
 def test_idle_culler_stops_both_servers_and_their_vms(hub, classroom):
