@@ -18,6 +18,7 @@ ALLOWED = {
     "vlab.lab": {"vlab.x86", "vlab.kvm", "vlab.accel", "vlab.devices", "vlab.machine"},
     "vlab.widgets": {"vlab.x86", "vlab.kvm", "vlab.accel", "vlab.devices", "vlab.machine",
                      "vlab.lab"},
+    "vlab.grading": {"vlab.x86", "vlab.kvm", "vlab.accel", "vlab.devices", "vlab.machine"},
 }
 
 

@@ -1,0 +1,78 @@
+"""A check's verdict in words: what the student's code did, against KVM, and what to change.
+
+A failed check raises `CheckFailed`, an AssertionError (so nbgrader's autograder scores the
+test cell 0) that IPython shows as its feedback lines alone: `_render_traceback_` replaces
+the traceback, which would point into the checker rather than at the student's mistake.
+Whatever the student's own code raises is caught by `call` and turned into such feedback,
+naming the line of their cell it came from.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+from ..kvm.errors import KvmError
+from ..kvm.sregs_check import SregsError
+
+_PACKAGE = str(Path(__file__).resolve().parent.parent)
+
+
+class CheckFailed(AssertionError):
+    """The check found `problems`, each a sentence saying what happened and what to do."""
+
+    def __init__(self, exercise: str, problems: list[str]):
+        self.exercise = exercise
+        self.problems = problems
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        # a problem's own indented lines (an explanation's list) continue the one before
+        return [f"✗ {self.exercise}: not yet"] + [f"    {p.strip()}" if p.startswith(" ")
+                                                   else f"  - {p}" for p in self.problems]
+
+    def _render_traceback_(self) -> list[str]:
+        return self.lines()
+
+
+def passed(exercise: str, facts: list[str]) -> None:
+    """Print what the check verified."""
+    print(f"✓ {exercise}")
+    for fact in facts:
+        print(f"  - {fact}")
+
+
+def _student_line(error: BaseException, filename: str | None = None) -> str:
+    """Where in the student's code the error was raised, as ` (line N of your cell: code)`:
+    the last frame in the file of the student's function, else the last outside vlab."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith(_PACKAGE)]
+    own = [f for f in frames if f.filename == filename]
+    frame = (own or [f for f in frames if f.line] or [None])[-1]
+    if frame is None:
+        return ""
+    return f" (line {frame.lineno} of your cell: `{frame.line.strip()}`)"
+
+
+def call(exercise: str, function, *args):
+    """`function(*args)`, with whatever it raises turned into `CheckFailed`."""
+    name = getattr(function, "__name__", repr(function))
+    code = getattr(function, "__code__", None) or getattr(getattr(function, "__init__", None), "__code__", None)
+    filename = code.co_filename if code is not None else None
+    try:
+        return function(*args)
+    except NotImplementedError:
+        raise CheckFailed(exercise, [f"`{name}` is not written yet: replace "
+                                     f"`raise NotImplementedError()` with your code."]) from None
+    except SregsError as error:
+        raise CheckFailed(exercise, [f"`{name}` stopped{_student_line(error, filename)}: the special "
+                                     f"registers would be refused:"] + error.problems) from None
+    except KvmError as error:
+        raise CheckFailed(exercise, [f"`{name}` stopped{_student_line(error, filename)}: {error}"]) from None
+    except CheckFailed:
+        raise
+    except Exception as error:  # noqa: BLE001 - any mistake in student code becomes feedback
+        hint = (" Register and CPUID values are frozen dataclasses: make a changed copy with "
+                "value.replace(field=...)." if isinstance(error, FrozenInstanceError) else "")
+        raise CheckFailed(exercise, [f"`{name}` raised {type(error).__name__}: {error}"
+                                     f"{_student_line(error, filename)}.{hint}"]) from None
