@@ -11,13 +11,17 @@ vlab doctor` shows what a machine without KVM gets; likewise $VLAB_TRACEFS for t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import termios
 import textwrap
+import threading
+import tty
 from dataclasses import dataclass
 from typing import Callable
 
@@ -327,6 +331,44 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+@contextlib.contextmanager
+def _keys_at_once():
+    """A terminal on stdin sends each key as it is typed and does not echo it (the guest's
+    tty echoes), as QEMU's -serial stdio; Ctrl-C still stops the run. Restored after."""
+    if not os.isatty(0):
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    tty.setcbreak(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _stdin_to_serial(machine):
+    """What arrives on stdin goes to COM1's receiver as fast as its FIFO takes it (QEMU's
+    chardev asks can_receive the same way): the interactive initramfs's shell reads it."""
+    serial, closed = machine.devices["serial0"], threading.Event()
+    machine.on_close.append(closed.set)
+
+    def pump() -> None:
+        pending = b""
+        while not closed.is_set():
+            if not pending:
+                pending = os.read(0, 4096)
+                if not pending:
+                    return
+            room = serial.can_receive()
+            if room:
+                pending = pending[serial.feed(pending[:room]):]
+            else:
+                closed.wait(0.01)
+
+    threading.Thread(target=pump, name="stdin to COM1", daemon=True).start()
+    return machine
+
+
 def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line) -> int:
     """`vlab run` once its arguments are checked: boot, then the summary (and the kernel's
     table of exits with --kernel-trace)."""
@@ -340,8 +382,12 @@ def _run(args: argparse.Namespace, stream, trace: KernelTrace | None, ended_line
                                     memory=args.memory or "16M", **pc)
         elif args.linux:
             from .machine.linux import DEFAULT_MEMORY, boot_linux
-            booted = boot_linux(args.linux, args.initrd, append=args.append,
-                                memory=args.memory or DEFAULT_MEMORY, **pc)
+            from .machine.pc import create_linux_pc
+            with _keys_at_once():
+                booted = boot_linux(args.linux, args.initrd, append=args.append,
+                                    memory=args.memory or DEFAULT_MEMORY,
+                                    create=lambda accel, **kw: _stdin_to_serial(
+                                        create_linux_pc(accel, **kw)), **pc)
         else:
             booted = boot(args.file, mode=args.mode, org=args.org, accel=args.accel,
                           memory=args.memory or "16M", timeout=args.timeout, output=stream,

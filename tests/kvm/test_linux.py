@@ -174,6 +174,32 @@ def test_lab_load_linux_runs_the_same_guest(make_lab):
                                        f"{PASS}"), result
 
 
+ECHO_FIRST_KEY = """
+bits 32
+poll:
+    mov dx, 0x3fd       ; COM1's LSR: wait for Data Ready
+    in al, dx
+    test al, 1
+    jz poll
+    mov dx, 0x3f8       ; the byte received, as the exit status
+    in al, dx
+    out 0xf4, al
+    hlt
+"""
+
+
+def test_vlab_run_linux_feeds_stdin_to_the_serial_port(kvm, tmp_path):
+    """What arrives on vlab run's stdin reaches COM1's receiver (an interactive initramfs's
+    shell reads it there): this guest exits with the first byte it receives."""
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage(assemble(ECHO_FIRST_KEY, bits=32, org=0x100000).code))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlab.cli", "run", "--linux", str(kernel), "--memory", MEMORY,
+         "--timeout", "30"], input=b"Z", capture_output=True, timeout=90, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == (ord("Z") << 1 | 1) & 0xFF, proc.stdout + proc.stderr
+
+
 # --- a Debian kernel where guest kernel code is emulated ------------------------------------
 
 emulating = pytest.mark.skipif(
@@ -206,7 +232,7 @@ def test_vlab_run_linux_stops_with_the_explained_emulation_failure(kvm, debian_k
     proc = subprocess.run(
         [sys.executable, "-m", "vlab.cli", "run", "--linux", str(debian_kernel), "--initrd",
          str(initrd), "--append", "console=ttyS0", "--timeout", str(STOP_TIMEOUT)],
-        capture_output=True, text=True, timeout=STOP_TIMEOUT + 60, cwd=REPO,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=STOP_TIMEOUT + 60, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2, proc.stdout + proc.stderr   # a vCPU stopped, not a timeout
     assert "Linux, bzImage, 32-bit boot protocol" in proc.stdout
