@@ -27,14 +27,19 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(CHECKOUT))   # vlab's apt and initramfs helpers: standard library only
+from vlab.machine.debian_kernel import (KernelPackageError, cache_dir,  # noqa: E402
+                                        extract_vmlinux, install_packages, kernel_package,
+                                        linux_kernel, run, store_bzimage, unpack_package, unzstd)
+from vlab.machine.initramfs import (DATA, DIR, FILE, LINK, build_initramfs,  # noqa: E402
+                                    cpio_newc)
+
 CACHE = CHECKOUT / ".cache" / "svm-host"
 INIT = Path(__file__).with_name("init")
 APT_PACKAGES = ("qemu-system-x86", "busybox-static")   # busybox-static: /bin/busybox, no libc
-KERNEL_SERIES = ("linux-image-6.12-amd64", "linux-image-amd64")  # closest to today's hosts first
 # kvm_amd and the guest's 9p root, each loaded after its dependencies
 MODULES = ("kvm_amd", "virtio_pci", "9pnet_virtio", "9p")
 # Seconds allowed for each phase the guest announces; pytest's comes from VLAB_SVM_TIMEOUT.
@@ -43,81 +48,19 @@ HARNESS_ERROR = 125   # not a test result: the host could not be prepared or boo
 TIMED_OUT = 124
 
 
-class HostError(Exception):
-    pass
+class HostError(KernelPackageError):
+    """The host could not be prepared or booted (the apt helpers raise their base class)."""
 
 
 def log(msg: str) -> None:
     print(f"svm-host: {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
-    except subprocess.TimeoutExpired:
-        raise HostError(f"{what} took more than 900 s ({shlex.join(cmd)})")
-    if proc.returncode:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise HostError(f"{what} failed ({shlex.join(cmd)}):\n  " + "\n  ".join(detail))
-    return proc
-
-
 # --- preparation ------------------------------------------------------------------------
-
-SUDO = [] if os.geteuid() == 0 else ["sudo"]
-
 
 def install_tools() -> None:
     """Install the Debian packages that are missing, as tools/setup.sh does."""
-    missing = [pkg for pkg in APT_PACKAGES if "install ok installed" not in subprocess.run(
-        ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True).stdout]
-    if not missing:
-        return
-    log(f"installing {' '.join(missing)} (apt)")
-    run(SUDO + ["apt-get", "update", "-qq"], "apt-get update")
-    run(SUDO + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-        f"installing {' '.join(missing)}", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
-def kernel_package() -> str:
-    """The linux-image package to boot: VLAB_SVM_KERNEL, else what a meta-package points at."""
-    if os.environ.get("VLAB_SVM_KERNEL"):
-        return os.environ["VLAB_SVM_KERNEL"]
-    for attempt in range(2):
-        for meta in KERNEL_SERIES:
-            out = subprocess.run(["apt-cache", "depends", meta], capture_output=True,
-                                 text=True).stdout
-            found = re.findall(r"Depends: (linux-image-[^\s<>]+)", out)
-            if found:
-                return found[0]
-        if attempt == 0:   # package lists never fetched (a fresh container)
-            run(SUDO + ["apt-get", "update", "-qq"], "apt-get update")
-    raise HostError("apt offers no linux-image-amd64 package: check `apt-cache search "
-                    "linux-image` and set VLAB_SVM_KERNEL to one")
-
-
-def extract_vmlinux(vmlinuz: Path, dest: Path) -> None:
-    """The ELF inside a bzImage: QEMU boots it through its PVH note in seconds under TCG
-    where the compressed bzImage takes ~40 s to decompress itself."""
-    data = vmlinuz.read_bytes()
-    for magic, unpack in ((b"\xfd7zXZ\x00", lambda d: lzma.LZMADecompressor().decompress(d)),
-                          (b"\x1f\x8b\x08", lambda d: zlib.decompressobj(31).decompress(d)),
-                          (b"\x28\xb5\x2f\xfd", unzstd)):
-        at = data.find(magic)
-        while at >= 0:
-            try:
-                elf = unpack(data[at:])
-            except (lzma.LZMAError, zlib.error):
-                elf = b""
-            if elf[:4] == b"\x7fELF":
-                dest.write_bytes(elf)
-                return
-            at = data.find(magic, at + 1)
-    raise HostError(f"no ELF kernel found inside {vmlinuz.name}")
-
-
-def unzstd(data: bytes) -> bytes:
-    return subprocess.run(["zstd", "-dcq"], input=data, capture_output=True).stdout
+    install_packages(APT_PACKAGES, log)
 
 
 def module_files(tree: Path) -> dict[str, Path]:
@@ -159,34 +102,16 @@ def module_closure(files: dict[str, Path]) -> list[tuple[str, bytes]]:
     return order
 
 
-DIR, FILE, DATA, LINK = 0o040755, 0o100755, 0o100644, 0o120777   # cpio modes
-
-
-def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A newc cpio archive of (path, mode, data) entries, as the kernel's initramfs reads."""
-    out = bytearray()
-    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
-        out += b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
-        out += b"\0" * (-len(out) % 4) + data
-        out += b"\0" * (-len(out) % 4)
-    return bytes(out)
-
-
 def build_kernel(pkg: str, dest: Path) -> None:
-    """Download `pkg`, keep its vmlinux and an initramfs of busybox and the modules."""
+    """Download `pkg`, keep its vmlinux and an initramfs of busybox and the modules; its
+    bzImage goes to vlab's cache too (where `vlab linux-kernel` and the Linux tests find
+    it), so one download serves both."""
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        tmp = Path(tmp)
-        log(f"downloading {pkg} (apt-get download, ~110 MB)")
-        run(["apt-get", "download", pkg], f"downloading {pkg}", cwd=tmp)
-        deb = next(tmp.glob("*.deb"))
-        tree = tmp / "tree"
-        run(["dpkg-deb", "-x", str(deb), str(tree)], f"unpacking {deb.name}")
-        deb.unlink()
-        vmlinuz = next(tree.glob("boot/vmlinuz-*"), None)
-        if vmlinuz is None:
-            raise HostError(f"{pkg} holds no boot/vmlinuz")
-        extract_vmlinux(vmlinuz, dest / "vmlinux")
+        tree = unpack_package(pkg, Path(tmp), log)
+        bzimage = store_bzimage(pkg, tree)
+        # The ELF inside: QEMU boots it through its PVH note in seconds under TCG, where the
+        # compressed bzImage takes ~40 s to decompress itself.
+        (dest / "vmlinux").write_bytes(extract_vmlinux(bzimage.read_bytes()))
         modules = module_closure(module_files(tree))
         busybox = Path("/bin/busybox").read_bytes()
         applets = run(["/bin/busybox", "--list"], "busybox --list").stdout.split()
@@ -206,7 +131,7 @@ def prepare() -> Path:
     install_tools()
     current = CACHE / "kernel"
     if os.environ.get("VLAB_SVM_KERNEL") or not (current / "modules.cpio.gz").exists():
-        pkg = kernel_package()
+        pkg = kernel_package(os.environ.get("VLAB_SVM_KERNEL"))
         dest = CACHE / pkg
         if not (dest / "modules.cpio.gz").exists():
             started = time.monotonic()
@@ -229,13 +154,9 @@ def linux_assets() -> str:
     """vlab's cache folder, with the Debian bzImage and the busybox initramfs that the
     Linux boot tests use fetched or built there: the guest reads it (VLAB_CACHE) from the
     read-only root, where it could build neither."""
-    python = CHECKOUT / ".venv" / "bin" / "python"
-    code = ("from vlab.machine.debian_kernel import cache_dir, linux_kernel\n"
-            "from vlab.machine.initramfs import build_initramfs\n"
-            "log = lambda msg: print(msg, file=__import__('sys').stderr)\n"
-            "linux_kernel(log=log); build_initramfs('check', log=log); print(cache_dir())")
-    return run([str(python), "-c", code], "preparing the Linux kernel and initramfs",
-               cwd=CHECKOUT).stdout.strip()
+    linux_kernel(log=log)
+    build_initramfs("check", log=log)
+    return str(cache_dir())
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -353,7 +274,7 @@ def main(argv: list[str]) -> int:
     try:
         write_job(results, argv or ["tests/kvm"], linux_assets())
         return boot(results, float(os.environ.get("VLAB_SVM_TIMEOUT", 2400)))
-    except HostError as err:
+    except KernelPackageError as err:   # HostError, or apt's
         log(f"error: {err}")
         return HARNESS_ERROR
     finally:
