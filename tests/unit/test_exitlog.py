@@ -1,11 +1,14 @@
-"""The exit log: histogram, kernel counter deltas, the keep limit, listeners, DataFrame export."""
+"""The exit log: histogram, kernel counter deltas, the keep limit, listeners, DataFrame export,
+and its rows: every record reads back as it was appended, in the ring and beside it."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
 from vlab.kvm import ExitReason
-from vlab.kvm.exits import Hlt, Interrupted, IoIn, IoOut, MmioRead, MmioWrite, OtherExit
+from vlab.kvm.exits import (Debug, Hlt, InternalError, Interrupted, IoIn, IoOut, MmioRead,
+                            MmioWrite, OtherExit)
+from vlab.machine import exitlog
 from vlab.machine.exitlog import ExitLog, ExitRecord
 
 COUNTERS = ("exits", "insn_emulation", "halt_exits")
@@ -130,3 +133,122 @@ def test_clear_starts_over():
     assert len(log) == 0 and log.histogram() == {} and log.last is None
     log.append(record(Hlt()))
     assert log.last.seq == 1
+
+
+# --- the rows: what a record reads back as, around the ring, beside the rows ---------------
+
+def exits_of_every_shape():
+    """One exit of each shape a log stores: whole in a row, or kept beside it."""
+    return [IoOut(0xE9, 1, 1, b"x"), IoOut(0x3F8, 4, 1, b"\x01\x02\x03\x04"),
+            IoIn(0x3FD, 1, 1, 4096), MmioRead(0xD000_0000, 4),
+            MmioWrite(0xFEE0_00B0, 8, bytes(range(8))), Hlt(), Interrupted(),
+            IoOut(0xE9, 1, 3, b"xyz"), IoIn(0x60, 2, 5, 4096),          # string I/O
+            Debug(1, 0x8003, 0xFFFF4FF1, 0x400), OtherExit(ExitReason.HYPERCALL),
+            InternalError(1, (2, 3), b"\x0f\x0b")]
+
+
+def chained(exits, names=COUNTERS, *, vcpu=0, start=0):
+    """Records of `exits` whose counters continue one another, as one vCPU's do."""
+    counters = tuple(start + i for i in range(len(names)))
+    records = []
+    for i, exit in enumerate(exits):
+        after = tuple(c + 1 for c in counters)
+        records.append(ExitRecord(vcpu, exit, 0x8000 + i, f"dev{i % 3}" if i % 2 else None,
+                                  bool(i % 2), 2.0 ** -(i + 10), counters, after))
+        counters = after
+    return records
+
+
+def test_a_record_reads_back_as_it_was_appended():
+    log = ExitLog(COUNTERS)
+    records = chained(exits_of_every_shape())
+    for r in records:
+        log.append(r)
+    assert list(log) == records == list(log.records)
+    assert list(reversed(log.records)) == records[::-1]
+    assert log.records[3] == records[3] and log.records[-2] == records[-2] == log.record(11)
+    assert log.last == records[-1]
+    assert log.histogram()["IO out"] == 3 and log.histogram()["DEBUG"] == 1
+
+
+def test_the_ring_keeps_the_newest_and_what_lies_beside_them():
+    log = ExitLog(COUNTERS, keep=5)
+    records = chained(exits_of_every_shape() * 2)
+    for r in records:
+        log.append(r)
+    assert list(log) == records[-5:] and len(log) == 24
+    assert len(log._side) <= 5, "what lay beside overwritten rows is let go"
+    with pytest.raises(IndexError):
+        log.record(19)
+    assert log.kernel_totals() == {name: 5 for name in COUNTERS}
+
+
+def test_counters_a_row_cannot_hold_are_kept_exact():
+    log = ExitLog(COUNTERS)
+    steps = [(10, 20, 0), (11, 70_020, 0), (12, 70_021, 1), (0, 5, 1), (1, 6, 1)]  # reset: 0
+    records = [ExitRecord(0, out(), 0x1000, None, False, 1e-6, before, after)
+               for before, after in zip(steps, steps[1:])]
+    for r in records:
+        log.append(r)
+    assert [(r.counters_before, r.counters_after) for r in log] == list(zip(steps, steps[1:]))
+    assert [log.kernel_delta(r) for r in log] == [
+        {"exits": 1, "insn_emulation": 70_000}, {"exits": 1, "insn_emulation": 1, "halt_exits": 1},
+        {"exits": -12, "insn_emulation": -70_016}, {"exits": 1, "insn_emulation": 1}]
+    assert log.kernel_totals() == {"exits": -9, "insn_emulation": -14, "halt_exits": 1}
+    assert log.to_dataframe()["kvm.insn_emulation"].tolist() == [70_000, 1, -70_016, 1]
+
+
+def test_each_vcpus_counters_read_back_when_interleaved_and_restarted():
+    """Two vCPUs share a log; vCPU 0's counters then start again (a new vCPU fd)."""
+    zero, one = chained([out()] * 4), chained([Hlt()] * 3, vcpu=1, start=500)
+    again = chained([out()] * 2, start=7)
+    records = [zero[0], one[0], zero[1], zero[2], one[1], zero[3], again[0], one[2], again[1]]
+    log = ExitLog(COUNTERS)
+    for r in records:
+        log.append(r)
+    assert list(log) == records
+
+
+def test_without_counters_and_with_more_counters_than_a_row_holds():
+    names = tuple(f"c{i}" for i in range(20))
+    log = ExitLog(names)
+    records = chained([out()] * 3, names)
+    log.append(record(Hlt()))
+    for r in records:
+        log.append(r)
+    assert list(log)[0].counters_after is None and list(log)[1:] == records
+    assert log.kernel_totals() == dict.fromkeys(names, 3)
+
+
+def test_a_row_is_64_bytes_and_the_rows_grow_to_keep():
+    log = ExitLog(COUNTERS, keep=3000)
+    for r in chained([out()] * 3000):
+        log.append(r)
+    assert len(log._rows) == 3000 * 64
+    assert log.columns().itemsize == 64
+
+
+def test_the_dataframe_reads_the_rows_in_place():
+    import numpy as np
+    log = ExitLog(COUNTERS)
+    for r in chained([out(), Hlt()] * 10):
+        log.append(r)
+    df = log.to_dataframe()
+    assert np.shares_memory(df["rip"].to_numpy(), np.frombuffer(log._rows, np.uint8))
+    assert df["rip"].tolist() == [0x8000 + i for i in range(20)]
+    assert df["seq"].tolist() == list(range(1, 21))
+
+
+@pytest.mark.skipif(exitlog._runloop is None, reason="vlab.machine._runloop is not built here")
+def test_compiled_and_python_appends_write_the_same_rows(monkeypatch):
+    """ExitLog.append writes a row in C where it can: the same bytes as in Python."""
+    records = chained(exits_of_every_shape() * 3) + [record(out(0x80))]
+    compiled, python = ExitLog(COUNTERS, keep=20), ExitLog(COUNTERS, keep=20)
+    for r in records:
+        compiled.append(r)
+    monkeypatch.setattr(exitlog, "_runloop", None)
+    for r in records:
+        python.append(r)
+    assert compiled._rows == python._rows and compiled._counts == python._counts
+    assert list(compiled) == list(python)
+    assert list(python)[:-1] == records[-20:-1]   # the last one's 2e-6 s, read back as a float32

@@ -64,8 +64,8 @@ def _key_label(key) -> str:
 
 
 # One row: rip, address (port or guest-physical address), value (the data written, as an
-# integer; an IN's data_offset), KVM_RUN seconds, vCPU, device number, kind, size, flags,
-# and the counters' deltas. _runloop.c writes the same layout (its `struct row`).
+# integer; an IN's data_offset), KVM_RUN seconds (a 32-bit float), vCPU, device number,
+# kind, size, flags, and the counters' deltas. _runloop.c writes the same (its `struct row`).
 ROW = struct.Struct("<QQQfHHBBBx14H")
 MAX_COUNTERS = 14
 DELTA_MAX = 0xFFFF
@@ -227,8 +227,7 @@ class ExitLog:
         if after is not None and before is not None:
             flags |= HAS_COUNTERS
             deltas = tuple(map(int.__sub__, after, before))
-            if len(deltas) > MAX_COUNTERS or max(deltas, default=0) > DELTA_MAX \
-                    or min(deltas, default=0) < 0:
+            if len(deltas) > MAX_COUNTERS:
                 side_deltas, deltas, flags = deltas, _NO_DELTAS, flags | SIDE_DELTAS
             else:
                 deltas += _NO_DELTAS[len(deltas):]
@@ -241,19 +240,26 @@ class ExitLog:
                 if latest.tolist() != list(before):
                     self._breaks[seq] = tuple(latest)
                 latest[:] = array("Q", after)
-        events = record.kernel_events
-        if events:
-            flags |= SIDE_EVENTS
-        if flags & (SIDE_EXIT | SIDE_DELTAS | SIDE_EVENTS):
-            self._keep_aside(seq, (side_exit, side_deltas, events or ()))
         device = self._device_number.get(record.device)
         if device is None:
             device = self.device_number(record.device)
         index = (seq - 1) % self.keep
         if (index + 1) * ROW.size > len(self._rows):
             self.grow()
-        ROW.pack_into(self._rows, index * ROW.size, record.rip, address, value, record.duration_s,
-                      record.vcpu, device, kind, size, flags, *deltas)
+        events = record.kernel_events
+        if events:
+            flags |= SIDE_EVENTS
+        head = (record.rip, address, value, record.duration_s, record.vcpu, device, kind, size)
+        try:
+            ROW.pack_into(self._rows, index * ROW.size, *head, flags, *deltas)
+        except struct.error:
+            if not flags & HAS_COUNTERS or flags & SIDE_DELTAS:
+                raise
+            # a delta below 0 (counters reset) or above a row's 16 bits: kept aside whole
+            side_deltas, flags = deltas[:len(after)], flags | SIDE_DELTAS
+            ROW.pack_into(self._rows, index * ROW.size, *head, flags, *_NO_DELTAS)
+        if flags & (SIDE_EXIT | SIDE_DELTAS | SIDE_EVENTS):
+            self._keep_aside(seq, (side_exit, side_deltas, events or ()))
         counts[kind] += 1
         counts[0] = seq
 
@@ -498,7 +504,7 @@ class ExitLog:
             frame[name] = column if measured.all() else pd.array(
                 np.where(measured, column, 0), dtype="Int64").where(measured)
         return pd.DataFrame(frame, columns=["seq", "vcpu", "reason", "rip", "detail", "device",
-                                            "claimed", "kvm_run_us", *kernel])
+                                            "claimed", "kvm_run_us", *kernel], copy=False)
 
     def __str__(self) -> str:
         hist = self.histogram()
