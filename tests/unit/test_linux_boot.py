@@ -353,3 +353,13 @@ def test_every_truncation_of_a_pvh_kernel_is_refused():
     for size in range(0, len(image), 7):
         with pytest.raises(LoadError):
             plan_linux(image[:size], None, "", 64 * MiB)
+
+
+def test_initramfs_with_an_init_of_ones_own(tmp_path):
+    from vlab.machine.initramfs import BUSYBOX, MARKER, PROLOGUE, build_initramfs
+    if not BUSYBOX.exists():
+        pytest.skip("no /bin/busybox (Debian's busybox-static, which tools/setup.sh installs)")
+    init = PROLOGUE.format(marker=MARKER) + "cat /proc/interrupts\npoweroff -f\n"
+    path = build_initramfs(cache=tmp_path, init=init, log=lambda msg: None)
+    assert path.name.startswith("busybox-custom-")
+    assert read_newc(gzip.decompress(path.read_bytes()))["init"][1] == init.encode()

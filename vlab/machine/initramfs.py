@@ -36,7 +36,7 @@ CPUINFO_LINES = 8
 
 DIR, FILE, DATA, LINK, CHAR = 0o040755, 0o100755, 0o100644, 0o120777, 0o020600   # cpio modes
 
-_PROLOGUE = """#!/bin/sh
+PROLOGUE = """#!/bin/sh
 # vlab's /init: busybox is the whole userspace.
 export PATH=/bin
 mount -t proc proc /proc
@@ -45,11 +45,11 @@ echo "{marker}"
 echo "vlab-init: kernel $(uname -r), command line: $(cat /proc/cmdline)"
 """
 INIT_SCRIPTS = {
-    "check": _PROLOGUE + """head -n {lines} /proc/cpuinfo
+    "check": PROLOGUE + """head -n {lines} /proc/cpuinfo
 echo "{poweroff}"
 poweroff -f
 """,
-    "shell": _PROLOGUE + """echo "vlab-init: a shell on the serial console; exit powers off"
+    "shell": PROLOGUE + """echo "vlab-init: a shell on the serial console; exit powers off"
 setsid cttyhack sh
 echo "{poweroff}"
 poweroff -f
@@ -106,10 +106,15 @@ def initramfs_entries(busybox_binary: bytes, applets: list[str], init: str) -> l
     return entries
 
 
-def build_initramfs(variant: str = "check", cache: Path | None = None, log=print) -> Path:
-    """The gzipped initramfs of `variant` ("check" or "shell"), built once per busybox
-    binary and script into `cache` (default vlab's cache dir, initramfs/)."""
-    init = init_script(variant)
+def build_initramfs(variant: str = "check", cache: Path | None = None, log=print,
+                    init: str | None = None) -> Path:
+    """The gzipped initramfs of `variant` ("check" or "shell"), or with `init` as its /init
+    (a script of one's own, e.g. PROLOGUE then what to probe), built once per busybox binary
+    and script into `cache` (default vlab's cache dir, initramfs/)."""
+    if init is None:
+        init = init_script(variant)
+    else:
+        variant = "custom"
     path = busybox(log)
     binary = path.read_bytes()
     applets = subprocess.run([str(path), "--list"], capture_output=True, text=True,
