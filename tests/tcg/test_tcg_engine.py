@@ -11,6 +11,7 @@ from vlab.accel.tcg import engine as engine_module
 from vlab.accel.tcg.cpustate import write_sregs
 from vlab.accel.tcg.engine import Engine
 from vlab.kvm.abi import ffi
+from vlab.kvm.exits import IoIn, IoOut
 from vlab.kvm.state import Segment, Sregs
 
 REAL_MODE = Sregs(cs=Segment(type=11))
@@ -89,7 +90,7 @@ def trampoline(request, monkeypatch):
     return request.param
 
 
-def test_io_hooks_get_rip_and_cs_at_the_instruction(engine, trampoline):
+def test_io_hooks_get_the_exit_with_rip_and_cs_at_the_instruction(engine, trampoline):
     ram = Region(0, 0x10000)
     engine.set_memory([ram])
     write_sregs(engine.uc, REAL_MODE.replace(cs=Segment(selector=0x700, base=0x7000, type=11)))
@@ -102,7 +103,8 @@ def test_io_hooks_get_rip_and_cs_at_the_instruction(engine, trampoline):
     engine.write(x86.UC_X86_REG_RDX, 0x3F8)
     engine.write(x86.UC_X86_REG_RIP, 0x1000)
     assert engine.start(100) == UC_ERR_OK
-    assert seen == [("out", 0x80, 1, 0x5A, 0x1002, 0x700), ("in", 0x3F8, 2, 0x1004, 0x700)]
+    assert seen == [("out", IoOut(0x80, 1, 1, b"\x5a"), 0x1002, 0x700),
+                    ("in", IoIn(0x3F8, 2, 1, 0), 0x1004, 0x700)]
     assert engine.read(x86.UC_X86_REG_RAX) & 0xFFFF == 0x1234
 
 
@@ -112,8 +114,8 @@ def test_an_exception_in_an_io_hook_is_raised_by_start(engine, trampoline, insn,
     ram = Region(0, 0x10000)
     engine.set_memory([ram])
 
-    def broken(port, size, *rest):
-        raise RuntimeError(f"port {port:#x}")
+    def broken(exit, rip, cs):
+        raise RuntimeError(f"port {exit.port:#x}")
 
     engine.hook_insn(insn, broken)
     with pytest.raises(RuntimeError, match="port 0x80"):

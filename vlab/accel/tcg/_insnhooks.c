@@ -1,18 +1,19 @@
 /* Unicorn's IN and OUT hooks for the tcg vCPU, in C: the trampoline from the engine to Python.
  *
  * A ctypes callback costs about as much per `out` as the rest of an exit handled inside
- * emulation, and the RIP and CS the vCPU needs (where KVM would report the exit) cost one
- * more ctypes call. Here Unicorn calls C, which reads RIP and CS with `uc_reg_read` and
- * calls the vCPU's method with plain integers:
+ * emulation, and so do the RIP and CS reads the vCPU needs (where KVM would report the exit)
+ * and the exit object made in Python. Here Unicorn calls C, which reads RIP and CS with
+ * `uc_reg_read`, fills the `vlab.kvm.exits` object without running Python code, and calls
+ * the vCPU's method:
  *
- *   callback(port, size, value, rip, cs)  -> ignored        (OUT)
- *   callback(port, size, rip, cs)         -> value read     (IN)
+ *   callback(IoOut(port, size, 1, data), rip, cs)     -> ignored      (OUT)
+ *   callback(IoIn(port, size, 1, 0), rip, cs)         -> value read   (IN)
  *
  * An exception raised by the callback goes to `on_error(exception)` (the engine keeps it and
- * stops emulation), as the ctypes trampoline in engine.py does. Nothing is linked against
+ * stops emulation), as the ctypes trampolines in engine.py do. Nothing is linked against
  * Unicorn: the engine passes the address of `uc_reg_read` and the register numbers.
  *
- *   Hook(callback, on_error, uc_reg_read_address, rip_id, cs_id)
+ *   Hook(callback, on_error, uc_reg_read_address, rip_id, cs_id, exit_class)
  *   OUT, IN: the addresses of the two C hooks, for uc_hook_add with the Hook as user data.
  */
 #define PY_SSIZE_T_CLEAN
@@ -26,32 +27,71 @@ typedef struct {
     PyObject_HEAD
     PyObject *callback;
     PyObject *on_error;
+    PyTypeObject *exit_class;
     reg_read_t reg_read;
     int rip_id, cs_id;
 } Hook;
 
+static PyObject *name_port, *name_size, *name_count, *name_data, *name_data_offset, *one, *zero;
+
 static void hook_dealloc(Hook *self) {
     Py_XDECREF(self->callback);
     Py_XDECREF(self->on_error);
+    Py_XDECREF(self->exit_class);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int hook_init(Hook *self, PyObject *args, PyObject *kwds) {
-    PyObject *callback, *on_error;
+    PyObject *callback, *on_error, *exit_class;
     unsigned long long reg_read;
-    if (!PyArg_ParseTuple(args, "OOKii", &callback, &on_error, &reg_read, &self->rip_id,
-                          &self->cs_id))
+    if (!PyArg_ParseTuple(args, "OOKiiO", &callback, &on_error, &reg_read, &self->rip_id,
+                          &self->cs_id, &exit_class))
         return -1;
-    if (!PyCallable_Check(callback) || !PyCallable_Check(on_error) || reg_read == 0) {
-        PyErr_SetString(PyExc_TypeError, "Hook(callback, on_error, uc_reg_read address, rip, cs)");
+    if (!PyCallable_Check(callback) || !PyCallable_Check(on_error) || reg_read == 0
+            || !PyType_Check(exit_class)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Hook(callback, on_error, uc_reg_read address, rip, cs, exit class)");
         return -1;
     }
     Py_INCREF(callback);
     Py_INCREF(on_error);
+    Py_INCREF(exit_class);
     Py_XSETREF(self->callback, callback);
     Py_XSETREF(self->on_error, on_error);
+    Py_XSETREF(self->exit_class, (PyTypeObject *)exit_class);
     self->reg_read = (reg_read_t)(uintptr_t)reg_read;
     return 0;
+}
+
+/* Sets `name` to `value` (a new reference, NULL if making it failed) and drops it. */
+static int set_field(PyObject *obj, PyObject *name, PyObject *value, int borrowed) {
+    if (value == NULL)
+        return -1;
+    int status = PyObject_GenericSetAttr(obj, name, value);
+    if (!borrowed)
+        Py_DECREF(value);
+    return status;
+}
+
+/* The exit, port I/O of count 1: an OUT's data is `value`'s `size` bytes, an IN's offset 0. */
+static PyObject *make_exit(Hook *self, uint32_t port, int size, int out, uint32_t value) {
+    PyObject *exit = self->exit_class->tp_alloc(self->exit_class, 0);
+    if (exit == NULL)
+        return NULL;
+    unsigned char data[4] = {value, value >> 8, value >> 16, value >> 24};
+    if (size < 1 || size > 4
+            || set_field(exit, name_port, PyLong_FromUnsignedLong(port), 0) < 0
+            || set_field(exit, name_size, PyLong_FromLong(size), 0) < 0
+            || set_field(exit, name_count, one, 1) < 0
+            || (out ? set_field(exit, name_data,
+                                PyBytes_FromStringAndSize((const char *)data, size), 0)
+                    : set_field(exit, name_data_offset, zero, 1)) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "port access of %d bytes", size);
+        Py_DECREF(exit);
+        return NULL;
+    }
+    return exit;
 }
 
 static PyTypeObject HookType = {
@@ -81,20 +121,17 @@ static void tell_error(Hook *self) {
     Py_XDECREF(traceback);
 }
 
-/* callback(*numbers, rip, cs); its result, or NULL after on_error has been told. */
-static PyObject *call(Hook *self, void *uc, PyObject **args, Py_ssize_t n) {
+/* callback(exit, rip, cs); its result, or NULL after on_error has been told. */
+static PyObject *call(Hook *self, void *uc, uint32_t port, int size, int out, uint32_t value) {
     uint64_t rip = 0, cs = 0;
     self->reg_read(uc, self->rip_id, &rip);
     self->reg_read(uc, self->cs_id, &cs);
-    args[n] = PyLong_FromUnsignedLongLong(rip);
-    args[n + 1] = PyLong_FromUnsignedLongLong(cs & 0xFFFF);
+    PyObject *args[3] = {make_exit(self, port, size, out, value),
+                         PyLong_FromUnsignedLongLong(rip), PyLong_FromUnsignedLongLong(cs & 0xFFFF)};
     PyObject *result = NULL;
-    int made = 1;
-    for (Py_ssize_t i = 0; i < n + 2; i++)
-        made = made && args[i] != NULL;
-    if (made)
-        result = PyObject_Vectorcall(self->callback, args, n + 2, NULL);
-    for (Py_ssize_t i = 0; i < n + 2; i++)
+    if (args[0] != NULL && args[1] != NULL && args[2] != NULL)
+        result = PyObject_Vectorcall(self->callback, args, 3, NULL);
+    for (int i = 0; i < 3; i++)
         Py_XDECREF(args[i]);
     if (result == NULL)
         tell_error(self);
@@ -104,18 +141,15 @@ static PyObject *call(Hook *self, void *uc, PyObject **args, Py_ssize_t n) {
 /* <unicorn/unicorn.h> uc_cb_insn_out_t */
 static void out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
     PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *args[5] = {PyLong_FromUnsignedLong(port), PyLong_FromLong(size),
-                         PyLong_FromUnsignedLong(value)};
-    Py_XDECREF(call((Hook *)user_data, uc, args, 3));
+    Py_XDECREF(call((Hook *)user_data, uc, port, size, 1, value));
     PyGILState_Release(gil);
 }
 
 /* <unicorn/unicorn.h> uc_cb_insn_in_t */
 static uint32_t in_hook(void *uc, uint32_t port, int size, void *user_data) {
     PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *args[4] = {PyLong_FromUnsignedLong(port), PyLong_FromLong(size)};
     Hook *self = (Hook *)user_data;
-    PyObject *result = call(self, uc, args, 2);
+    PyObject *result = call(self, uc, port, size, 0, 0);
     uint32_t value = 0;
     if (result != NULL) {
         value = (uint32_t)PyLong_AsUnsignedLongMask(result);
@@ -135,7 +169,13 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__insnhooks(void) {
-    if (PyType_Ready(&HookType) < 0)
+    if (!(name_port = PyUnicode_InternFromString("port"))
+            || !(name_size = PyUnicode_InternFromString("size"))
+            || !(name_count = PyUnicode_InternFromString("count"))
+            || !(name_data = PyUnicode_InternFromString("data"))
+            || !(name_data_offset = PyUnicode_InternFromString("data_offset"))
+            || !(one = PyLong_FromLong(1)) || !(zero = PyLong_FromLong(0))
+            || PyType_Ready(&HookType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -17,8 +17,9 @@ hooks are registered with `uc_hook_add` and report exceptions through the bindin
 `uc_vmem_read`/`uc_vmem_write` (MMU-translated access, new in Unicorn 2.1 and not wrapped
 by the binding) are declared here. This ties the module to Unicorn 2.1's Python binding.
 The IN and OUT hooks are C functions (`_insnhooks.c`) where vlab was built with a compiler:
-a ctypes callback and the RIP and CS reads cost as much as the rest of a port access
-handled inside emulation. Without it, ctypes trampolines do the same at Python speed.
+a ctypes callback, the RIP and CS reads and the exit object made in Python cost as much as
+the rest of a port access handled inside emulation. Without it, ctypes trampolines do the
+same at Python speed.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from unicorn import (UC_ARCH_X86, UC_ERR_OK, UC_HOOK_INSN, UC_HOOK_MEM_FETCH_UNM
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
+from ...kvm.exits import IoIn, IoOut
 from ...x86 import MAX_INSN, PAGE_SIZE
 
 try:
@@ -46,6 +48,7 @@ uclib.uc_vmem_read.restype = uclib.uc_vmem_write.restype = ctypes.c_int
 _emu_start, _emu_stop, _reg_read = uclib.uc_emu_start, uclib.uc_emu_stop, uclib.uc_reg_read
 _RIP, _CS = x86.UC_X86_REG_RIP, x86.UC_X86_REG_CS
 _REG_READ = ctypes.cast(_reg_read, ctypes.c_void_p).value
+_PORT_IO = {x86.UC_X86_INS_IN: IoIn, x86.UC_X86_INS_OUT: IoOut}
 _C_HOOKS = ({} if _insnhooks is None else
             {x86.UC_X86_INS_IN: _insnhooks.IN, x86.UC_X86_INS_OUT: _insnhooks.OUT})
 # <unicorn/unicorn.h> uc_cb_insn_in_t, uc_cb_insn_out_t; <unicorn/x86.h> uc_cb_insn_cpuid_t
@@ -99,25 +102,29 @@ class Engine:
         return status
 
     def hook_insn(self, insn: int, callback) -> None:
-        """UC_HOOK_INSN for IN, OUT or CPUID, called as `callback(port, size, rip, cs)`
-        (returns the value read), `callback(port, size, value, rip, cs)` (RIP and CS's
-        selector at the instruction) or `callback()` (True: the hook answered). Like the
-        binding's own hooks, an exception raised in the callback stops emulation and is
+        """UC_HOOK_INSN for IN, OUT or CPUID. IN and OUT call `callback(exit, rip, cs)` with
+        the access as KVM_RUN would return it, `IoIn(port, size, 1, 0)` or
+        `IoOut(port, size, 1, data)`, and RIP and CS's selector at the instruction; an IN's
+        callback returns the value read. CPUID calls `callback()` (True: it answered). Like
+        the binding's own hooks, an exception raised in the callback stops emulation and is
         re-raised by `start`."""
+        exit_class = _PORT_IO.get(insn)
         if insn in _C_HOOKS:
-            hook = _insnhooks.Hook(callback, self._hook_failed, _REG_READ, _RIP, _CS)
+            hook = _insnhooks.Hook(callback, self._hook_failed, _REG_READ, _RIP, _CS, exit_class)
             self._add_insn_hook(insn, _C_HOOKS[insn], id(hook), hook)
             return
-        port_io = insn != x86.UC_X86_INS_CPUID
         batch, (ids, pointers) = uclib.uc_reg_read_batch, self._rip_cs_args
         rip_cs, handle = self._rip_cs, self._handle
 
-        def trampoline(uc, *args):
+        def trampoline(uc, *args):   # the last argument is Unicorn's user data
             try:
-                if port_io:
-                    batch(handle, ids, pointers, 2)
-                    return callback(*args[:-1], rip_cs[0], rip_cs[1] & 0xFFFF)
-                return callback()   # the last argument is Unicorn's user data
+                if exit_class is None:
+                    return callback()
+                batch(handle, ids, pointers, 2)
+                port, size = args[:2]
+                exit = (IoOut(port, size, 1, args[2].to_bytes(size, "little"))
+                        if exit_class is IoOut else IoIn(port, size, 1, 0))
+                return callback(exit, rip_cs[0], rip_cs[1] & 0xFFFF)
             except BaseException as error:
                 self._hook_failed(error)
                 return 0

@@ -18,23 +18,21 @@ _EXITS, _IO_EXITS = INDEX["exits"], INDEX["io_exits"]
 class UnicornHooks:
     """Part of `TcgVcpu`: the callbacks it gives its engine."""
 
-    def _on_out(self, port, size, value, rip, cs):
-        exit = IoOut(port, size, 1, value.to_bytes(size, "little"))
+    def _on_out(self, exit: IoOut, rip: int, cs: int) -> None:
         if self._io_handler is not None and not self._single_step:
             self._dispatch_inline(exit, rip, cs)
             return
         self._exit = exit
         self._engine.stop()
 
-    def _on_in(self, port, size, rip, cs):
-        logged = self._log.replay("in", port, size)
+    def _on_in(self, exit: IoIn, rip: int, cs: int) -> int:
+        logged = self._log.replay("in", exit.port, exit.size)
         if logged is not None:
             return logged.value or 0
-        exit = IoIn(port, size, 1, 0)
         if self._io_handler is not None and not self._single_step:
             value = self._dispatch_inline(exit, rip, cs)
             if self._log.replaying:  # INS run again: its store may exit again
-                self._log.record_answered(Access("in", port, size, value))
+                self._log.record_answered(Access("in", exit.port, exit.size, value))
             return value
         self._exit = exit
         self._in_rip = rip
@@ -44,11 +42,14 @@ class UnicornHooks:
     def _dispatch_inline(self, exit: IoIn | IoOut, rip: int, cs: int) -> int:
         """QEMU's cpu_outb/cpu_inb: the device is called from the instruction; an IN's
         answer (set by `complete_io_in` in the handler) is what the instruction reads.
-        The exit counts before the handler sees it, as those `run()` returns do."""
+        The exit counts before the handler sees it, as those `run()` returns do; `synced_rip`
+        gives RIP where KVM reports it (`_out_rip`)."""
         counts = self._counts
         counts[_EXITS] += 1
         counts[_IO_EXITS] += 1
-        self._inline, self._inline_at, self._inline_reply = exit, (rip, cs), 0
+        if exit.__class__ is IoOut:
+            rip = self._past_out.get((rip, cs)) or self._out_rip(rip, cs)
+        self._inline, self._inline_rip, self._inline_reply = exit, rip, 0
         try:
             stop = self._io_handler(exit)
         finally:

@@ -124,10 +124,11 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
         self._shadow = RESET_SREGS
         self._io_handler: Callable[[IoIn | IoOut], bool] | None = None
         self._inline: IoIn | IoOut | None = None   # the port I/O the handler is handling now
-        self._inline_at = (0, 0)                   # ... and its instruction's RIP and CS
+        self._inline_rip = 0                       # ... and RIP where KVM reports it
         self._inline_reply = 0
         self._handled: Exit | None = None          # the last exit a handler stopped on
-        self._io_shapes: dict[tuple[int, int], IoShape] = {}
+        self._past_out: dict[tuple[int, int], int] = {}       # (RIP, CS) of an OUT -> RIP past it
+        self._io_shapes: dict[tuple[int, int], IoShape] = {}  # ... of a `rep outs`
         uc = self._engine.uc
         self._engine.hook_insn(x86.UC_X86_INS_OUT, self._on_out)
         self._engine.hook_insn(x86.UC_X86_INS_IN, self._on_in)
@@ -341,17 +342,22 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
     def synced_rip(self) -> int:
         """RIP at the exit (KVM_CAP_SYNC_REGS' purpose): RIP now after `run()`; in a port-I/O
         handler, where KVM reports it: at an IN, past an OUT (see `portio`)."""
-        if self._inline is None:
-            return self._engine.rip()
-        key = self._inline_at
-        if type(self._inline) is IoIn:
-            return key[0]
-        shape = self._io_shapes.get(key)
+        return self._engine.rip() if self._inline is None else self._inline_rip
+
+    def _out_rip(self, rip: int, cs: int) -> int:
+        """Where KVM reports the OUT at `rip` with CS selector `cs` (Unicorn's hook sees RIP
+        at it): decoded once per instruction (`portio`); past it is kept in `_past_out`,
+        except for `rep outs`, whose RIP depends on the count register."""
+        shape = self._io_shapes.get((rip, cs))
         engine = self._engine
         if shape is None:
-            cs = read_segments(engine.uc)["cs"]
-            shape = self._io_shapes[key] = io_shape(engine.fetch(self._linear_rip(cs)), cs)
-        return shape.rip_after(key[0], engine.read(x86.UC_X86_REG_RCX) if shape.count_mask else 0)
+            segment = read_segments(engine.uc)["cs"]
+            shape = io_shape(engine.fetch(self._linear_rip(segment)), segment)
+            if not shape.count_mask:
+                self._past_out[(rip, cs)] = rip + shape.length
+                return rip + shape.length
+            self._io_shapes[(rip, cs)] = shape
+        return shape.rip_after(rip, engine.read(x86.UC_X86_REG_RCX))
 
     def dispatch_port_io(self, handler: Callable[[IoIn | IoOut], bool] | None) -> None:
         """Handle port I/O inside emulation, as QEMU's TCG does: its `cpu_outb`/`cpu_inb`
