@@ -34,7 +34,7 @@ if (VENV_BIN / "configurable-http-proxy").exists():  # where tools/setup.sh puts
 
 # --- students: Unix accounts, PAM passwords -----------------------------------------------
 c.JupyterHub.authenticator_class = "pam"
-c.Authenticator.admin_users = {"teacher"}
+c.Authenticator.admin_users = {"teacher"}      # their account is created on the first start
 c.Authenticator.allow_existing_users = True  # whoever an admin adds may log in
 c.LocalAuthenticator.create_system_users = True
 c.LocalAuthenticator.add_user_cmd = ["useradd", "--create-home", "--shell", "/bin/bash"]

@@ -170,6 +170,7 @@ def hub(tmp_path_factory):
         f"c.JupyterHub.bind_url = 'http://127.0.0.1:{port}'\n"
         f"c.JupyterHub.hub_bind_url = 'http://127.0.0.1:{free_port()}'\n"
         f"c.ConfigurableHTTPProxy.api_url = 'http://127.0.0.1:{free_port()}'\n"
+        "c.Authenticator.admin_users = set()\n"   # the config's teacher would get an account
         f"c.Spawner.mem_limit = {MEM_LIMIT}\n"
         f"c.Spawner.cpu_limit = {CPU_LIMIT}\n"
         f"c.VlabSpawner.pids_limit = {PIDS_LIMIT}\n"
