@@ -1,7 +1,9 @@
 """The Unicorn engine wrapper on its own: memory map, hooks, linear access."""
 from __future__ import annotations
 
+import gc
 import mmap
+import weakref
 
 import pytest
 from unicorn import UC_ERR_OK
@@ -106,6 +108,21 @@ def test_io_hooks_get_the_exit_with_rip_and_cs_at_the_instruction(engine, trampo
     assert seen == [("out", IoOut(0x80, 1, 1, b"\x5a"), 0x1002, 0x700),
                     ("in", IoIn(0x3F8, 2, 1, 0), 0x1004, 0x700)]
     assert engine.read(x86.UC_X86_REG_RAX) & 0xFFFF == 0x1234
+
+
+def test_an_engine_and_what_its_hooks_call_are_collected(trampoline):
+    """The hooks refer to their owner, which holds the engine: a cycle the collector frees."""
+    class Owner:
+        def on_out(self, exit, rip, cs):
+            pass
+
+    owner = Owner()
+    owner.engine = Engine(lambda address, size: 0, lambda address, size, value: None)
+    owner.engine.hook_insn(x86.UC_X86_INS_OUT, owner.on_out)
+    gone = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.parametrize("insn, code", [(x86.UC_X86_INS_OUT, "e6 80 f4"),   # out 0x80, al

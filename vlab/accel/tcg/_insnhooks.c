@@ -34,10 +34,25 @@ typedef struct {
 
 static PyObject *name_port, *name_size, *name_count, *name_data, *name_data_offset, *one, *zero;
 
+/* A Hook refers to the vCPU (callback) and the engine (on_error), which keep it: the cyclic
+ * collector must see through it. */
+static int hook_traverse(Hook *self, visitproc visit, void *arg) {
+    Py_VISIT(self->callback);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->exit_class);
+    return 0;
+}
+
+static int hook_clear(Hook *self) {
+    Py_CLEAR(self->callback);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->exit_class);
+    return 0;
+}
+
 static void hook_dealloc(Hook *self) {
-    Py_XDECREF(self->callback);
-    Py_XDECREF(self->on_error);
-    Py_XDECREF(self->exit_class);
+    PyObject_GC_UnTrack(self);
+    hook_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -98,7 +113,9 @@ static PyTypeObject HookType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "vlab.accel.tcg._insnhooks.Hook",
     .tp_basicsize = sizeof(Hook),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)hook_traverse,
+    .tp_clear = (inquiry)hook_clear,
     .tp_doc = "A Python callback for Unicorn's IN or OUT hook, with RIP and CS",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)hook_init,
