@@ -35,6 +35,10 @@ class CheckFailed(AssertionError):
         return self.lines()
 
 
+class NotWritten(CheckFailed):
+    """The student's function still raises the stub's NotImplementedError."""
+
+
 def passed(exercise: str, facts: list[str]) -> None:
     """Print what the check verified."""
     print(f"✓ {exercise}")
@@ -51,18 +55,19 @@ def _student_line(error: BaseException, filename: str | None = None) -> str:
     frame = (own or [f for f in frames if f.line] or [None])[-1]
     if frame is None:
         return ""
-    return f" (line {frame.lineno} of your cell: `{frame.line.strip()}`)"
+    code = f": `{frame.line.strip()}`" if frame.line else ""
+    return f" (line {frame.lineno} of your cell{code})"
 
 
 def call(exercise: str, function, *args):
     """`function(*args)`, with whatever it raises turned into `CheckFailed`."""
     name = getattr(function, "__name__", repr(function))
-    code = getattr(function, "__code__", None) or getattr(getattr(function, "__init__", None), "__code__", None)
+    code = getattr(function, "__code__", None) or getattr(function.__init__, "__code__", None)
     filename = code.co_filename if code is not None else None
     try:
         return function(*args)
     except NotImplementedError:
-        raise CheckFailed(exercise, [f"`{name}` is not written yet: replace "
+        raise NotWritten(exercise, [f"`{name}` is not written yet: replace "
                                      f"`raise NotImplementedError()` with your code."]) from None
     except SregsError as error:
         raise CheckFailed(exercise, [f"`{name}` stopped{_student_line(error, filename)}: the special "

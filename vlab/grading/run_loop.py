@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..kvm.exits import FailEntry, Hlt, InternalError, IoOut, Shutdown
 from ..machine.assembler import assemble
 from ..machine.explain import explain
-from .feedback import CheckFailed, call, passed
+from .feedback import CheckFailed, NotWritten, call, passed
 from .watch import WatchedAccel
 
 EXERCISE = "KVM_RUN loop"
@@ -70,32 +70,40 @@ def where_it_stopped(vm, vcpu) -> list[str]:
             f"it returns Hlt."]
 
 
+def _state_problems(accel, code: bytes) -> list[str]:
+    """What the VM the student's code made lacks: memory with the code, a vCPU, its start."""
+    if not accel.vms:
+        return ["`run_guest` made no VM: start with `vm = accel.create_vm()` (KVM_CREATE_VM)."]
+    vm = accel.vms[-1]
+    problems = []
+    region = vm.region_at(CODE_GPA)
+    if region is None:
+        problems.append(f"no memory is mapped at {CODE_GPA:#x}: add RAM there to a "
+                        f"GuestMemory and give it to vm.map_memory(region) "
+                        f"(KVM_SET_USER_MEMORY_REGION).")
+    elif vm.read_physical(CODE_GPA, len(code)) != code:
+        problems.append(f"the RAM at {CODE_GPA:#x} does not hold the guest's code: write "
+                        f"`code` there (memory.write({CODE_GPA:#x}, code)) before running.")
+    if not vm.vcpus:
+        problems.append("no vCPU was made: vm.create_vcpu(0) (KVM_CREATE_VCPU).")
+    return problems or start_problems(vm.vcpus[-1])
+
+
 def check_run_loop(run_guest) -> None:
     """Run the student's `run_guest(accel, code)` on KVM (tcg without it) and judge it."""
     code = guest_code()
     with WatchedAccel(EXERCISE) as accel:
-        output = call(EXERCISE, run_guest, accel, code)
-        problems = []
-        if not accel.vms:
-            raise CheckFailed(EXERCISE, ["`run_guest` made no VM: start with "
-                                         "`vm = accel.create_vm()` (KVM_CREATE_VM)."])
+        try:
+            output = call(EXERCISE, run_guest, accel, code)
+        except NotWritten:
+            raise
+        except CheckFailed as failed:
+            raise CheckFailed(EXERCISE, failed.problems + _state_problems(accel, code)) from None
+        problems = _state_problems(accel, code)
+        if problems:
+            raise CheckFailed(EXERCISE, problems)
         vm = accel.vms[-1]
-        region = vm.region_at(CODE_GPA)
-        if region is None:
-            problems.append(f"no memory is mapped at {CODE_GPA:#x}: add RAM there to a "
-                            f"GuestMemory and give it to vm.map_memory(region) "
-                            f"(KVM_SET_USER_MEMORY_REGION).")
-        elif vm.read_physical(CODE_GPA, len(code)) != code:
-            problems.append(f"the RAM at {CODE_GPA:#x} does not hold the guest's code: write "
-                            f"`code` there (memory.write({CODE_GPA:#x}, code)) before running.")
-        if not vm.vcpus:
-            problems.append("no vCPU was made: vm.create_vcpu(0) (KVM_CREATE_VCPU).")
-        if problems:
-            raise CheckFailed(EXERCISE, problems)
         vcpu = vm.vcpus[-1]
-        problems = start_problems(vcpu)
-        if problems:
-            raise CheckFailed(EXERCISE, problems)
         halted = bool(vcpu.exits) and vcpu.exits[-1].__class__ is Hlt
         if not halted:
             raise CheckFailed(EXERCISE, where_it_stopped(vm, vcpu))
