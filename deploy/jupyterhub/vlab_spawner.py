@@ -70,7 +70,7 @@ def unreachable_parents(paths: list[str]) -> dict[str, list[str]]:
 class VlabSpawner(LocalProcessSpawner):
     kvm_device = Unicode(
         "/dev/kvm", config=True,
-        help="The KVM device; its group is added to each server's groups.")
+        help="The KVM device; its group (unless root's) is added to each server's groups.")
     pids_limit = Integer(
         512, config=True,
         help="Tasks (processes and threads: the server, its kernels, their vCPU threads) a "
@@ -141,8 +141,8 @@ class VlabSpawner(LocalProcessSpawner):
     def make_preexec_fn(self, name):
         user = pwd.getpwnam(name)
         groups = os.getgrouplist(name, user.pw_gid)
-        if os.path.exists(self.kvm_device):
-            groups.append(os.stat(self.kvm_device).st_gid)
+        if os.path.exists(self.kvm_device) and (kvm_gid := os.stat(self.kvm_device).st_gid):
+            groups.append(kvm_gid)   # never group root, where the device is root's (and 0666)
         procs = [directory / "cgroup.procs" for directory in self.cgroups()]
         mounts = unreachable_parents(self.readable_paths)
         libc = ctypes.CDLL(None, use_errno=True)
