@@ -13,8 +13,8 @@
  *   - anything else (other devices, MMIO, HLT, DEBUG...), or counters that moved more than
  *     a row holds: `slow(duration, before, after, exits, interrupted)`, the Python loop's
  *     own handling of the exit in kvm_run.
- * The console's bytes are passed on in batches: before any Python code runs, every 10 ms,
- * and when the run returns, so their order with other devices' output is kept.
+ * A byte for the console is appended to its chunks as Console.write does, or, while it has
+ * listeners (a terminal streaming it, a widget), passed to Console.write itself.
  *
  *   run(state tuple) -> (code, value, exits, last_seq, counters)
  *   append(log, record) -> bool     ExitLog.append for a record that fits a row whole
@@ -335,13 +335,9 @@ struct loop {
     uint64_t previous[MAX_COUNTERS], current[MAX_COUNTERS];
     const unsigned char *ports;        /* 65536 port codes */
     PyObject *debugcon_data;           /* the debug console's bytearray */
-    PyObject *debugcon_output;         /* where its bytes go (the console), or None */
-    PyObject *uart, *uart_output;      /* the 16550 handled here, and its output */
+    PyObject *uart;                    /* the 16550 handled here */
     unsigned uart_base;
-    char pending[4096];                /* bytes for pending_target, not passed on yet */
-    Py_ssize_t npending;
-    PyObject *pending_target;
-    double flushed_at;
+    struct sink { PyObject *write, *chunks, *listeners; } debugcon_out, uart_out;
     PyObject *stop_flag, *predicate, *slow, *listeners;
     unsigned long long max_exits, exits;
     unsigned until_kinds;              /* bit per kind: `until` matches it */
@@ -356,29 +352,34 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static int flush(struct loop *l) {
-    if (l->npending == 0)
+
+/* A device's byte out: Console.write's append, or the call itself while it has listeners. */
+static int emit(struct sink *out, char byte) {
+    if (out->write == Py_None)
         return 0;
-    Py_ssize_t n = l->npending;
-    l->npending = 0;
-    PyObject *bytes = PyBytes_FromStringAndSize(l->pending, n);
-    PyObject *done = bytes ? PyObject_CallOneArg(l->pending_target, bytes) : NULL;
-    Py_XDECREF(bytes);
-    if (done == NULL)
+    PyObject *data = PyBytes_FromStringAndSize(&byte, 1);   /* CPython's cached 1-byte bytes */
+    if (data == NULL)
         return -1;
-    Py_DECREF(done);
-    return 0;
+    int status;
+    if (PyList_GET_SIZE(out->listeners)) {
+        PyObject *done = PyObject_CallOneArg(out->write, data);
+        status = done ? 0 : -1;
+        Py_XDECREF(done);
+    } else {
+        status = PyList_Append(out->chunks, data);
+    }
+    Py_DECREF(data);
+    return status;
 }
 
-/* A byte for `target` (None: nowhere), after the bytes pending for another. */
-static int pend(struct loop *l, PyObject *target, char byte) {
-    if (target == Py_None)
-        return 0;
-    if (l->npending && l->pending_target != target && flush(l) < 0)
+static int sink_arg(PyObject *arg, struct sink *out) {
+    if (!PyTuple_Check(arg) || PyTuple_GET_SIZE(arg) != 3
+            || !PyList_Check(PyTuple_GET_ITEM(arg, 1)) || !PyList_Check(PyTuple_GET_ITEM(arg, 2))) {
+        PyErr_SetString(PyExc_TypeError, "run(): an output is (write, chunks, listeners)");
         return -1;
-    l->pending_target = target;
-    l->pending[l->npending++] = byte;
-    return l->npending == sizeof l->pending ? flush(l) : 0;
+    }
+    *out = (struct sink){PyTuple_GET_ITEM(arg, 0), PyTuple_GET_ITEM(arg, 1), PyTuple_GET_ITEM(arg, 2)};
+    return 0;
 }
 
 static int attr_long(PyObject *obj, PyObject *name, long *value) {
@@ -425,7 +426,7 @@ static int uart_polled(struct loop *l, int kind, unsigned port, unsigned size,
     /* sent at once: THR empty again, its interrupt pending (masked, as IER is 0) */
     if (set_attr(l->uart, s_thr, PyLong_FromUnsignedLongLong(data & 0xFF)) < 0
             || PyObject_SetAttr(l->uart, s_thr_ipending, Py_True) < 0
-            || pend(l, l->uart_output, (char)(data & 0xFF)) < 0)
+            || emit(&l->uart_out, (char)(data & 0xFF)) < 0)
         return -1;
     return 1;
 }
@@ -453,7 +454,7 @@ static int port_io(struct loop *l, int port_code, int kind, unsigned port, unsig
             return -1;
         PyByteArray_AS_STRING(l->debugcon_data)[n] = (char)(data & 0xFF);
         *device = l->debugcon_number;
-        return pend(l, l->debugcon_output, (char)(data & 0xFF)) < 0 ? -1 : 1;
+        return emit(&l->debugcon_out, (char)(data & 0xFF)) < 0 ? -1 : 1;
     }
     if (port_code == PORT_UART) {
         *device = l->uart_number;
@@ -462,11 +463,11 @@ static int port_io(struct loop *l, int port_code, int kind, unsigned port, unsig
     return 0;
 }
 
-/* Before Python code runs: the console's bytes out, the log's buffers let go. After it: the
+/* Before Python code runs: the log's buffers let go (it may replace them). After it: the
  * buffers again. */
 static int leave(struct loop *l) {
     log_release(&l->lv);
-    return flush(l);
+    return 0;
 }
 
 static int back(struct loop *l) {
@@ -623,11 +624,6 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
         if (stop)
             return stop < 0 ? -1 : (*code = STOP_REQUESTED, 0);
         double started = now();
-        if (started - l->flushed_at > 0.01) {
-            l->flushed_at = started;
-            if (flush(l) < 0)
-                return -1;
-        }
         int status, error = 0;
         Py_BEGIN_ALLOW_THREADS
         status = ioctl(l->fd, KVM_RUN, 0);
@@ -775,9 +771,10 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
     }
     l->ports = (const unsigned char *)PyBytes_AS_STRING(args[PORTS]);
     l->debugcon_data = args[DEBUGCON_DATA];
-    l->debugcon_output = args[DEBUGCON_OUTPUT];
     l->uart = args[UART];
-    l->uart_output = args[UART_OUTPUT];
+    if (sink_arg(args[DEBUGCON_OUTPUT], &l->debugcon_out) < 0
+            || sink_arg(args[UART_OUTPUT], &l->uart_out) < 0)
+        goto out;
     l->uart_base = (unsigned)uart_base;
     l->uart_number = (uint16_t)uart_number;
     l->stop_flag = args[STOP_FLAG];
@@ -787,9 +784,7 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
     l->vcpu = (long)vcpu;
     l->debugcon_number = (uint16_t)debugcon;
     l->unassigned_number = (uint16_t)unassigned;
-    l->pending_target = Py_None;
     l->lv.log = args[LOG];
-    l->flushed_at = now();
     if (back(l) < 0)
         goto out;
     int code = 0;
@@ -801,15 +796,7 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
     if (counters != NULL)
         result = Py_BuildValue("(iOKKN)", code, value ? value : Py_None, l->exits, last_seq, counters);
 out:
-    if (result == NULL) {
-        /* an error: the console still gets what the guest wrote, the error kept */
-        PyObject *type, *exc, *tb;
-        PyErr_Fetch(&type, &exc, &tb);
-        log_release(&l->lv);
-        if (flush(l) < 0)
-            PyErr_Clear();
-        PyErr_Restore(type, exc, tb);
-    }
+    log_release(&l->lv);
     Py_XDECREF(value);
     Py_XDECREF(l->listeners);
     PyMem_Free(l->stats_block);

@@ -96,6 +96,15 @@ _clock = time.perf_counter
 _TRANSFERS = (IoIn, IoOut, MmioRead, MmioWrite)  # completed by the KVM_RUN after their exit
 
 
+def _sink(device) -> tuple:
+    """Where the compiled loop sends a device's bytes: its Console's write, chunks and
+    listeners (Console.write's own steps), or nowhere."""
+    output = getattr(device, "_output", None)
+    if output is None:
+        return None, [], []
+    return output, output.__self__._chunks, output.__self__.listeners
+
+
 def _undecodable(error: ExitDecodeError) -> str:
     return f"KVM reported an exit that cannot be decoded: {error}"
 
@@ -443,7 +452,8 @@ class VcpuRunner:
         """Each port's handling in the compiled loop as the run begins (_runloop.c's PORT_*
         codes): nobody's (unclaimed), the debug console's, the 16550's, or Python's (every
         other device); and the first debug console and 16550, by class, with their base
-        port. Their output is passed on in batches, so only to a Console (or nowhere)."""
+        port, whose output goes to a Console (or nowhere), which C appends to as its write
+        does."""
         from .board import Console
         table = bytearray(b"\x01") * 0x10000                   # PORT_UNCLAIMED
         handled: dict[type, tuple[int, object]] = {}
@@ -480,8 +490,8 @@ class VcpuRunner:
                 vcpu.fd, int(ffi.cast("uintptr_t", vcpu.kvm_run)), vcpu.mmap_size, stats_fd,
                 data_offset, length, struct.pack(f"{len(offsets)}I", *offsets),
                 self._previous_counters, ports,
-                debugcon._data if debugcon else bytearray(), debugcon._output if debugcon else None,
-                uart, uart._output if uart else None, uart_base,
+                debugcon._data if debugcon else bytearray(), _sink(debugcon),
+                uart, _sink(uart), uart_base,
                 log, self.stop_requested, max_exits or 0, until_kinds, predicate,
                 self._exit_from_compiled, self._exits, vcpu.id,
                 log.device_number(debugcon.name if debugcon else None),
@@ -494,8 +504,9 @@ class VcpuRunner:
         exit = log.record(last_seq).exit if last_seq else self._slow_exit
         if code == _STOP_ERRNO:
             raise KvmError(value, "RUN", detail=f"vCPU {vcpu.id} is closed" if vcpu.closed else None)
+        if code == _STOP_UNTIL:
+            return exit, f"reached {exit.describe()}"
         return exit, {_STOP_REQUESTED: self._stop_cause, _STOP_SLOW: value,
-                      _STOP_UNTIL: f"reached {exit.describe()}",
                       _STOP_PREDICATE: "predicate matched",
                       _STOP_MAX_EXITS: f"max_exits={max_exits} reached"}[code]
 
