@@ -64,19 +64,27 @@ def prepare_home(spawner):
 
 c.Spawner.pre_spawn_hook = prepare_home
 
+# what every server reads: the lab's interpreter, its environment, the checkout (vlab)
+READABLE = [sys.base_prefix, sys.prefix, str(REPO)]
+sys.path.insert(0, str(HERE))
+from vlab_spawner import unreachable_parents  # noqa: E402
+
 if Path("/run/systemd/system").is_dir():
     # systemd is the init: each server is a transient unit with its limits
     c.JupyterHub.spawner_class = "systemdspawner.SystemdSpawner"
     c.SystemdSpawner.isolate_tmp = True
     c.SystemdSpawner.isolate_devices = False    # PrivateDevices would hide /dev/kvm
     c.SystemdSpawner.disable_user_sudo = True
-    c.SystemdSpawner.unit_extra_properties = {"SupplementaryGroups": "kvm", "TasksMax": str(TASKS_MAX)}
+    properties = {"SupplementaryGroups": "kvm", "TasksMax": str(TASKS_MAX)}
+    if hidden := unreachable_parents(READABLE):   # e.g. a Python under /root, as pyenv's
+        properties["TemporaryFileSystem"] = " ".join(f"{parent}:ro" for parent in hidden)
+        properties["BindReadOnlyPaths"] = " ".join(p for paths in hidden.values() for p in paths)
+    c.SystemdSpawner.unit_extra_properties = properties
 else:
     # no systemd (a container, a minimal host): cgroup v1 limits, set by vlab_spawner
-    sys.path.insert(0, str(HERE))
     c.JupyterHub.spawner_class = "vlab_spawner.VlabSpawner"
     c.VlabSpawner.pids_limit = TASKS_MAX
-    c.VlabSpawner.readable_paths = [sys.base_prefix, sys.prefix, str(REPO)]
+    c.VlabSpawner.readable_paths = READABLE
 
 # --- idle servers are stopped (their kernels and VMs with them) ---------------------------
 c.JupyterHub.services = [{
