@@ -154,7 +154,8 @@ def _run(bits: int, function) -> list[str]:
         if not isinstance(sregs, Sregs):
             raise CheckFailed(EXERCISE, [f"`{name}` returned {type(sregs).__name__}, not the "
                                          f"Sregs to load (sregs.replace(...))."])
-        problems = _mode_problems(bits, sregs, guest.backend) + gdt_problems(sregs, guest.read_physical)
+        problems = (_mode_problems(bits, sregs, guest.backend)
+                    + gdt_problems(sregs, guest.read_physical))
         if bits == 64:
             problems += [p for p in (page_walk(sregs.cr3, a, guest.read_physical)
                                      for a in (CODE_GPA, STACK_TOP - 8, RESULT_GPA)) if p]

@@ -59,25 +59,38 @@ def _student_line(error: BaseException, filename: str | None = None) -> str:
     return f" (line {frame.lineno} of your cell{code})"
 
 
+def _stub(error: NotImplementedError, default: str) -> str:
+    """The student's function that raised the stub's NotImplementedError (a helper of theirs,
+    or the function the check called)."""
+    codes = [frame.f_code for frame, _ in traceback.walk_tb(error.__traceback__)
+             if not frame.f_code.co_filename.startswith(_PACKAGE)]
+    if not codes or codes[-1].co_name == "<module>":
+        return default
+    qualname = getattr(codes[-1], "co_qualname", codes[-1].co_name)   # Python 3.11+
+    return qualname.rsplit("<locals>.", 1)[-1]
+
+
 def call(exercise: str, function, *args):
     """`function(*args)`, with whatever it raises turned into `CheckFailed`."""
     name = getattr(function, "__name__", repr(function))
     code = getattr(function, "__code__", None) or getattr(function.__init__, "__code__", None)
-    filename = code.co_filename if code is not None else None
+    where = code.co_filename if code is not None else None
     try:
         return function(*args)
-    except NotImplementedError:
-        raise NotWritten(exercise, [f"`{name}` is not written yet: replace "
-                                     f"`raise NotImplementedError()` with your code."]) from None
+    except NotImplementedError as error:
+        raise NotWritten(exercise, [f"`{_stub(error, name)}` is not written yet: replace "
+                                    f"`raise NotImplementedError()` with your code."]) from None
     except SregsError as error:
-        raise CheckFailed(exercise, [f"`{name}` stopped{_student_line(error, filename)}: the special "
-                                     f"registers would be refused:"] + error.problems) from None
+        raise CheckFailed(exercise, [f"`{name}` stopped{_student_line(error, where)}: the "
+                                     f"special registers would be refused:"]
+                          + error.problems) from None
     except KvmError as error:
-        raise CheckFailed(exercise, [f"`{name}` stopped{_student_line(error, filename)}: {error}"]) from None
+        raise CheckFailed(exercise, [f"`{name}` stopped{_student_line(error, where)}: "
+                                     f"{error}"]) from None
     except CheckFailed:
         raise
     except Exception as error:  # noqa: BLE001 - any mistake in student code becomes feedback
         hint = (" Register and CPUID values are frozen dataclasses: make a changed copy with "
                 "value.replace(field=...)." if isinstance(error, FrozenInstanceError) else "")
         raise CheckFailed(exercise, [f"`{name}` raised {type(error).__name__}: {error}"
-                                     f"{_student_line(error, filename)}.{hint}"]) from None
+                                     f"{_student_line(error, where)}.{hint}"]) from None

@@ -61,7 +61,8 @@ class GuestVm:
                 if cls is IoOut:
                     outcome.output[exit.port] = outcome.output.get(exit.port, b"") + exit.data
                 elif cls is IoIn:
-                    self.vcpu.complete_io_in(exit, in_value.to_bytes(8, "little")[:exit.size] * exit.count)
+                    value = in_value.to_bytes(8, "little")[:exit.size]
+                    self.vcpu.complete_io_in(exit, value * exit.count)
                 elif cls is MmioRead:
                     self.vcpu.complete_mmio_read(exit, in_value.to_bytes(8, "little")[:exit.length])
                 elif cls is not MmioWrite:

@@ -109,7 +109,8 @@ def check_wired_device(Checksum, wire) -> None:  # noqa: N803 - the student's cl
                 f"after reset = {list(printed)}, expected {list(EXPECTED)}; the run "
                 f"{result.stop_reason}."])
         passed(EXERCISE, [
-            f"on {accel.backend.label}, wired at {BASE:#x}-{BASE + SIZE - 1:#x}, it served the guest's OUTs and INs "
+            f"on {accel.backend.label}, wired at {BASE:#x}-{BASE + SIZE - 1:#x}, it served the "
+            f"guest's OUTs and INs "
             f"(the run's exits: {machine.log.histogram()}); the guest printed {list(printed)}"])
     finally:
         machine.close()

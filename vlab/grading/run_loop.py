@@ -2,10 +2,10 @@
 
 The student's `run_guest(accel, code)` makes a VM, maps RAM holding `code` at CODE_GPA,
 makes a vCPU, starts it there in real mode, and runs it until HLT, returning what the guest
-wrote to the debug console port. The guest writes one byte with OUT, two with
-`out dx, ax` (two bytes in one exit) and
-the rest with `rep outsb`, which KVM may hand over in one exit (VMX, SVM: `count` > 1) or one per byte
-(kvm_pvm and tcg emulate it), so only a loop that takes `exit.data` works everywhere.
+wrote to the debug console port. The guest writes one byte with OUT, two with `out dx, ax`
+(two bytes in one exit) and the rest with `rep outsb`, which KVM may hand over in one exit
+(VMX, SVM: `count` > 1) or one per byte (kvm_pvm and tcg emulate it), so only a loop that
+takes `exit.data`, all of it, works everywhere.
 """
 from __future__ import annotations
 
