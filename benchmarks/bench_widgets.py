@@ -12,7 +12,9 @@
   Reference: the same two bar charts as a picture, drawn the plain way with matplotlib's
   Agg backend (a new figure, `barh` on default axes, `savefig` to PNG).
 - live views during a run: userspace exits/s of a run with the Dashboard attached (histogram
-  redrawn every 0.2 s, stats, console) against the same run with no view.
+  redrawn every 0.2 s, stats, console) against the same run with no view. Views poll their
+  models (vlab.widgets.base.POLLER), so they cost a run their redraws, nothing per exit;
+  target: at most 10% fewer exits/s.
 
 The machine is shared and noisy: contenders alternate within each round and every figure is
 a median of per-round medians. `--check` exits 1 when a median misses its target.
@@ -37,6 +39,7 @@ from vlab.widgets import (Dashboard, Disassembly, ExitHistogram, KvmStatsView,  
 REFRESH_TARGET_MS = 5.0
 DASHBOARD_TARGET_MS = 25.0
 REDRAW_TARGET_MS = 25.0
+LIVE_COST_TARGET = 0.10   # fraction of a run's exits/s the live Dashboard may cost
 LOOP = """\
 again:
     inc ax
@@ -101,7 +104,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--check", action="store_true",
                         help=f"exit 1 if refresh > {REFRESH_TARGET_MS} ms, the whole Dashboard "
-                             f"> {DASHBOARD_TARGET_MS} ms or redraw > {REDRAW_TARGET_MS} ms")
+                             f"> {DASHBOARD_TARGET_MS} ms, redraw > {REDRAW_TARGET_MS} ms or the "
+                             f"live Dashboard costs a run more than {LIVE_COST_TARGET:.0%}")
     args = parser.parse_args()
 
     bare, registers_only, step_views, charts, whole = (lab_with(LOOP) for _ in range(5))
@@ -109,7 +113,7 @@ def main() -> int:
     whole_dashboard = Dashboard(whole)
     views = [RegisterView(step_views), Disassembly(step_views),
              MemoryView(step_views, follow_rip=True), KvmStatsView(step_views)]
-    histogram = ExitHistogram(charts)
+    histogram = ExitHistogram(charts, live=False)   # drawn only by the timed render()
     quiet, watched = lab_with(OUT_LOOP), lab_with(OUT_LOOP)
     dashboard = Dashboard(watched)
 
@@ -142,8 +146,9 @@ def main() -> int:
     rate = {name: statistics.median(values) for name, values in rates.items()}
     for name, value in rate.items():
         print(f"  {name:<{width}}  {value:8,.0f} exits/s")
-    print(f"  live-view cost to the guest: "
-          f"{1 - rate['run, Dashboard attached'] / rate['run, no view']:.1%} fewer exits/s")
+    live_cost = 1 - rate["run, Dashboard attached"] / rate["run, no view"]
+    print(f"  live-view cost to the guest: {live_cost:.1%} fewer exits/s "
+          f"(target <= {LIVE_COST_TARGET:.0%})")
 
     for lab in (bare, registers_only, step_views, charts, whole, quiet, watched):
         lab.close()
@@ -153,7 +158,7 @@ def main() -> int:
         view.close()
     missed = (medians["refresh: views a step updates"] > REFRESH_TARGET_MS
               or medians["refresh: whole Dashboard"] > DASHBOARD_TARGET_MS
-              or redraw > REDRAW_TARGET_MS)
+              or redraw > REDRAW_TARGET_MS or live_cost > LIVE_COST_TARGET)
     return 1 if args.check and missed else 0
 
 
