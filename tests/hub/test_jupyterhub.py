@@ -202,11 +202,30 @@ def hub(tmp_path_factory):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         for name in the_hub.students:
-            try:
-                kill_processes_of(pwd.getpwnam(name).pw_uid)
-            except KeyError:
-                continue
-            subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+            remove_student(name)
+
+
+def remove_student(name: str) -> None:
+    """The account, its home, anything it left running, and its cgroups (if the hub did not
+    stop its server)."""
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return
+    deadline = time.monotonic() + 20
+    while True:
+        kill_processes_of(uid)
+        removed = subprocess.run(["userdel", "--remove", name], capture_output=True, text=True)
+        if removed.returncode == 0:   # else 8: a process of it still runs; try again
+            break
+        assert time.monotonic() < deadline, f"userdel {name}: {removed.stderr}"
+        time.sleep(0.5)
+    for line in Path("/proc/self/cgroup").read_text().splitlines():   # the hub's, inherited
+        _, controllers, path = line.split(":", 2)
+        for controller in filter(None, controllers.split(",")):
+            leftover = Path("/sys/fs/cgroup", controller, path.lstrip("/"), f"vlab-{name}")
+            if leftover.is_dir():
+                leftover.rmdir()
 
 
 @pytest.fixture(scope="module")
