@@ -128,6 +128,22 @@ def test_histogram_updates_live_while_the_guest_runs():
         assert histogram.summary().split()[0] == str(lab.exits().total)
 
 
+def test_console_updates_live_while_the_guest_prints():
+    """Also where the compiled run loop takes the debug console's bytes without Python."""
+    with up("mov al, 'x'\nagain: out 0xe9, al\n jmp again\n") as lab:
+        console = SerialConsole(lab, interval=0.05)
+        stepper = StageStepper(lab)
+        stepper.run_button.click()
+        try:
+            wait_for(lambda: "xxx" in console.output.value)
+            assert stepper.running
+        finally:
+            stepper.stop_button.click()
+            assert stepper.wait(HUNG)
+        assert console.summary() == "x" * lab.exits().histogram()["IO out"]
+        console.close()
+
+
 def test_stepper_buttons_walk_the_stages_then_run():
     with Lab(accel="kvm") as lab:
         stepper = StageStepper(lab)

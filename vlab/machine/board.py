@@ -57,12 +57,11 @@ class Console:
         self._chunks: list[bytes] = []
         self._lock = threading.Lock()
         self.listeners: list = []
-        self.written = 0   # bytes written since it was made, clear() or not (views poll it)
+        self._dropped = 0   # chunks clear() dropped, still counted by `writes`
 
     def write(self, data: bytes) -> None:
         with self._lock:
             self._chunks.append(data if data.__class__ is bytes else bytes(data))
-            self.written += len(data)
         for listener in self.listeners:
             listener(data)
 
@@ -75,8 +74,15 @@ class Console:
     def text(self) -> str:
         return self.data.decode("utf-8", "replace")
 
+    @property
+    def writes(self) -> int:
+        """How many writes it has taken, clear() or not: what views poll for new output (the
+        compiled run loop appends to the chunks itself, as write does)."""
+        return self._dropped + len(self._chunks)
+
     def clear(self) -> None:
         with self._lock:
+            self._dropped += len(self._chunks)
             self._chunks.clear()
 
 

@@ -32,7 +32,7 @@ class SerialConsole(LabView):
         if machine is None or not self.lab.registers:
             return False
         console = machine.console
-        self._detachers.append(POLLER.watch(lambda: console.written, self.render, self.interval))
+        self._detachers.append(POLLER.watch(lambda: console.writes, self.render, self.interval))
         return self._on_registers(None, self.render)
 
     @property
