@@ -116,7 +116,7 @@ def test_long_mode_without_a_page_directory_is_a_shutdown_with_the_missing_entry
     ns = solution("ex2-cpu-modes", ('memory.write(PDPT, struct.pack("<Q", PD | 0x3))', "pass"))
     text = feedback(grading.check_long_mode, ns["long_mode"])
     assert "ended with KVM_EXIT_SHUTDOWN" in text
-    assert "0x8000 is not mapped: PDPT entry 0 at 0x2000 is 0x0 (P=0)" in text
+    assert "0x8000, 0x7ff8, 0x400 are not mapped: PDPT entry 0 at 0x2000 is 0x0 (P=0)" in text
 
 
 def test_long_mode_without_pae_is_refused_by_kvm_set_sregs():

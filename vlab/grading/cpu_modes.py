@@ -100,26 +100,38 @@ def gdt_problems(sregs: Sregs, read) -> list[str]:
 
 
 def page_walk(cr3: int, address: int, read) -> str | None:
-    """Why 4-level paging does not map `address` to itself, or None if it does."""
+    """Why 4-level paging does not map `address` to itself ("not mapped: ..." or "mapped to
+    ..."), or None if it does."""
     table = cr3 & ~0xFFF
     for level, shift in (("PML4", 39), ("PDPT", 30), ("page directory", 21), ("page table", 12)):
-        slot = table + (address >> shift & 0x1FF) * 8
+        index = address >> shift & 0x1FF
+        slot = table + index * 8
         try:
             entry = struct.unpack("<Q", read(slot, 8))[0]
         except ValueError:
-            return f"the {level} at {table:#x} is outside guest RAM."
+            return f"not mapped: the {level} at {table:#x} is outside guest RAM."
         if not entry & 1:
-            return (f"{address:#x} is not mapped: {level} entry {address >> shift & 0x1FF} "
-                    f"at {slot:#x} is {entry:#x} (P=0).")
+            return f"not mapped: {level} entry {index} at {slot:#x} is {entry:#x} (P=0)."
         frame = entry & 0x000F_FFFF_FFFF_F000
         if shift in (30, 21) and entry & 0x80 or shift == 12:   # a 1 GiB, 2 MiB or 4 KiB page
             mapped = (frame & ~((1 << shift) - 1)) | address & ((1 << shift) - 1)
             if mapped != address:
-                return (f"{address:#x} maps to {mapped:#x}, not to itself: the {level} entry "
-                        f"at {slot:#x} is {entry:#x}.")
+                return (f"mapped to {mapped:#x}, not to itself: {level} entry {index} at "
+                        f"{slot:#x} is {entry:#x}.")
             return None
         table = frame
     return None
+
+
+def paging_problems(cr3: int, addresses, read) -> list[str]:
+    """`page_walk` for each address, the addresses that fail alike in one sentence."""
+    failing: dict[str, list[int]] = {}
+    for address in addresses:
+        why = page_walk(cr3, address, read)
+        if why:
+            failing.setdefault(why, []).append(address)
+    return [", ".join(f"{a:#x}" for a in where) + f" {'is' if len(where) == 1 else 'are'} {why}"
+            for why, where in failing.items()]
 
 
 def _mode_problems(bits: int, sregs: Sregs, backend) -> list[str]:
@@ -157,8 +169,8 @@ def _run(bits: int, function) -> list[str]:
         problems = (_mode_problems(bits, sregs, guest.backend)
                     + gdt_problems(sregs, guest.read_physical))
         if bits == 64:
-            problems += [p for p in (page_walk(sregs.cr3, a, guest.read_physical)
-                                     for a in (CODE_GPA, STACK_TOP - 8, RESULT_GPA)) if p]
+            problems += paging_problems(sregs.cr3, (CODE_GPA, STACK_TOP - 8, RESULT_GPA),
+                                        guest.read_physical)
         try:
             guest.vcpu.set_sregs(sregs)
         except (KvmError, SregsError):

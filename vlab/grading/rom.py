@@ -86,10 +86,10 @@ def check_rom(run_with_rom) -> None:
             raise CheckFailed(EXERCISE, [f"`run_with_rom` returned {result!r}: return "
                                          f"(printed bytes, list of MmioWrite exits)."])
         printed, returned = result
-        if bytes(printed) != EXPECTED:
+        if not isinstance(printed, (bytes, bytearray)) or bytes(printed) != EXPECTED:
             problems.append(f"you returned {printed!r} as printed; the guest wrote "
                             f"{EXPECTED!r} to port {PORT:#x}.")
-        if list(returned) != writes:
+        if not isinstance(returned, (list, tuple)) or list(returned) != writes:
             problems.append(f"you returned the MMIO writes {list(returned)!r}; the guest's were "
                             f"{writes!r}: keep each MmioWrite exit your loop sees.")
         if problems:
