@@ -155,7 +155,11 @@ class VcpuFd(VcpuStateIoctls):
         return self.decode_exit()
 
     def decode_exit(self) -> Exit:
-        """The exit kvm_run holds now (that of the last KVM_RUN), decoded in Python."""
+        """The exit kvm_run holds now (that of the last KVM_RUN), decoded in Python.
+
+        >>> Kvm().create_vm().create_vcpu(0).decode_exit()   # before any KVM_RUN
+        Unknown(hardware_exit_reason=0)
+        """
         return decode(self.kvm_run, self.mmap_size, self._mapping)
 
     def _run_failed(self, error: KvmError) -> Interrupted:
