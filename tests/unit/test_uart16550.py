@@ -346,3 +346,14 @@ def test_leaving_loopback_restores_the_fixed_lines(uart):
     uart.write(UART_MCR, UART_MCR_LOOP)
     uart.write(UART_MCR, UART_MCR_OUT2)
     assert uart.read(UART_MSR) & 0xF0 == UART_MSR_DCD | UART_MSR_DSR | UART_MSR_CTS
+
+
+def test_a_line_connected_later_starts_at_the_current_level():
+    """A board wires COM1 to IRQ 4 after the UART exists (vlab.machine.pc.add_linux_devices):
+    the line is driven at once, and follows IIR from then on."""
+    uart = Uart16550()
+    uart.write(UART_IER, UART_IER_THRI)
+    levels = []
+    uart.connect_irq(levels.append)
+    assert levels == [True]
+    assert uart.read(UART_IIR) == UART_IIR_THRI and levels == [True, False]
