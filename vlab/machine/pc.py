@@ -297,8 +297,9 @@ def reset_pc(machine: Machine, load: Callable[[Machine], object]) -> object:
     RAM keeps what the guest wrote, as on a PC. Unlike QEMU's, the in-kernel irqchip, PIT
     and local APICs keep their state."""
     machine.reset_request = None
-    for name in ("hpet", "port92"):
-        machine.devices[name].reset()
+    for name in ("hpet", "port92", "i8042"):     # the i8042: on a Linux PC only
+        if name in machine.devices:
+            machine.devices[name].reset()
     for runner in machine.runners[1:]:
         runner.vcpu.set_mp_state(MpState.UNINITIALIZED)
     machine.runners[0].vcpu.set_mp_state(MpState.RUNNABLE)
