@@ -5,16 +5,14 @@ On a backend that emulates CPL 0 (kvm_pvm) Linux cannot boot under any VMM; what
 there, the explained emulation failure, is tests/kvm/test_linux.py's. Each boot is bounded
 by BOOT_TIMEOUT (the SVM test host runs a boot in well under a minute).
 """
-import gzip
 import re
-import subprocess
 import time
 
 import pytest
 
 from vlab.kvm import detect_backend
 from vlab.machine.debian_kernel import linux_kernel
-from vlab.machine.initramfs import MARKER, build_initramfs, cpio_newc, initramfs_entries
+from vlab.machine.initramfs import MARKER, PROLOGUE, build_initramfs
 from vlab.machine.linux import boot_linux
 from vlab.machine.pc import BY_POWEROFF, BY_RESET, create_linux_pc
 
@@ -46,11 +44,7 @@ def test_linux_boots_to_init_and_powers_off_through_acpi(kvm, kernel):
     assert "ACPI S5" in result.stop_reason and result.exit_code == 0
 
 
-PROBE_INIT = """#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-echo "{marker}"
+PROBE_INIT = PROLOGUE.format(marker=MARKER) + """\
 echo "irq: $(grep -E ' (ttyS0|i8042)$' /proc/interrupts | tr -s ' ' | tr '\\n' ';')"
 echo "rtc: $(cat /sys/class/rtc/rtc0/since_epoch) $(cat /sys/class/rtc/rtc0/name)"
 reboot -f
@@ -61,13 +55,8 @@ reboot -f
 def probe_initrd(tmp_path_factory):
     """/init prints the interrupt counts of ttyS0 and the i8042, and the RTC's time, then
     reboots (reboot(2) at once)."""
-    binary = open("/bin/busybox", "rb").read()
-    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    path = tmp_path_factory.mktemp("initrd") / "probe.cpio.gz"
-    path.write_bytes(gzip.compress(cpio_newc(initramfs_entries(
-        binary, applets, PROBE_INIT.format(marker=MARKER))), 1))
-    return path
+    return build_initramfs(init=PROBE_INIT, cache=tmp_path_factory.mktemp("initrd"),
+                           log=lambda msg: None)
 
 
 def test_linux_serial_interrupts_rtc_and_reboot_through_the_i8042(kvm, kernel, probe_initrd):
