@@ -1,7 +1,8 @@
 """The deployments that cannot run here, checked for what can be: deploy/k8s/values.yaml
 against the Zero to JupyterHub chart's values schema (no cluster here: not installed), the
 container's start script for real, and the container and Binder recipes against what
-tools/setup.sh and pyproject.toml install (no container engine here: not built)."""
+tools/setup.sh and pyproject.toml install (the image is not built by the tests: its base image
+cannot be pulled from the test machines)."""
 from __future__ import annotations
 
 import os
