@@ -5,9 +5,9 @@
 A KVM guest makes N exits (an `out` to port 0x80, which no device claims, so nothing but the
 log grows) through the traced run loop, into an ExitLog that keeps all N; tracemalloc says
 what the run allocated and still holds. Without /dev/kvm the same number of records is
-appended through `ExitLog.append`. For scale: the same records as Python objects (an
-ExitRecord with its exit and its two counter tuples each, as a deque of records held them),
-measured on a tenth of them. Target: 1,000,000 records in at most 64 MiB.
+appended through `ExitLog.append`. For scale: the same records as Python objects, as a deque
+of records held them before the log kept rows (an ExitRecord and its exit each, one counter
+tuple each, shared as one record's after and the next one's before), measured on a tenth. Target: 1,000,000 records in at most 64 MiB.
 `--check` exits with status 1 above it.
 """
 from __future__ import annotations
@@ -71,7 +71,8 @@ def fill_by_append(records: int) -> tuple[ExitLog, int]:
 
 
 def as_objects(log: ExitLog, sample: int) -> int:
-    """Bytes per record held as Python objects, from `sample` of the log's newest records."""
+    """Bytes per record held as Python objects, from `sample` of the log's newest records
+    (read back, one record's counters after are the next one's before: one tuple)."""
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
