@@ -133,10 +133,8 @@ def main() -> int:
     print_table(results, reference="unicorn")
     for name in ("inline", "vcpu.run", "runner"):
         c = compare(results, name, "unicorn")
-        print(f"tcg {name}: {c.median_rate:,.0f} exits/s against raw Unicorn's "
-              f"{c.reference_median_rate:,.0f}: ratio {c.ratio_of_medians:.2f} "
-              f"(median of per-round ratios {c.median_of_ratios:.2f}"
-              f"{f'; target >= {TARGET}' if name == 'runner' else ''})")
+        print(f"tcg {name} against raw Unicorn: "
+              f"{c.summary(TARGET if name == 'runner' else None)}")
     runner = compare(results, "runner", "unicorn")
     return 1 if args.check and runner.ratio_of_medians < TARGET else 0
 

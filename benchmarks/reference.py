@@ -116,6 +116,12 @@ class Comparison:
     ratio_of_medians: float
     median_of_ratios: float
 
+    def summary(self, target: float | None = None) -> str:
+        """Both median rates and both ratios in a line (and the target, if any)."""
+        return (f"{self.median_rate:,.0f} exits/s against {self.reference_median_rate:,.0f}: "
+                f"ratio {self.ratio_of_medians:.2f} (median of per-round ratios "
+                f"{self.median_of_ratios:.2f}{'' if target is None else f'; target >= {target}'})")
+
 
 def compare(results: dict[str, list[Run]], name: str, reference: str) -> Comparison:
     rates = [run.rate for run in results[name]]

@@ -6,19 +6,9 @@
 %include "defs.inc"
 
 LOAD_ADDR equ 0x8000
-FLAGS     equ MB_MEMORY_INFO | MB_AOUT_KLUDGE
 PATTERN   equ 0x10AD10AD
 
-bits 32
-org LOAD_ADDR
-
-header:
-    dd MB_HEADER_MAGIC, FLAGS, -(MB_HEADER_MAGIC + FLAGS)
-    dd header                           ; header_addr
-    dd LOAD_ADDR                        ; load_addr
-    dd load_end                         ; load_end_addr
-    dd bss_end                          ; bss_end_addr
-    dd start                            ; entry_addr
+FLAT_KERNEL LOAD_ADDR
 
 start:
     KERNEL_ENTRY bss_end

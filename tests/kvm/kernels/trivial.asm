@@ -4,19 +4,7 @@
 
 %include "defs.inc"
 
-LOAD_ADDR equ 0x100000
-FLAGS     equ MB_MEMORY_INFO | MB_AOUT_KLUDGE
-
-bits 32
-org LOAD_ADDR
-
-header:
-    dd MB_HEADER_MAGIC, FLAGS, -(MB_HEADER_MAGIC + FLAGS)
-    dd header                           ; header_addr
-    dd LOAD_ADDR                        ; load_addr
-    dd load_end                         ; load_end_addr
-    dd bss_end                          ; bss_end_addr: the stack lies in the zeroed part
-    dd start                            ; entry_addr
+FLAT_KERNEL 0x100000
 
 start:
     KERNEL_ENTRY bss_end
