@@ -620,6 +620,10 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
     uint16_t deltas[MAX_COUNTERS] = {0};
     *value = NULL;
     for (;;) {
+        /* a signal that came between two KVM_RUNs: its Python handler (Ctrl-C's stops the
+         * run) runs now, as it would between two bytecodes of the Python loop */
+        if (PyErr_CheckSignals() < 0)
+            return -1;
         int stop = stop_requested(l);
         if (stop)
             return stop < 0 ? -1 : (*code = STOP_REQUESTED, 0);
