@@ -131,9 +131,19 @@ def _exit_path() -> tuple[str, str, str]:
             "exit recorded" if runloop_module._runloop is not None else
             "the run loop: not built, so VcpuRunner runs its Python loop (about 0.6 of a C "
             "loop's rate)")
+    try:
+        from .accel.tcg import engine as tcg_engine
+    except ImportError:   # no Unicorn: no tcg, nothing for its hooks to be
+        tcg_hooks, tcg_built = "", True
+    else:
+        tcg_built = tcg_engine._insnhooks is not None
+        tcg_hooks = ("; tcg's port-I/O hooks: compiled (vlab.accel.tcg._insnhooks)" if tcg_built
+                     else "; tcg's port-I/O hooks: not built, so Unicorn calls Python through "
+                          "ctypes (about 1 us more per port access)")
     fix = ("; install gcc and Python's headers (python3-dev), then `pip install -e .` again"
-           if None in (vcpu_module._exitpath, runloop_module._runloop) else "")
-    return ("ok" if not fix else "python", "exit path", f"{purpose}: {decoding}; {loop}{fix}")
+           if None in (vcpu_module._exitpath, runloop_module._runloop) or not tcg_built else "")
+    return ("ok" if not fix else "python", "exit path",
+            f"{purpose}: {decoding}; {loop}{tcg_hooks}{fix}")
 
 
 def _kernel_trace() -> tuple[str, str, str]:

@@ -121,6 +121,14 @@ def test_doctor_says_which_run_loop_runs(capsys, monkeypatch):
     assert "python exit path" in out and "runs its Python loop" in out and "python3-dev" in out
 
 
+def test_doctor_says_how_tcg_hooks_are_called(capsys, monkeypatch):
+    engine = pytest.importorskip("vlab.accel.tcg.engine", reason="no Unicorn: no tcg")
+    monkeypatch.setattr(engine, "_insnhooks", None)
+    cli.main(["doctor"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "python exit path" in out and "through ctypes" in out and "python3-dev" in out
+
+
 def test_doctor_fails_when_neither_kvm_nor_tcg_can_run(no_kvm, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "unicorn", None)  # `import unicorn` now fails
     assert cli.main(["doctor"]) == 1
