@@ -12,6 +12,8 @@ from boards import board, tcg_board  # noqa: F401 (fixtures)
 from vlab.accel.tcg.portio import IoShape, NotPortIo, io_shape
 from vlab.kvm import Hlt, IoIn, IoOut
 from vlab.kvm.state import Segment
+from vlab.machine.assembler import assemble
+from vlab.machine.loaders import load_raw
 
 # Every form of IN and OUT but the string ones (KVM moves a whole `rep outsb` in one exit),
 # to the debug console, the UART and an unclaimed port; the LSR read is stored.
@@ -92,6 +94,18 @@ def test_each_inline_record_counts_its_own_exit(tcg_board):
     log = guest.machine.log
     deltas = [log.kernel_delta(record) for record in log.records]
     assert deltas == [{"exits": 1, "io_exits": 1}] * 5 + [{"exits": 1, "halt_exits": 1}]
+
+
+def test_new_code_at_an_out_s_address_is_decoded_afresh(tcg_board):
+    """A loader writes another program where an OUT was: its RIP is past the new one."""
+    guest = tcg_board("out 0xe9, al\nhlt\n")
+    guest.runner.run()
+    assert guest.machine.log.records[0].rip == guest.assembly.org + 2
+    again = assemble("out dx, al\nhlt\n", bits=16, org=guest.assembly.org)
+    load_raw(guest.machine.memory, again.org, again.code)
+    guest.machine.setup_cpu(guest.vcpu, "real", again.org)
+    guest.runner.run()
+    assert guest.machine.log.records[-2].rip == guest.assembly.org + 1
 
 
 def test_max_exits_stops_right_after_the_access_then_resumes(tcg_board):

@@ -344,6 +344,12 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
         handler, where KVM reports it: at an IN, past an OUT (see `portio`)."""
         return self._engine.rip() if self._inline is None else self._inline_rip
 
+    def _forget_io_shapes(self) -> None:
+        """The host may have put new code anywhere (a loader, then set_regs or set_sregs):
+        port-I/O instructions are decoded afresh."""
+        self._past_out.clear()
+        self._io_shapes.clear()
+
     def _out_rip(self, rip: int, cs: int) -> int:
         """Where KVM reports the OUT at `rip` with CS selector `cs` (Unicorn's hook sees RIP
         at it): decoded once per instruction (`portio`); past it is kept in `_past_out`,

@@ -38,7 +38,7 @@ class TcgVcpuState:
         engine.write(x86.UC_X86_REG_RIP, regs.rip)
         engine.write(x86.UC_X86_REG_RFLAGS, regs.rflags)
         engine.flush_translations()
-        self._io_shapes.clear()
+        self._forget_io_shapes()
 
     def get_sregs(self) -> Sregs:
         return read_sregs(self._engine.uc, self._shadow)
@@ -52,7 +52,7 @@ class TcgVcpuState:
         write_sregs(self._engine.uc, sregs)
         self._shadow = sregs
         self._engine.flush_translations()
-        self._io_shapes.clear()
+        self._forget_io_shapes()
 
     def get_debugregs(self) -> DebugRegs:
         """The guest's DR0-DR3, DR6, DR7 (not the breakpoints `set_guest_debug` sets, as
