@@ -93,11 +93,13 @@ class StatsFd:
                       key=lambda d: d.offset)
 
     def layout(self, names) -> tuple[tuple[int, ...], int, int, int]:
-        """Where `selector(names)`'s reader finds its counters, for a reader in C: their
-        byte offsets in the data block (in the selector's order), the fd, the block's
-        offset in it, and how many bytes of it to read."""
+        """Where `selector(names)`'s reader finds its counters, for a reader in C: the fd,
+        the file offset of the bytes that hold them all, how many bytes those are, and each
+        counter's offset in them (in the selector's order)."""
         offsets = tuple(d.offset for d in self._chosen(names))
-        return offsets, self.fd, self._data_offset, max(offsets, default=-8) + 8
+        first = min(offsets, default=0)
+        return (tuple(o - first for o in offsets), self.fd, self._data_offset + first,
+                max(offsets, default=first - 8) + 8 - first)
 
     def read(self) -> dict[str, int | tuple[int, ...]]:
         """Every statistic by name; histograms as tuples of bucket counts."""
