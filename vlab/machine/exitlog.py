@@ -387,6 +387,8 @@ class ExitLog:
         first = max(1, total - self.keep + 1, stop)
         breaks = self._breaks
         for seq in range(total, first - 1, -1):
+            if seq <= self.total - self.keep:
+                return   # the vCPU thread has written over the rest meanwhile
             row = self._row(seq)
             before = counters = None
             if row[8] & HAS_COUNTERS:
@@ -435,7 +437,7 @@ class ExitLog:
         words = rows.cast("H")   # a delta is the 18th+i halfword of its 32
         totals = [sum(words[18 + i::ROW.size // 2]) for i in range(min(n, MAX_COUNTERS))]
         totals += [0] * (n - len(totals))
-        for seq, (_, deltas, _) in self._side.items():
+        for seq, (_, deltas, _) in self._side.copy().items():   # a copy: the vCPU thread may add
             if deltas is not None and seq >= first:
                 totals = [t + d for t, d in zip(totals, deltas)]
         return dict(zip(self.counter_names, totals))
@@ -447,7 +449,7 @@ class ExitLog:
         userspace: Counter = Counter()
         runs = emulated = 0
         first, _ = self._window()
-        for seq, (_, _, events) in list(self._side.items()):
+        for seq, (_, _, events) in self._side.copy().items():
             if not events or seq < first:
                 continue
             runs += 1
@@ -495,7 +497,7 @@ class ExitLog:
                  "kvm_run_us": rows["duration_s"].astype(np.float64) * 1e6}
         deltas = np.zeros((len(rows), len(kernel)), np.int64)
         deltas[:, :MAX_COUNTERS] = rows["deltas"][:, :len(kernel)]
-        for seq, (_, side_deltas, _) in self._side.items():
+        for seq, (_, side_deltas, _) in self._side.copy().items():
             if side_deltas is not None and seq >= first:
                 deltas[seq - first, :] = side_deltas
         measured = (rows["flags"] & HAS_COUNTERS) != 0
