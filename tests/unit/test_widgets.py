@@ -80,6 +80,18 @@ def test_poller_calls_once_the_version_moved_then_waits_the_interval():
     assert len(calls) == 2
 
 
+def test_poller_goes_on_after_a_watch_fails(capsys):
+    poller, version, calls = Poller(), [0], []
+    unwatch_broken = poller.watch(lambda: version[0], lambda: 1 / 0, 0.01)
+    unwatch = poller.watch(lambda: version[0], lambda: calls.append(version[0]), 0.01)
+    for _ in range(3):
+        version[0] += 1
+        assert wait_for(lambda: calls[-1:] == version)
+    unwatch_broken()
+    unwatch()
+    assert "ZeroDivisionError" in capsys.readouterr().err
+
+
 def test_poller_counts_the_interval_from_the_end_of_a_slow_call():
     """A draw slower than the interval (as on an emulated host) does not run back to back."""
     poller, version, calls = Poller(), [0], []

@@ -95,11 +95,11 @@ class Poller:
             for watch in watches:
                 if now < watch.due:
                     continue
-                seen = watch.version()
-                if seen == watch.seen:
-                    continue
-                watch.seen = seen
                 try:
+                    seen = watch.version()
+                    if seen == watch.seen:
+                        continue
+                    watch.seen = seen
                     watch.action()
                 except Exception:   # one view's failure must not stop the others' redraws
                     traceback.print_exc()
