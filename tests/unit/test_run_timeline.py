@@ -14,7 +14,7 @@ from vlab.kvm.kernel_events import (KvmCpuid, KvmEmulateInsn, KvmEntry, KvmExit,
                                     RawEvent)
 from vlab.kvm.state import Regs, Sregs
 from vlab.lab import RegisterModel
-from vlab.machine.exitlog import ExitLog
+from vlab.machine.exitlog import ExitLog, ExitRecord
 from vlab.machine.snapshot import RegisterSnapshot
 from vlab.widgets import KernelExitTable, KvmRunTimeline
 from vlab.widgets.kernel_trace import GUEST, KVM, USERSPACE, RunTimeline, timeline_html
@@ -66,8 +66,9 @@ PVM_RUN = (
 )
 
 
-def record(events, seq: int = 1, exit=IoOut(port=0xE9, data=b"B")) -> SimpleNamespace:
-    return SimpleNamespace(vcpu=0, seq=seq, reason="IO out", exit=exit, kernel_events=events)
+def record(events, seq: int = 1, exit=IoOut(port=0xE9, data=b"B")) -> ExitRecord:
+    return ExitRecord(0, exit, 0x8000, None, False, 1e-6, None, None, seq=seq,
+                      kernel_events=events)
 
 
 def test_vmx_run_exits_handled_in_kvm_and_the_one_that_reached_userspace():
@@ -214,7 +215,7 @@ def test_timeline_says_when_the_backend_traces_no_vm_entries(log_with_runs):
 def test_timeline_redraws_when_a_run_ends(log_with_runs):
     lab = traced_lab(log_with_runs)
     view = KvmRunTimeline(lab, interval=3600)
-    log_with_runs.append(record(VMX_RUN, seq=4))       # the throttle was due at the first exit
+    log_with_runs.append(record(VMX_RUN, seq=4))       # no live redraw for an hour
     lab.registers[0].update(RegisterSnapshot(Regs(), Sregs()))   # the run's end
     assert view.timeline.seq == 4
     view.close()
