@@ -7,8 +7,8 @@ snapshot: drawn once, as at the cell that made it. Each view says which it is in
 
 A view may exist before the models it shows (a Dashboard made before `kvm_init`): it says
 what is missing and attaches on a later `refresh()`, which the Dashboard calls after every
-stepper action. Model callbacks may arrive on a vCPU thread, so views only read models and
-set widget values there.
+stepper action. Model callbacks may arrive on a vCPU thread, and while a guest runs the
+`POLLER`'s thread redraws what changed, so views only read models and set widget values there.
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ class LabView(widgets.VBox):
         return bool(models)
 
     def close(self) -> None:
-        """Stop listening to the models (a closed view must not redraw on every exit)."""
+        """Stop listening to the models and being polled (a closed view must not redraw)."""
         for detach in self._detachers:
             detach()
         self._detachers.clear()
