@@ -12,7 +12,7 @@ import time
 import pytest
 
 from boards import _boards
-from vlab.kvm import Debug, ExitReason, Hlt, Interrupted, IoIn, detect_backend
+from vlab.kvm import Debug, ExitReason, Hlt, Interrupted, IoIn, IoOut, detect_backend
 from vlab.machine import runloop
 
 BACKEND = detect_backend()
@@ -243,6 +243,34 @@ def test_stop_from_another_thread(kvm, monkeypatch):
         assert seen["console"] == seen["debugcon"].encode()
         assert len(seen["console"]) == seen["histogram"]["IO out"] >= 100
         assert seen["heard"]
+
+
+def test_stop_of_a_guest_that_spins_after_printing(kvm, monkeypatch):
+    """The kick's EINTR is recorded (INTR) and the stop heard; the console's listener (a
+    terminal streaming it) gets each byte as it is written."""
+    streamed = []
+
+    def stop_once_printed(guest):
+        streamed.append(bytearray())
+        guest.machine.console.listeners.append(streamed[-1].extend)
+
+        def stop():
+            while not guest.machine.console.data.endswith(b"\n"):
+                time.sleep(0.001)
+            guest.runner.stop()
+        threading.Thread(target=stop, daemon=True).start()
+
+    seen = assert_same(kvm, monkeypatch, """
+        mov al, 'o'
+        out 0xe9, al
+        mov dx, 0x3f8
+        mov al, 10
+        out dx, al
+        jmp $
+    """, prepare=stop_once_printed, handed=1)   # the first exit
+    assert seen["stop_reason"] == "stopped" and seen["console"] == b"o\n"
+    assert [type(r[2]) for r in seen["records"]] == [IoOut, IoOut, Interrupted]
+    assert streamed == [b"o\n", b"o\n"]   # each loop's
 
 
 @pytest.mark.usefixtures("hardware_breakpoints")
