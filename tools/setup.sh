@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 profile=${1:-lab}
 case $profile in lab|hub|test) ;; *) echo "usage: tools/setup.sh lab|hub|test" >&2; exit 2 ;; esac
 
-# gcc, Python's headers and <linux/kvm.h> build vlab's compiled VM-exit path (setup.py);
+# gcc, Python's headers and <linux/kvm.h> build vlab's compiled parts, the VM-exit path and the run loop (setup.py);
 # libtraceevent1 and libtracefs1 decode KVM's tracepoints (vlab.kvm.kernel_trace); busybox-static
 # is the userspace of Linux guests' initramfs (vlab.machine.initramfs)
 apt_packages=(nasm python3-venv gcc python3-dev libc6-dev linux-libc-dev libtraceevent1 libtracefs1
