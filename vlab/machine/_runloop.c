@@ -273,7 +273,7 @@ static PyObject *runloop_append(PyObject *module, PyObject *const *args, Py_ssiz
     int is_claimed = PyObject_IsTrue(claimed);
     if ((seconds == -1.0 && PyErr_Occurred()) || is_claimed < 0)
         goto failed;
-    if (log_acquire(&lv, (long)vcpu) < 0)
+    if (log_acquire(&lv, before != Py_None && after != Py_None ? (long)vcpu : -1) < 0)
         goto failed;
     uint16_t deltas[MAX_COUNTERS] = {0};
     uint64_t values[MAX_COUNTERS];
