@@ -129,7 +129,7 @@ def _exit_path() -> tuple[str, str, str]:
                 "not built, so exits are decoded in Python (about 0.05 of a C loop's rate slower)")
     loop = ("the run loop: compiled (vlab.machine._runloop), about a C loop's rate with every "
             "exit recorded" if runloop_module._runloop is not None else
-            "the run loop: not built, so VcpuRunner runs its Python loop (about 0.6 of a C "
+            "the run loop: not built, so VcpuRunner runs its Python loop (about half a C "
             "loop's rate)")
     try:
         from .accel.tcg import engine as tcg_engine
