@@ -127,8 +127,8 @@ def _exit_path() -> tuple[str, str, str]:
     purpose = "VcpuFd.run() decoding port-I/O exits in C"
     decoding = ("compiled (vlab.kvm._exitpath)" if vcpu_module._exitpath is not None else
                 "not built, so exits are decoded in Python (about 0.05 of a C loop's rate slower)")
-    loop = ("the run loop: compiled (vlab.machine._runloop), about a C loop's rate with every "
-            "exit recorded" if runloop_module._runloop is not None else
+    loop = ("the run loop: compiled (vlab.machine._runloop), about 0.9 of a C loop's rate with "
+            "every exit recorded" if runloop_module._runloop is not None else
             "the run loop: not built, so VcpuRunner runs its Python loop (about half a C "
             "loop's rate)")
     try:
