@@ -7,7 +7,6 @@ fw_cfg at 0x510), so guests written for QEMU run here unchanged.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from ..devices import DebugConsole, FwCfg, IsaDebugExit, MmioTestDevice, Uart16550
@@ -15,6 +14,7 @@ from ..devices.bus import Bus
 from ..x86 import PAGE_SIZE
 from .cpu_modes import CpuMode, initial_regs, setup_mode
 from .memory import GuestMemory
+from .console import Console
 from .runloop import VcpuRunner
 from .exitlog import ExitLog
 
@@ -48,42 +48,6 @@ def check_ram_size(size: int | str) -> int:
                          f"from address 0 up to the MMIO window at {TESTDEV_BASE:#x}, so at "
                          f"most {TESTDEV_BASE >> 20} MiB")
     return value
-
-
-class Console:
-    """What the guest printed (serial and debug console), kept whole, with listeners."""
-
-    def __init__(self):
-        self._chunks: list[bytes] = []
-        self._lock = threading.Lock()
-        self.listeners: list = []
-        self._dropped = 0   # chunks clear() dropped, still counted by `writes`
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            self._chunks.append(data if data.__class__ is bytes else bytes(data))
-        for listener in self.listeners:
-            listener(data)
-
-    @property
-    def data(self) -> bytes:
-        with self._lock:
-            return b"".join(self._chunks)
-
-    @property
-    def text(self) -> str:
-        return self.data.decode("utf-8", "replace")
-
-    @property
-    def writes(self) -> int:
-        """How many writes it has taken, clear() or not: what views poll for new output (the
-        compiled run loop appends to the chunks itself, as write does)."""
-        return self._dropped + len(self._chunks)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._dropped += len(self._chunks)
-            self._chunks.clear()
 
 
 @dataclass

@@ -29,6 +29,7 @@ from ..devices.bus import Bus, BusError
 from ..kvm.abi import KVM_SYNC_X86_REGS, ExitReason, MpState
 from ..kvm.exits import (Debug, Exit, ExitDecodeError, Hlt, Interrupted, IoIn, IoOut, MmioRead,
                          MmioWrite)
+from .console import Console
 from .exitlog import IO_IN, IO_OUT, MAX_COUNTERS, ExitLog, ExitRecord
 from .dispatch import RESUME, STOP, Outcome, handle_exit
 from .explain import explain
@@ -454,7 +455,6 @@ class VcpuRunner:
         other device); and the first debug console and 16550, by class, with their base
         port, whose output goes to a Console (or nowhere), which C appends to as its write
         does."""
-        from .board import Console
         table = bytearray(b"\x01") * 0x10000                   # PORT_UNCLAIMED
         handled: dict[type, tuple[int, object]] = {}
         for base, end, _ in self.pio.mappings():
