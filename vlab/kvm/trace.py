@@ -3,8 +3,8 @@
 Each call can be recorded as an `IoctlRecord` (fd kind, ioctl name, decoded argument
 summary, result or errno, duration) for the listeners of the `Tracer` the fd belongs to, the
 raw material for the lab's stage records and QEMU's trace events (`kvm_ioctl`,
-`kvm_vm_ioctl`, `kvm_vcpu_ioctl`). When nobody listens the cost is one truth test, which
-keeps the KVM_RUN loop fast.
+`kvm_vm_ioctl`, `kvm_vcpu_ioctl`). When nobody listens the cost is one truth test and a
+count (`Tracer.issued`), which keeps the KVM_RUN loop fast.
 """
 from __future__ import annotations
 
@@ -49,12 +49,16 @@ class Tracer:
     """The listeners of one `Kvm`'s ioctls and of every VM and vCPU made from it.
 
     Whoever opens /dev/kvm owns its tracer (a Lab owns one for its VM), so recording one VM
-    neither records another nor slows another's KVM_RUN."""
+    neither records another nor slows another's KVM_RUN. `issued` counts every ioctl on its
+    fds, heard or not (the compiled run loop's KVM_RUNs too, added as it returns): a stage
+    keeps the first calls it hears and counts the rest by it, without a listener that would
+    keep the run loop in Python."""
 
-    __slots__ = ("listeners",)
+    __slots__ = ("listeners", "issued")
 
     def __init__(self) -> None:
         self.listeners: list[Listener] = []
+        self.issued = 0
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call `listener` with every IoctlRecord from now on; returns the unsubscribe
@@ -108,6 +112,7 @@ def ioctl(tracer: Tracer, fd_kind: str, fd: int, name: str, request: int, arg=No
 
     A closed Kvm, VmFd or VcpuFd holds fd -1: its number may already belong to a newer file
     (another VM's vCPU, say), so the call fails with EBADF instead of reaching it."""
+    tracer.issued += 1
     listeners = tracer.listeners
     if not listeners:
         if arg is None:  # KVM_RUN and the other argument-less ioctls: the hot path

@@ -134,6 +134,8 @@ class VcpuFd(VcpuStateIoctls):
         `trace.ioctl`, which records it.
         """
         listeners = self._listeners
+        if not listeners:   # else counted by trace.ioctl
+            self.tracer.issued += 1
         if self._run_compiled is not None and not listeners:
             exit = self._run_compiled()
             if exit is None:

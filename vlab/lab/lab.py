@@ -246,8 +246,9 @@ class Lab(StagePipeline):
 
     # -- 7. kvm_cpu_exec ------------------------------------------------------------------------------
     def kvm_cpu_exec(self, **run_options) -> StageRecord:
-        """Run the guest (the first `run()`), recording the loop's ioctls. Subscribers hear
-        of it once, as this stage, when its record is complete."""
+        """Run the guest (the first `run()`), recording the loop's ioctls: the first
+        RUN_RECORD_LIMIT kept, the rest counted while the loop goes on compiled where it
+        can. Subscribers hear of it once, as this stage, when its record is complete."""
         def body(record: StageRecord) -> None:
             before = [runner.kernel_counters() for runner in self.runners]
             result = self._run(notify=False, **run_options)

@@ -99,13 +99,13 @@ class StagePipeline(Observable):
         record = StageRecord(STAGE_BY_NAME[name], self.accel.name if self.accel else "?")
         record.before = self._state()
         calls: list[IoctlRecord] = []
-        counted = [0]
 
         def keep(call: IoctlRecord) -> None:
-            counted[0] += 1
-            if ioctl_limit is None or len(calls) < ioctl_limit:
-                calls.append(call)
+            calls.append(call)
+            if len(calls) == ioctl_limit:
+                unsubscribe()   # the rest only counted (tracer.issued): the run loop may go compiled
 
+        issued = self.tracer.issued
         unsubscribe = self.tracer.subscribe(keep)
         started = time.perf_counter()
         try:
@@ -114,8 +114,9 @@ class StagePipeline(Observable):
             unsubscribe()
         record.seconds = time.perf_counter() - started
         record.ioctls = calls
-        if ioctl_limit is not None and counted[0] > len(calls):
-            record.notes.append(f"{counted[0]} ioctls in all; the first {len(calls)} are listed")
+        counted = self.tracer.issued - issued
+        if ioctl_limit is not None and counted > len(calls):
+            record.notes.append(f"{counted} ioctls in all; the first {len(calls)} are listed")
         record.accel = self.accel.name if self.accel else "?"
         record.after = self._state()
         self.records[name] = record

@@ -95,6 +95,7 @@ _STOP_REQUESTED, _STOP_SLOW, _STOP_UNTIL, _STOP_PREDICATE, _STOP_MAX_EXITS, _STO
 STOP_GRACE = 2.0  # seconds for a stopped run to return (a kicked vCPU to leave KVM_RUN)
 _clock = time.perf_counter
 _TRANSFERS = (IoIn, IoOut, MmioRead, MmioWrite)  # completed by the KVM_RUN after their exit
+_LISTENING = (True,)   # listeners that never leave: the Python loop runs to the end
 
 
 def _sink(device) -> tuple:
@@ -399,9 +400,12 @@ class VcpuRunner:
                     exit, self._exits = stepped.exit, 1
                     if exit.__class__ is not Debug and stepped.outcome.action is STOP:
                         stop_reason = self._stop_reason(exit, stepped.outcome)
-                if stop_reason is None:
-                    run_loop = self._run_compiled if self.loop == "compiled" else self._run_python
-                    exit, stop_reason = run_loop(exit)
+                if stop_reason is None and self.loop == "compiled":
+                    exit, stop_reason = self._run_compiled(exit)
+                elif stop_reason is None:
+                    exit, stop_reason = self._run_python(exit, self._hand_over())
+                    if stop_reason is None:   # nobody records the ioctls now: the rest in C
+                        exit, stop_reason = self._run_compiled(exit)
             except ExitDecodeError as e:
                 stop_reason = _undecodable(e)
             finally:
@@ -417,14 +421,18 @@ class VcpuRunner:
         return RunResult(stop_reason, self._exits, time.perf_counter() - started, exit,
                          self.vcpu.get_regs().rip, explanation)
 
-    def _run_python(self, exit: Exit | None) -> tuple[Exit | None, str]:
+    def _run_python(self, exit: Exit | None, listening: Sequence = _LISTENING
+                    ) -> tuple[Exit | None, str | None]:
         """kvm_cpu_exec's loop: enter the guest, handle its exit, until a stop condition.
-        Returns the last exit and why the loop stopped."""
+        Returns the last exit and why the loop stopped: None when `listening` (the ioctl
+        listeners, see `_hand_over`) has emptied, for the compiled loop to go on."""
         enter, stopping = self._enter, self.stop_requested.is_set
         try:
             while True:
                 if stopping():
                     return exit, self._stop_cause
+                if not listening:
+                    return exit, None
                 exit, outcome = enter()
                 if exit.__class__ is Interrupted:
                     continue  # a kick, not an exit the guest caused
@@ -441,13 +449,22 @@ class VcpuRunner:
     def loop(self) -> str:
         """Which loop `run()` takes: "compiled" (_runloop.c) or "python" (`_run_python`).
         The compiled one runs a KVM vCPU whose ioctls and kernel events are not traced, into
-        a log that keeps this runner's counters."""
+        a log that keeps this runner's counters; a run that begins in Python while the
+        ioctls are recorded goes on in C once their listeners have left (`_hand_over`)."""
+        return "compiled" if self._compilable() and not self.vcpu.tracer.listeners else "python"
+
+    def _compilable(self) -> bool:
+        """Whether the compiled loop can run this vCPU while nobody records its ioctls."""
         from ..kvm.vcpu import VcpuFd
-        if (_runloop is None or not isinstance(self.vcpu, VcpuFd) or self.vcpu.tracer.listeners
-                or self.kernel_trace is not None or self.log.counter_names != self.counter_names
-                or len(self.counter_names) > MAX_COUNTERS):
-            return "python"
-        return "compiled"
+        return (_runloop is not None and isinstance(self.vcpu, VcpuFd)
+                and self.kernel_trace is None and self.log.counter_names == self.counter_names
+                and len(self.counter_names) <= MAX_COUNTERS)
+
+    def _hand_over(self) -> Sequence:
+        """What `_run_python` watches: the tracer's listeners (the same list, emptied in
+        place as they leave) where the compiled loop could go on without them, as it does
+        once a Lab's kvm_cpu_exec record has kept its first ioctls; else never empty."""
+        return self.vcpu.tracer.listeners if self._compilable() else _LISTENING
 
     def _fast_ports(self) -> tuple[bytes, dict[type, tuple[int, object]]]:
         """Each port's handling in the compiled loop as the run begins (_runloop.c's PORT_*
@@ -485,6 +502,7 @@ class VcpuRunner:
         self._slow_exit = exit
         first_slow = (self._counters is not None
                       and not log.continues(vcpu.id, self._previous_counters))
+        appended = log.total
         try:
             code, value, self._exits, last_seq, counters = _runloop.run(
                 vcpu.fd, int(ffi.cast("uintptr_t", vcpu.kvm_run)), vcpu.mmap_size, stats_fd,
@@ -498,7 +516,9 @@ class VcpuRunner:
                 log.device_number(self.pio.unassigned),
                 log.device_number(uart.name if uart else None), first_slow)
         except ExitDecodeError as e:   # raised by _exit_from_compiled, the exit before it kept
+            self._count_runs(log.total - appended + 1)
             return self._slow_exit, _undecodable(e)
+        self._count_runs(log.total - appended + (code == _STOP_ERRNO))
         if counters is not None:
             self._previous_counters = counters
         exit = log.record(last_seq).exit if last_seq else self._slow_exit
@@ -509,6 +529,12 @@ class VcpuRunner:
         return exit, {_STOP_REQUESTED: self._stop_cause, _STOP_SLOW: value,
                       _STOP_PREDICATE: "predicate matched",
                       _STOP_MAX_EXITS: f"max_exits={max_exits} reached"}[code]
+
+    def _count_runs(self, runs: int) -> None:
+        """Add the compiled loop's KVM_RUNs to the tracer's count of ioctls: one per record
+        it appended (the log is this vCPU's alone in a Lab) and one for a KVM_RUN that
+        failed or whose exit could not be decoded."""
+        self.vcpu.tracer.issued += runs
 
     def _exit_from_compiled(self, duration: float, before, after, exits: int,
                             interrupted: bool) -> tuple[str | None, int]:
