@@ -18,6 +18,43 @@ from vlab.machine.runloop import VcpuRunner
 ORG = 0x8000
 WATCHDOG = 30  # seconds: a run loop that fails to stop its guest fails the test, not hangs it
 
+# Guests that print, for the run loops' differential tests: 40 bytes to the debug console; a
+# line to the 16550, polling its LSR before each byte.
+DEBUGCON = """
+    mov cx, 40
+    mov al, 'a'
+again:
+    out 0xe9, al
+    inc al
+    loop again
+    hlt
+"""
+
+SERIAL = """
+COM1 equ 0x3f8
+    mov si, message
+    xor bx, bx
+    xor ax, ax
+next:
+    lodsb
+    test al, al
+    jz done
+    mov ah, al
+poll:
+    mov dx, COM1 + 5            ; LSR
+    in al, dx
+    add bx, ax                  ; what LSR read, summed (compared between the loops)
+    test al, 0x20               ; THRE
+    jz poll
+    mov al, ah
+    mov dx, COM1                ; THR
+    out dx, al
+    jmp next
+done:
+    hlt
+message: db "Hi, serial!", 13, 10, 0
+"""
+
 
 @dataclass
 class Board:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from boards import _boards
+from boards import DEBUGCON, SERIAL, _boards
 from vlab.kvm import Debug, ExitReason, Hlt, Interrupted, IoIn, IoOut, detect_backend
 from vlab.machine import runloop
 
@@ -87,42 +87,6 @@ def assert_same(kvm, monkeypatch, source: str, handed: int | None = None, **kwar
     if handed is not None:
         assert to_python == handed
     return python
-
-
-DEBUGCON = """
-    mov cx, 40
-    mov al, 'a'
-again:
-    out 0xe9, al
-    inc al
-    loop again
-    hlt
-"""
-
-SERIAL = """
-COM1 equ 0x3f8
-    mov si, message
-    xor bx, bx
-    xor ax, ax
-next:
-    lodsb
-    test al, al
-    jz done
-    mov ah, al
-poll:
-    mov dx, COM1 + 5            ; LSR
-    in al, dx
-    add bx, ax                  ; what LSR read, summed (compared between the loops)
-    test al, 0x20               ; THRE
-    jz poll
-    mov al, ah
-    mov dx, COM1                ; THR
-    out dx, al
-    jmp next
-done:
-    hlt
-message: db "Hi, serial!", 13, 10, 0
-"""
 
 
 def test_debug_console_loop(kvm, monkeypatch):

@@ -19,6 +19,7 @@
  *   run(state tuple) -> (code, value, exits, last_seq, counters)
  *   append(log, record) -> bool     ExitLog.append for a record that fits a row whole
  *   setup(IoOut, IoIn, MmioRead, MmioWrite, Hlt, Interrupted)
+ *   InlinePortIo(...)               the same handling for one access inside tcg's emulation
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -510,16 +511,17 @@ static int read_counters(struct loop *l, uint16_t deltas[MAX_COUNTERS]) {
     return fits;
 }
 
-/* A row for an exit handled here; its seq in *seq. */
-static int record_row(struct loop *l, double duration, int kind, unsigned long long address,
-                      unsigned long long value, unsigned size, uint16_t device, int claimed,
-                      const uint16_t deltas[MAX_COUNTERS], unsigned long long *seq) {
+/* A row for an exit handled here, RIP as the exit reports it; its seq in *seq. */
+static int record_row(struct loop *l, uint64_t rip, double duration, int kind,
+                      unsigned long long address, unsigned long long value, unsigned size,
+                      uint16_t device, int claimed, const uint16_t deltas[MAX_COUNTERS],
+                      unsigned long long *seq) {
     if (((uint64_t *)l->lv.counts.buf)[GENERATION] != l->lv.generation && back(l) < 0)
         return -1;   /* another vCPU's thread grew or cleared the log meanwhile */
     struct row *row = log_next(&l->lv, l->ncounters ? l->vcpu : -1, seq);
     if (row == NULL)
         return -1;
-    *row = (struct row){.rip = l->run->s.regs.regs.rip, .address = address, .value = value,
+    *row = (struct row){.rip = rip, .address = address, .value = value,
                         .duration_s = (float)duration, .vcpu = (uint16_t)l->vcpu,
                         .device = device, .kind = (uint8_t)kind, .size = (uint8_t)size,
                         .flags = (claimed ? CLAIMED : 0) | (l->ncounters ? HAS_COUNTERS : 0)};
@@ -689,7 +691,8 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
             Py_DECREF(reason);
             continue;
         }
-        if (record_row(l, duration, kind, address, data, size, device, claimed, deltas, last_seq) < 0)
+        if (record_row(l, run->s.regs.regs.rip, duration, kind, address, data, size, device,
+                       claimed, deltas, last_seq) < 0)
             return -1;
         int ended = after_fast_exit(l, kind);
         if (ended)
@@ -808,6 +811,242 @@ out:
     return result;
 }
 
+/* -- one port access inside tcg's emulation ------------------------------------------------
+ *
+ * tcg's IN and OUT hooks (vlab/accel/tcg/_insnhooks.c) call `inline_port_io` for each access,
+ * with RIP where KVM would report it, before they call the vCPU's Python method. The cheap
+ * devices of run() above (unclaimed ports, the debug console, the 16550's polling) are
+ * handled here, the vCPU's counters bumped as its `_dispatch_inline` does and a row written as
+ * VcpuRunner._on_port_io writes it: its duration since `_resumed`, its counters since
+ * `_previous_counters`, `_exits` counted, those three updated on the runner. An access that
+ * may stop the run (`until`, max_exits), one whose counters break the log's sequence, and
+ * every other device are left to Python (0), untouched.
+ *
+ *   InlinePortIo(runner, counter indices, ports, debugcon data, debugcon output, uart,
+ *                uart output, uart base, log, max_exits, until kinds, vcpu, debugcon number,
+ *                unassigned number, uart number)
+ *   .bind(counts, bumped)   the vCPU's counters (a list) and those an access handled inline bumps
+ *   .entry                  the address of inline_port_io, for the hooks
+ */
+typedef struct {
+    PyObject_HEAD
+    struct loop l;               /* the devices, the log and the run's conditions */
+    PyObject *args, *counts;     /* what the loop's fields point into; the vCPU's counters */
+    PyObject *runner;            /* borrowed from args: its _exits, _resumed, _previous_counters */
+    unsigned char index[MAX_COUNTERS];
+    Py_ssize_t bumped[4];
+    int nbumped;
+} InlinePortIo;
+
+static PyObject *s_exits, *s_previous_counters, *s_resumed;
+
+static int inline_traverse(InlinePortIo *self, visitproc visit, void *arg) {
+    Py_VISIT(self->args);
+    Py_VISIT(self->counts);
+    Py_VISIT(self->l.listeners);
+    return 0;
+}
+
+static int inline_clear(InlinePortIo *self) {
+    log_release(&self->l.lv);
+    Py_CLEAR(self->args);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->l.listeners);
+    return 0;
+}
+
+static void inline_dealloc(InlinePortIo *self) {
+    PyObject_GC_UnTrack(self);
+    inline_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int inline_init(InlinePortIo *self, PyObject *args, PyObject *kwds) {
+    PyObject *runner, *indices, *ports, *debugcon_data, *debugcon_out, *uart, *uart_out, *log;
+    unsigned int uart_base, until, vcpu, debugcon, unassigned, uart_number;
+    unsigned long long max_exits;
+    if (self->args != NULL) {
+        PyErr_SetString(PyExc_TypeError, "InlinePortIo is set up once");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "OSSYOOOIOKIIIII", &runner, &indices, &ports, &debugcon_data,
+                          &debugcon_out, &uart, &uart_out, &uart_base, &log, &max_exits, &until,
+                          &vcpu, &debugcon, &unassigned, &uart_number))
+        return -1;
+    struct loop *l = &self->l;
+    if (PyBytes_GET_SIZE(indices) > MAX_COUNTERS || PyBytes_GET_SIZE(ports) != 65536) {
+        PyErr_SetString(PyExc_TypeError, "InlinePortIo(): bad counter indices or port table");
+        return -1;
+    }
+    if (sink_arg(debugcon_out, &l->debugcon_out) < 0 || sink_arg(uart_out, &l->uart_out) < 0)
+        return -1;
+    if ((l->listeners = PyObject_GetAttr(log, s_listeners)) == NULL)
+        return -1;
+    if (!PyList_Check(l->listeners)) {
+        PyErr_SetString(PyExc_TypeError, "InlinePortIo(): the log's listeners must be a list");
+        return -1;
+    }
+    self->args = Py_NewRef(args);   /* keeps the objects the fields below borrow */
+    l->ncounters = (int)PyBytes_GET_SIZE(indices);
+    memcpy(self->index, PyBytes_AS_STRING(indices), l->ncounters);
+    l->ports = (const unsigned char *)PyBytes_AS_STRING(ports);
+    l->debugcon_data = debugcon_data;
+    l->uart = uart;
+    l->uart_base = uart_base;
+    l->lv.log = log;
+    l->max_exits = max_exits;
+    l->until_kinds = until;
+    l->predicate = Py_None;
+    l->vcpu = vcpu;
+    l->debugcon_number = (uint16_t)debugcon;
+    l->unassigned_number = (uint16_t)unassigned;
+    l->uart_number = (uint16_t)uart_number;
+    self->runner = runner;
+    return 0;
+}
+
+static PyObject *inline_bind(InlinePortIo *self, PyObject *args) {
+    PyObject *counts, *bumped;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &counts, &PyTuple_Type, &bumped))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(bumped);
+    if (n > (Py_ssize_t)(sizeof self->bumped / sizeof self->bumped[0])) {
+        PyErr_SetString(PyExc_ValueError, "bind(): too many counters bumped");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        self->bumped[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(bumped, i));
+        if (self->bumped[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    for (int i = 0; i < self->l.ncounters; i++)
+        if (self->index[i] >= PyList_GET_SIZE(counts))
+            return PyErr_Format(PyExc_IndexError, "counter %d is not in the vCPU's", self->index[i]);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (self->bumped[i] < 0 || self->bumped[i] >= PyList_GET_SIZE(counts))
+            return PyErr_Format(PyExc_IndexError, "counter %zd is not in the vCPU's", self->bumped[i]);
+    self->nbumped = (int)n;
+    Py_XSETREF(self->counts, Py_NewRef(counts));
+    Py_RETURN_NONE;
+}
+
+/* The vCPU's counter `i` as it will read once this access is counted. */
+static int counter_after(InlinePortIo *self, Py_ssize_t i, unsigned long long *value) {
+    if (as_u64(PyList_GET_ITEM(self->counts, i), value) < 0)
+        return -1;
+    for (int b = 0; b < self->nbumped; b++)
+        *value += self->bumped[b] == i;
+    return 0;
+}
+
+/* One IN or OUT of `size` bytes; an OUT's data (an IN's answer) in *value. 1: handled here;
+ * 0: Python's, nothing done; -1: error (exception set). */
+static int inline_port_io(PyObject *obj, int out, uint32_t port, int size, uint32_t *value,
+                          uint64_t rip) {
+    InlinePortIo *self = (InlinePortIo *)obj;
+    struct loop *l = &self->l;
+    PyObject *runner = self->runner;
+    int kind = out ? IO_OUT : IO_IN;
+    int port_code = l->ports[port & 0xFFFF];
+    if (port_code == PORT_PYTHON || self->counts == NULL || (l->until_kinds & (1u << kind))
+            || !(size == 1 || size == 2 || size == 4))
+        return 0;
+    if (attr_u64(runner, s_exits, &l->exits) < 0 || (l->max_exits && l->exits + 1 >= l->max_exits))
+        return 0;
+    uint16_t deltas[MAX_COUNTERS] = {0};
+    if (!l->lv.have_rows || ((uint64_t *)l->lv.counts.buf)[GENERATION] != l->lv.generation
+            || (l->ncounters && !l->lv.have_latest))
+        if (back(l) < 0)
+            return -1;
+    if (l->ncounters) {
+        if (!l->lv.have_latest || l->lv.latest.len != (Py_ssize_t)(l->ncounters * sizeof(uint64_t)))
+            return 0;   /* the vCPU's first record in this log */
+        PyObject *before = PyObject_GetAttr(runner, s_previous_counters);
+        if (before == NULL)
+            return -1;
+        int fits = PyTuple_Check(before) && PyTuple_GET_SIZE(before) == l->ncounters;
+        for (int i = 0; fits && i < l->ncounters; i++) {
+            unsigned long long b = 0, a = 0;
+            fits = as_u64(PyTuple_GET_ITEM(before, i), &b) == 0
+                   && b == ((uint64_t *)l->lv.latest.buf)[i]
+                   && counter_after(self, self->index[i], &a) == 0 && a >= b && a - b <= DELTA_MAX;
+            l->previous[i] = b;
+            l->current[i] = a;
+            deltas[i] = (uint16_t)(a - b);
+        }
+        Py_DECREF(before);
+        if (!fits)
+            return 0;   /* a break in the log's sequence, or a delta a row does not hold */
+    }
+    PyObject *resumed = PyObject_GetAttr(runner, s_resumed);
+    double since = resumed ? PyFloat_AsDouble(resumed) : -1.0;
+    Py_XDECREF(resumed);
+    if (since == -1.0 && PyErr_Occurred())
+        return -1;
+    double duration = now() - since;
+    unsigned long long data = out ? *value & (0xFFFFFFFFull >> (32 - 8 * size)) : 0;
+    unsigned char reply[4] = {0};
+    uint16_t device;
+    int claimed;
+    int done = port_io(l, port_code, kind, port, size, data, reply, &device, &claimed);
+    if (done <= 0)
+        return done;
+    if (!out)
+        *value = reply[0] | reply[1] << 8 | reply[2] << 16 | (uint32_t)reply[3] << 24;
+    for (int b = 0; b < self->nbumped; b++) {
+        unsigned long long count;
+        if (as_u64(PyList_GET_ITEM(self->counts, self->bumped[b]), &count) < 0) {
+            PyErr_SetString(PyExc_TypeError, "a vCPU counter is not a whole number");
+            return -1;
+        }
+        PyObject *bumped = PyLong_FromUnsignedLongLong(count + 1);
+        if (bumped == NULL || PyList_SetItem(self->counts, self->bumped[b], bumped) < 0)
+            return -1;
+    }
+    unsigned long long seq;
+    if (record_row(l, rip, duration, kind, port, data, size, device, claimed, deltas, &seq) < 0)
+        return -1;
+    if (l->ncounters && set_attr(runner, s_previous_counters,
+                                   counters_tuple(l->current, l->ncounters)) < 0)
+        return -1;
+    if (after_fast_exit(l, kind) < 0
+            || set_attr(runner, s_exits, PyLong_FromUnsignedLongLong(l->exits)) < 0
+            || set_attr(runner, s_resumed, PyFloat_FromDouble(now())) < 0)
+        return -1;
+    return 1;
+}
+
+static PyObject *inline_entry(InlinePortIo *self, void *closure) {
+    return PyLong_FromVoidPtr((void *)inline_port_io);
+}
+
+static PyMethodDef inline_methods[] = {
+    {"bind", (PyCFunction)inline_bind, METH_VARARGS,
+     "bind(counts, bumped): the vCPU's counters, and those an access handled inline bumps."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef inline_getset[] = {
+    {"entry", (getter)inline_entry, NULL,
+     "The address of int inline_port_io(state, out, port, size, uint32_t *value, rip).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject InlinePortIoType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vlab.machine._runloop.InlinePortIo",
+    .tp_basicsize = sizeof(InlinePortIo),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)inline_traverse,
+    .tp_clear = (inquiry)inline_clear,
+    .tp_doc = "VcpuRunner's handling of one port access inside tcg's emulation, for its hooks",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)inline_init,
+    .tp_dealloc = (destructor)inline_dealloc,
+    .tp_methods = inline_methods,
+    .tp_getset = inline_getset,
+};
+
 static PyObject *runloop_setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != INTR) {
         PyErr_SetString(PyExc_TypeError, "setup(IoOut, IoIn, MmioRead, MmioWrite, Hlt, Interrupted)");
@@ -853,7 +1092,12 @@ PyMODINIT_FUNC PyInit__runloop(void) {
             || !INTERN(s_announce, "_announce") || !INTERN(s_listeners, "_listeners")
             || !INTERN(s_lcr, "lcr") || !INTERN(s_ier, "ier") || !INTERN(s_mcr, "mcr")
             || !INTERN(s_lsr, "lsr") || !INTERN(s_thr, "thr")
-            || !INTERN(s_thr_ipending, "thr_ipending") || !INTERN(s_irq_level, "irq_level"))
+            || !INTERN(s_thr_ipending, "thr_ipending") || !INTERN(s_irq_level, "irq_level")
+            || !INTERN(s_exits, "_exits") || !INTERN(s_previous_counters, "_previous_counters")
+            || !INTERN(s_resumed, "_resumed") || PyType_Ready(&InlinePortIoType) < 0)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddObjectRef(m, "InlinePortIo", (PyObject *)&InlinePortIoType) < 0)
+        Py_CLEAR(m);
+    return m;
 }

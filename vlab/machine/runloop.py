@@ -107,6 +107,13 @@ def _sink(device) -> tuple:
     return output, output.__self__._chunks, output.__self__.listeners
 
 
+def _until_kinds(until) -> int:
+    """The row kinds (_runloop.c's bits) of the port I/O that `until` stops at."""
+    return sum(1 << kind for kind, cls in ((IO_OUT, IoOut), (IO_IN, IoIn))
+               if until is not None and (until == cls.reason if isinstance(until, int)
+                                         else issubclass(cls, until)))
+
+
 def _undecodable(error: ExitDecodeError) -> str:
     return f"KVM reported an exit that cannot be decoded: {error}"
 
@@ -391,7 +398,7 @@ class VcpuRunner:
             if timer:
                 timer.start()
             if dispatch_port_io is not None:
-                dispatch_port_io(self._on_port_io)
+                dispatch_port_io(self._on_port_io, self._inline_port_io())
             try:
                 if self.breakpoints and self.vcpu.get_regs().rip in self.breakpoints:
                     # Resuming at a breakpoint would hit it again at once: step over it
@@ -484,6 +491,29 @@ class VcpuRunner:
                 handled[type(device)] = (base, device)
         return bytes(table), handled
 
+    def _inline_port_io(self):
+        """`_on_port_io` in C for the devices the compiled loop handles (_runloop.c's
+        InlinePortIo), which tcg's C hooks call first; None where this run needs Python for
+        every access: no compiler, a predicate, a kernel trace, a log that keeps other
+        counters, counters a vCPU's list does not hold (KVM's)."""
+        indices = getattr(self._stats, "indices", None)
+        until, predicate, max_exits = self._conditions
+        if (_runloop is None or predicate is not None or self.kernel_trace is not None
+                or self.log.counter_names != self.counter_names
+                or len(self.counter_names) > MAX_COUNTERS
+                or (self._counters is not None and indices is None)):
+            return None
+        log = self.log
+        ports, handled = self._fast_ports()
+        _, debugcon = handled.get(DebugConsole, (0, None))
+        uart_base, uart = handled.get(Uart16550, (0, None))
+        return _runloop.InlinePortIo(
+            self, bytes(indices(self.counter_names) if self._counters is not None else ()),
+            ports, debugcon._data if debugcon else bytearray(), _sink(debugcon), uart, _sink(uart),
+            uart_base, log, max_exits or 0, _until_kinds(until), self.vcpu.id,
+            log.device_number(debugcon.name if debugcon else None),
+            log.device_number(self.pio.unassigned), log.device_number(uart.name if uart else None))
+
     def _run_compiled(self, exit: Exit | None) -> tuple[Exit | None, str]:
         """`_run_python`'s loop in C (_runloop.c); exits it does not handle itself come to
         `_exit_from_compiled`."""
@@ -496,9 +526,7 @@ class VcpuRunner:
         ports, handled = self._fast_ports()
         _, debugcon = handled.get(DebugConsole, (0, None))
         uart_base, uart = handled.get(Uart16550, (0, None))
-        until_kinds = sum(1 << kind for kind, cls in ((IO_OUT, IoOut), (IO_IN, IoIn))
-                          if until is not None and (until == cls.reason if isinstance(until, int)
-                                                    else issubclass(cls, until)))
+        until_kinds = _until_kinds(until)
         self._slow_exit = exit
         first_slow = (self._counters is not None
                       and not log.continues(vcpu.id, self._previous_counters))

@@ -14,7 +14,15 @@
  * Unicorn: the engine passes the address of `uc_reg_read` and the register numbers.
  *
  *   Hook(callback, on_error, uc_reg_read_address, rip_id, cs_id, exit_class)
+ *   Hook.attach(inline, entry, vcpu, past_out, access_log)   or   Hook.attach(None)
  *   OUT, IN: the addresses of the two C hooks, for uc_hook_add with the Hook as user data.
+ *
+ * While attached, an access is first offered to `entry(inline, ...)`, the run loop's own
+ * handling of one access in C (vlab/machine/_runloop.c, InlinePortIo), with RIP where KVM
+ * reports it; what it leaves (0) goes to the callback as above. It is offered only where the
+ * vCPU's Python method would dispatch it inline: not while single-stepping, an IN not while
+ * an instruction is replayed (restart.py), an OUT only once its RIP past it is known
+ * (`past_out`, filled by the vCPU's first dispatch of that instruction).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,6 +30,8 @@
 #include <stdint.h>
 
 typedef int (*reg_read_t)(void *uc, int regid, void *value);
+typedef int (*inline_io_t)(PyObject *inline_io, int out, uint32_t port, int size,
+                           uint32_t *value, uint64_t rip);
 
 typedef struct {
     PyObject_HEAD
@@ -30,9 +40,12 @@ typedef struct {
     PyTypeObject *exit_class;
     reg_read_t reg_read;
     int rip_id, cs_id;
+    PyObject *inline_io, *vcpu, *past_out, *access_log;   /* attached, or NULL */
+    inline_io_t entry;
 } Hook;
 
-static PyObject *name_port, *name_size, *name_count, *name_data, *name_data_offset, *one, *zero;
+static PyObject *name_port, *name_size, *name_count, *name_data, *name_data_offset, *one, *zero,
+                *name_single_step, *name_replaying;
 
 /* A Hook refers to the vCPU (callback) and the engine (on_error), which keep it: the cyclic
  * collector must see through it. */
@@ -40,6 +53,10 @@ static int hook_traverse(Hook *self, visitproc visit, void *arg) {
     Py_VISIT(self->callback);
     Py_VISIT(self->on_error);
     Py_VISIT(self->exit_class);
+    Py_VISIT(self->inline_io);
+    Py_VISIT(self->vcpu);
+    Py_VISIT(self->past_out);
+    Py_VISIT(self->access_log);
     return 0;
 }
 
@@ -47,6 +64,10 @@ static int hook_clear(Hook *self) {
     Py_CLEAR(self->callback);
     Py_CLEAR(self->on_error);
     Py_CLEAR(self->exit_class);
+    Py_CLEAR(self->inline_io);
+    Py_CLEAR(self->vcpu);
+    Py_CLEAR(self->past_out);
+    Py_CLEAR(self->access_log);
     return 0;
 }
 
@@ -109,6 +130,37 @@ static PyObject *make_exit(Hook *self, uint32_t port, int size, int out, uint32_
     return exit;
 }
 
+static PyObject *hook_attach(Hook *self, PyObject *args) {
+    PyObject *inline_io, *vcpu = NULL, *past_out = NULL, *access_log = NULL;
+    unsigned long long entry = 0;
+    if (!PyArg_ParseTuple(args, "O|KOO!O", &inline_io, &entry, &vcpu, &PyDict_Type, &past_out,
+                          &access_log))
+        return NULL;
+    if (inline_io != Py_None && (entry == 0 || access_log == NULL)) {
+        PyErr_SetString(PyExc_TypeError, "attach(inline, entry, vcpu, past_out, access_log)");
+        return NULL;
+    }
+    Py_CLEAR(self->vcpu);
+    Py_CLEAR(self->past_out);
+    Py_CLEAR(self->access_log);
+    Py_CLEAR(self->inline_io);
+    if (inline_io != Py_None) {
+        self->vcpu = Py_NewRef(vcpu);
+        self->past_out = Py_NewRef(past_out);
+        self->access_log = Py_NewRef(access_log);
+        self->inline_io = Py_NewRef(inline_io);
+        self->entry = (inline_io_t)(uintptr_t)entry;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef hook_methods[] = {
+    {"attach", (PyCFunction)hook_attach, METH_VARARGS,
+     "attach(inline, entry, vcpu, past_out, access_log): offer each access to entry first; "
+     "attach(None): no more."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject HookType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "vlab.accel.tcg._insnhooks.Hook",
@@ -120,6 +172,7 @@ static PyTypeObject HookType = {
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)hook_init,
     .tp_dealloc = (destructor)hook_dealloc,
+    .tp_methods = hook_methods,
 };
 
 /* The exception raised, to on_error (which keeps it and stops emulation). */
@@ -155,10 +208,48 @@ static PyObject *call(Hook *self, void *uc, uint32_t port, int size, int out, ui
     return result;
 }
 
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *value = PyObject_GetAttr(obj, name);
+    int truth = value ? PyObject_IsTrue(value) : -1;
+    Py_XDECREF(value);
+    return truth;
+}
+
+/* The attached handling of this access: 1 done (an IN's answer in *value), 0 the callback's,
+ * -1 after on_error has been told. */
+static int offer(Hook *self, void *uc, uint32_t port, int size, int out, uint32_t *value) {
+    if (self->inline_io == NULL)
+        return 0;
+    int refused = attr_true(self->vcpu, name_single_step);
+    if (!refused && !out)
+        refused = attr_true(self->access_log, name_replaying);
+    if (refused)
+        return refused < 0 ? (tell_error(self), -1) : 0;
+    uint64_t rip = 0, cs = 0;
+    self->reg_read(uc, self->rip_id, &rip);
+    if (out) {   /* KVM reports an OUT past it: known once the vCPU has decoded it */
+        self->reg_read(uc, self->cs_id, &cs);
+        PyObject *key = Py_BuildValue("(KK)", (unsigned long long)rip,
+                                      (unsigned long long)(cs & 0xFFFF));
+        PyObject *past = key ? PyDict_GetItemWithError(self->past_out, key) : NULL;
+        Py_XDECREF(key);
+        if (past == NULL)
+            return PyErr_Occurred() ? (tell_error(self), -1) : 0;
+        rip = PyLong_AsUnsignedLongLong(past);
+        if (PyErr_Occurred())
+            return tell_error(self), -1;
+    }
+    int done = self->entry(self->inline_io, out, port, size, value, rip);
+    if (done < 0)
+        tell_error(self);
+    return done;
+}
+
 /* <unicorn/unicorn.h> uc_cb_insn_out_t */
 static void out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
     PyGILState_STATE gil = PyGILState_Ensure();
-    Py_XDECREF(call((Hook *)user_data, uc, port, size, 1, value));
+    if (offer((Hook *)user_data, uc, port, size, 1, &value) == 0)
+        Py_XDECREF(call((Hook *)user_data, uc, port, size, 1, value));
     PyGILState_Release(gil);
 }
 
@@ -166,8 +257,13 @@ static void out_hook(void *uc, uint32_t port, int size, uint32_t value, void *us
 static uint32_t in_hook(void *uc, uint32_t port, int size, void *user_data) {
     PyGILState_STATE gil = PyGILState_Ensure();
     Hook *self = (Hook *)user_data;
-    PyObject *result = call(self, uc, port, size, 0, 0);
     uint32_t value = 0;
+    int done = offer(self, uc, port, size, 0, &value);
+    if (done) {
+        PyGILState_Release(gil);
+        return done < 0 ? 0 : value;
+    }
+    PyObject *result = call(self, uc, port, size, 0, 0);
     if (result != NULL) {
         value = (uint32_t)PyLong_AsUnsignedLongMask(result);
         Py_DECREF(result);
@@ -191,6 +287,8 @@ PyMODINIT_FUNC PyInit__insnhooks(void) {
             || !(name_count = PyUnicode_InternFromString("count"))
             || !(name_data = PyUnicode_InternFromString("data"))
             || !(name_data_offset = PyUnicode_InternFromString("data_offset"))
+            || !(name_single_step = PyUnicode_InternFromString("_single_step"))
+            || !(name_replaying = PyUnicode_InternFromString("replaying"))
             || !(one = PyLong_FromLong(1)) || !(zero = PyLong_FromLong(0))
             || PyType_Ready(&HookType) < 0)
         return NULL;

@@ -81,6 +81,7 @@ class Engine:
                              (ctypes.c_void_p * 2)(ctypes.addressof(self._rip_cs),
                                                    ctypes.addressof(self._rip_cs) + 8))
         self._hooks: list = []           # what Unicorn calls, kept alive as long as the engine
+        self._port_hooks: list = []      # the C IN and OUT hooks (`_insnhooks.Hook`)
         self._mmio = (lambda uc, offset, size, base: mmio_read(base + offset, size),
                       lambda uc, offset, size, value, base: mmio_write(base + offset, size, value))
         self._backed: set[int] = set()   # gpa of each region mapped
@@ -112,6 +113,7 @@ class Engine:
         if insn in _C_HOOKS:
             hook = _insnhooks.Hook(callback, self._hook_failed, _REG_READ, _RIP, _CS, exit_class)
             self._add_insn_hook(insn, _C_HOOKS[insn], id(hook), hook)
+            self._port_hooks.append(hook)
             return
         batch, (ids, pointers) = uclib.uc_reg_read_batch, self._rip_cs_args
         rip_cs, handle = self._rip_cs, self._handle
@@ -130,6 +132,15 @@ class Engine:
                 return 0
         function = _INSN_HOOKS[insn](trampoline)
         self._add_insn_hook(insn, function, None, function)
+
+    def attach_port_io(self, inline, *where) -> bool:
+        """Offer each IN and OUT to `inline` (the run loop's compiled handling of one access,
+        `_runloop.InlinePortIo`) before the callback; `where` is what the C hooks need to know
+        whether the vCPU would dispatch it inline (see `_insnhooks.c`). None detaches it.
+        False: the hooks are ctypes trampolines, which take no such offer."""
+        for hook in self._port_hooks:
+            hook.attach(inline, inline.entry, *where) if inline is not None else hook.attach(None)
+        return bool(self._port_hooks)
 
     def _add_insn_hook(self, insn: int, function, user_data: int | None, keep) -> None:
         handle = uc_hook_h()

@@ -13,6 +13,7 @@ from .stats import INDEX
 
 DR6_FIXED = 0xFFFF0FF0
 _EXITS, _IO_EXITS = INDEX["exits"], INDEX["io_exits"]
+INLINE_COUNTED = (_EXITS, _IO_EXITS)   # the counters a port access handled inline bumps
 
 
 class UnicornHooks:

@@ -45,6 +45,10 @@ class TcgStats:
         read = self._counts.__getitem__
         return chosen, lambda: tuple(map(read, index))
 
+    def indices(self, names) -> tuple[int, ...]:
+        """Where `selector(names)`'s counters lie in the vCPU's list, in the same order."""
+        return tuple(INDEX[n] for n in NAMES if n in set(names))
+
     def read(self) -> dict[str, int]:
         return dict(zip(NAMES, self._counts))
 

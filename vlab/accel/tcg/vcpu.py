@@ -49,7 +49,7 @@ from .cpuid import CpuidAnswers
 from .cpustate import read_segments
 from .engine import Engine
 from .exceptions import UD_VECTOR, deliver
-from .hooks import DR6_FIXED, UnicornHooks
+from .hooks import DR6_FIXED, INLINE_COUNTED, UnicornHooks
 from .portio import IoShape, io_shape
 from .restart import Access, AccessLog
 from .stats import INDEX, NAMES, TcgStats
@@ -365,7 +365,8 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
             self._io_shapes[(rip, cs)] = shape
         return shape.rip_after(rip, engine.read(x86.UC_X86_REG_RCX))
 
-    def dispatch_port_io(self, handler: Callable[[IoIn | IoOut], bool] | None) -> None:
+    def dispatch_port_io(self, handler: Callable[[IoIn | IoOut], bool] | None,
+                         compiled=None) -> bool:
         """Handle port I/O inside emulation, as QEMU's TCG does: its `cpu_outb`/`cpu_inb`
         call the device on the vCPU thread, and nothing returns to the main loop.
 
@@ -375,8 +376,17 @@ class TcgVcpu(UnicornHooks, TcgVcpuState):
         KVM would put RIP at this exit). Returning True stops the guest: `run()` then returns
         that exit, already handled, once its instruction (or element) has completed. The
         exits still count in `io_exits` and `exits`, not in `emu_starts`. None restores one
-        exit per `run()`, as KVM_RUN."""
+        exit per `run()`, as KVM_RUN.
+
+        `compiled` (the run loop's `_runloop.InlinePortIo`, with `handler`) handles the
+        accesses it can in C, called by the C hooks first; the rest reach `handler`. Returns
+        whether it was taken (False without the C hooks)."""
         self._io_handler = handler
+        if handler is None or compiled is None:
+            self._engine.attach_port_io(None)
+            return False
+        compiled.bind(self._counts, INLINE_COUNTED)
+        return self._engine.attach_port_io(compiled, self, self._past_out, self._log)
 
     def kick(self, thread_ident: int | None = None) -> None:
         """Make the `run()` in progress (or the next one) return `Interrupted`. Any thread may
