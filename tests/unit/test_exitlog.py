@@ -252,3 +252,71 @@ def test_compiled_and_python_appends_write_the_same_rows(monkeypatch):
     assert compiled._rows == python._rows and compiled._counts == python._counts
     assert list(compiled) == list(python)
     assert list(python)[:-1] == records[-20:-1]   # the last one's 2e-6 s, read back as a float32
+
+
+# --- indexed reads: from the nearest checkpoint, anywhere in the ring -------------------------
+
+def two_vcpus(count: int, start: int = 0) -> list[ExitRecord]:
+    """`count` records of two vCPUs interleaved unevenly, of every shape, with counter
+    deltas a row cannot hold, vCPU 0's counters starting again now and then (a new fd),
+    and records without counters."""
+    shapes = exits_of_every_shape()
+    counters = {0: (10, 20, 30), 1: (5_000, 6_000, 7_000)}
+    records = []
+    for i in range(start, start + count):
+        vcpu = 1 if i % 7 in (2, 5) else 0
+        exit = shapes[i % len(shapes)]
+        if i % 97 == 0:
+            records.append(ExitRecord(vcpu, exit, 0x9000 + i, None, False, 0.5, None, None))
+            continue
+        before = (i, 0, 1) if vcpu == 0 and i % 1000 == 999 else counters[vcpu]
+        step = 70_000 if i % 333 == 0 else i % 5
+        after = (before[0] + 1, before[1] + step, before[2] + (i % 2))
+        counters[vcpu] = after
+        records.append(ExitRecord(vcpu, exit, 0x8000 + i, f"dev{i % 3}" if i % 2 else None,
+                                  bool(i % 2), 2.0 ** -(i % 20 + 10), before, after))
+    return records
+
+
+def test_indexed_reads_anywhere_in_the_ring_match_the_appended_records():
+    keep = 3 * exitlog.CHECKPOINT + 100
+    log = ExitLog(COUNTERS, keep=keep)
+    appended = two_vcpus(2 * keep + 77)   # wrapped around twice
+    for r in appended:
+        log.append(r)
+    kept = appended[-keep:]
+    order = [0, keep - 1, keep // 2, 1, exitlog.CHECKPOINT - 1, exitlog.CHECKPOINT,
+             exitlog.CHECKPOINT + 1, -1, -keep, 5, 2 * exitlog.CHECKPOINT + 3]
+    for index in order + list(range(0, keep, 37)):
+        assert log.records[index] == kept[index]
+    assert log.first_seq == len(appended) - keep + 1 == kept[0].seq
+    assert log.record(log.first_seq) == kept[0] and list(log) == kept
+    # more appended: what was read before still reads right, and so do the new ones
+    more = two_vcpus(keep // 3, start=len(appended))
+    for r in more:
+        log.append(r)
+    kept = (appended + more)[-keep:]
+    for index in order + list(range(3, keep, 41)):
+        assert log.records[index] == kept[index]
+    log.clear()
+    again = two_vcpus(exitlog.CHECKPOINT + 10, start=500)
+    for r in again:
+        log.append(r)
+    assert log.records[0].rip == again[0].rip and log.records[3].seq == 4
+    assert [log.records[i].counters_after for i in range(len(again))] == \
+        [r.counters_after for r in again]
+
+
+def test_a_read_sums_back_from_the_checkpoint_after_it(monkeypatch):
+    log = ExitLog(COUNTERS, keep=100_000)
+    for r in chained([out(), Hlt()] * 5_000):
+        log.append(r)
+    rows = []
+    row = log._row
+    monkeypatch.setattr(log, "_row", lambda seq: rows.append(seq) or row(seq))
+    assert log.records[-1].seq == 10_000 and len(rows) <= 2   # the newest: one row
+    log.records[0]     # the first read walks back from the newest, keeping checkpoints
+    for index in (0, 1, 4_321, 9_998, 5_000, 511, 512):
+        rows.clear()
+        assert log.records[index].seq == index + 1
+        assert len(rows) <= exitlog.CHECKPOINT

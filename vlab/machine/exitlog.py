@@ -9,7 +9,9 @@ The log keeps its last `keep` records as fixed 64-byte rows in one buffer (a rin
 million of them take 61 MiB, and the compiled run loop (`_runloop.c`) writes a row without
 making a Python object. Each row holds the exit's fields, RIP, a device number, the KVM_RUN
 time and each counter's delta since the vCPU's previous exit; an `ExitRecord` is made when a
-reader asks for one, its absolute counters summed back from the vCPU's latest reading. What
+reader asks for one, its absolute counters summed back from the vCPU's latest reading, or from
+the nearest later checkpoint (every CHECKPOINT rows, the vCPUs' counters there, kept as reads
+pass it), so a read anywhere sums a few hundred deltas at most once the log has been read. What
 does not fit a row (a `rep outs`, a DEBUG exit's registers, a delta above 65,535, the kernel's
 trace events) is kept beside it, by sequence number.
 """
@@ -78,6 +80,8 @@ CLAIMED, HAS_COUNTERS, SIDE_EXIT, SIDE_DELTAS, SIDE_EVENTS = 1, 2, 4, 8, 16
 _KINDS = 256          # counts: [0] the total, [kind] per histogram key, [GENERATION] below
 GENERATION = _KINDS - 1   # bumped when the rows or the latest counters are replaced
 _FIRST_ROWS = 1024    # rows allocated at first; doubled up to `keep`
+CHECKPOINT = 512      # seqs between two checkpoints of the vCPUs' counters (a million
+#                       records: 2,000 checkpoints, about 1.5 MiB beside their 61 MiB of rows)
 
 
 def _row_fields(exit: Exit) -> tuple[int, int, int, int] | None:
@@ -191,6 +195,9 @@ class ExitLog:
         self._breaks: dict[int, tuple | None] = {}   # seq -> the vCPU's counters before it, when
         #                                              they are not its previous record's after
         self._side: dict[int, tuple] = {}            # seq -> (exit, deltas, kernel events)
+        # seq (a multiple of CHECKPOINT) -> each vCPU's counters after its last record up
+        # to that seq: a fact once written, taken as a backward read passes it
+        self._checkpoints: dict[int, dict[int, tuple | None]] = {}
         self._listeners: list = []
 
     # -- writing --------------------------------------------------------------------------
@@ -315,11 +322,17 @@ class ExitLog:
         self._latest.clear()
         self._breaks.clear()
         self._side.clear()
+        self._checkpoints.clear()
 
     # -- reading --------------------------------------------------------------------------
     @property
     def kept(self) -> int:
         return min(self.total, self.keep)
+
+    @property
+    def first_seq(self) -> int:
+        """The seq of the oldest kept record (1 until the ring wraps around)."""
+        return self._window()[0]
 
     @property
     def records(self) -> KeptRecords:
@@ -384,11 +397,23 @@ class ExitLog:
             after = {vcpu: tuple(latest) for vcpu, latest in self._latest.items()}
             if total == self.total:
                 break
-        first = max(1, total - self.keep + 1, stop)
-        breaks = self._breaks
-        for seq in range(total, first - 1, -1):
+        return self._back_from(total, after, stop)
+
+    def _back_from(self, start: int, after: dict, stop: int) -> Iterator[ExitRecord]:
+        """The kept records from seq `start` back to `stop` (the oldest kept if 0), `after`
+        holding each vCPU's counters after its last record up to `start`; the checkpoints
+        passed on the way are kept."""
+        first = max(1, self.total - self.keep + 1, stop)
+        breaks, checkpoints = self._breaks, self._checkpoints
+        if len(checkpoints) > self.keep // CHECKPOINT + 1:   # drop those before the window
+            oldest = self.total - self.keep
+            for seq in [seq for seq in checkpoints if seq <= oldest]:
+                del checkpoints[seq]
+        for seq in range(start, first - 1, -1):
             if seq <= self.total - self.keep:
                 return   # the vCPU thread has written over the rest meanwhile
+            if not seq % CHECKPOINT and seq not in checkpoints:
+                checkpoints[seq] = after.copy()
             row = self._row(seq)
             before = counters = None
             if row[8] & HAS_COUNTERS:
@@ -402,7 +427,15 @@ class ExitLog:
             yield self._make(seq, row, before, counters)
 
     def _record(self, seq: int) -> ExitRecord:
-        for record in self._newest_first(seq):
+        """Record `seq`, its counters summed back from the first checkpoint after it (from
+        the latest reading where none is kept yet)."""
+        checkpoints = self._checkpoints
+        start, after = next(((c, after) for c in range(-(-seq // CHECKPOINT) * CHECKPOINT,
+                                                       self.total + 1, CHECKPOINT)
+                             if (after := checkpoints.get(c)) is not None), (None, None))
+        records = (self._newest_first(seq) if start is None
+                   else self._back_from(start, dict(after), seq))
+        for record in records:
             if record.seq == seq:
                 return record
         raise IndexError(f"exit {seq} is no longer kept")

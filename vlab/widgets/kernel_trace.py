@@ -417,14 +417,16 @@ class KvmRunTimeline(_TraceView):
             return None
         if self.seq is None:
             return log.last
-        return next((r for r in reversed(log.records) if r.seq == self.seq), None)
+        try:
+            return log.record(self.seq)
+        except IndexError:   # no longer kept
+            return None
 
     def _neighbour(self, step: int) -> int | None:
         log, shown = self.exit_log, self.record()
         if log is None or shown is None or not log.records:
             return self.seq
-        first, last = log.records[0].seq, log.records[-1].seq
-        return min(max(shown.seq + step, first), last)
+        return min(max(shown.seq + step, log.first_seq), log.total)
 
     def render(self) -> None:
         with self._lock:
