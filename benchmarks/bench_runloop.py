@@ -8,7 +8,10 @@ handled by the debug console, recorded in the ExitLog with its RIP and its KVM_R
 (unless switched off) with KVM's in-kernel counters read from the stats fd. The same guest
 runs under exit_loop.c, in alternating rounds. "traced" is `run()` as installed: the compiled
 loop (vlab/machine/_runloop.c) where setup.py built it; "Python loop" is the same run through
-`VcpuRunner._run_python`, the loop a learner reads. A breakdown then says where the Python
+`VcpuRunner._run_python`, the loop a learner reads; "Lab first run" is `lab.run()` right
+after a Lab's bring-up: the kvm_cpu_exec stage, which records the run's first ioctls and
+counts the rest, the loop going on compiled once the record is full. A breakdown then says
+where the Python
 loop's per-exit time goes, part by part; "Python floor" bounds what any Python loop keeping
 that trace could reach. `--check` exits with status 1 when the traced loop is below the target.
 """
@@ -26,6 +29,7 @@ from reference import (LOAD_ADDR, MEM_SIZE, Run, assemble, build_c_reference, co
                        exit_rate_arguments,
                        interleave, print_table, run_c_reference)
 from vlab.accel import select
+from vlab.lab import Lab
 from vlab.kvm import Hlt, IoOut
 from vlab.machine import runloop
 from vlab.machine.board import Machine
@@ -35,15 +39,14 @@ from vlab.machine.runloop import VcpuRunner
 
 TARGET = 0.9
 
-DEBUGCON_LOOP = """\
-bits 16
-org {load:#x}
+DEBUGCON_BODY = """\
     mov ecx, {count}
 .l: out 0xe9, al
     dec ecx
     jnz .l
     hlt
 """
+DEBUGCON_LOOP = "bits 16\norg {load:#x}\n" + DEBUGCON_BODY
 
 
 def build_machine(guest: bytes, kernel_counters: bool = True,
@@ -81,6 +84,20 @@ def run_machine(guest: bytes, kernel_counters: bool = True, loop: str | None = N
         runloop._runloop = installed
         machine.close()
         machine.accel.close()
+
+
+def run_lab_first(count: int) -> Run:
+    """A Lab brought up with the same guest and RAM; only its first `run()` is timed (the
+    kvm_cpu_exec stage, with the states its record shows before and after)."""
+    with Lab(accel="kvm", memory=MEM_SIZE) as lab:
+        lab.load_assembly(DEBUGCON_BODY.format(count=count), org=LOAD_ADDR)
+        lab.bring_up()
+        start = time.perf_counter()
+        result = lab.run()
+        seconds = time.perf_counter() - start
+        if not isinstance(result.last_exit, Hlt):
+            raise RuntimeError(f"the guest stopped on {result.stop_reason}, not HLT")
+        return Run(lab.exits().histogram()["IO out"], seconds)
 
 
 def run_bare(guest: bytes) -> Run:
@@ -195,6 +212,7 @@ def main() -> int:
         results = interleave({"C": partial(run_c_reference, c_binary, guest),
                               "traced": partial(run_machine, code),
                               "Python loop": partial(run_machine, code, loop="python"),
+                              "Lab first run": partial(run_lab_first, args.exits),
                               "no counters": partial(run_machine, code, False),
                               "bare run()": partial(run_bare, code),
                               "Python floor": partial(run_floor, code)},
@@ -203,8 +221,9 @@ def main() -> int:
     loop = "compiled" if runloop._runloop is not None else "Python: _runloop is not built"
     print(f"traced: Machine + VcpuRunner ({loop} loop), devices, ExitLog records and KVM's "
           "counters per exit; Python loop: the same through VcpuRunner._run_python; no "
-          "counters: traced without the stats fd; bare run(): vcpu.run() alone; Python floor: "
-          "the least a Python loop can do with the same trace (see run_floor)")
+          "counters: traced without the stats fd; Lab first run: lab.run() after bring_up(), "
+          "the kvm_cpu_exec stage recording its ioctls; bare run(): vcpu.run() alone; Python "
+          "floor: the least a Python loop can do with the same trace (see run_floor)")
     print_table(results, reference="C")
     breakdown(code, results)
     c = compare(results, "traced", "C")
