@@ -6,9 +6,12 @@ The yardstick is the least Python can do per `out` on Unicorn: one engine, one U
 callback that counts, and a single `emu_start` that runs the whole guest. The target applies
 to the Machine's VcpuRunner, which dispatches each `out` inside emulation (as QEMU's TCG
 does) to the debug-console device and records it in the ExitLog with RIP, its time and the
-vCPU's counters. Shown beside it: the tcg vCPU with a handler that only counts, given by
-`dispatch_port_io` (the engine's hooks alone), and `vcpu.run()` returning each exit as
-KVM_RUN does, which stops the engine in its hook and starts it again for every `out`.
+vCPU's counters: in C where vlab was built with a compiler (_runloop.c's InlinePortIo,
+called by the C hooks), else in `VcpuRunner._on_port_io`, shown as "runner.py" (the same
+runner with the compiled handling left out). Shown beside them: the tcg vCPU with a handler
+that only counts, given by `dispatch_port_io` (the engine's hooks and a Python call), and
+`vcpu.run()` returning each exit as KVM_RUN does, which stops the engine in its hook and
+starts it again for every `out`.
 Contenders run in alternating rounds on the same guest; `--check` exits with status 1 when
 the runner is below the target ratio.
 """
@@ -108,11 +111,15 @@ def run_vcpu(code: bytes) -> Run:
         machine.close()
 
 
-def run_runner(code: bytes) -> Run:
-    """The Machine's VcpuRunner: every exit dispatched to the device and logged."""
+def run_runner(code: bytes, compiled: bool = True) -> Run:
+    """The Machine's VcpuRunner: every exit dispatched to the device and logged; with
+    `compiled` False, by `_on_port_io` alone."""
     machine = build_machine(code)
     try:
-        result = machine.runners[0].run()
+        runner = machine.runners[0]
+        if not compiled:
+            runner._inline_port_io = lambda: None
+        result = runner.run()
         if not isinstance(result.last_exit, Hlt):
             raise RuntimeError(f"the guest stopped on {result.stop_reason}, not HLT")
         return Run(machine.log.histogram()["IO out"], result.seconds)
@@ -127,11 +134,12 @@ def main() -> int:
     results = interleave({"unicorn": lambda: run_raw_unicorn(code),
                           "inline": lambda: run_inline(code),
                           "vcpu.run": lambda: run_vcpu(code),
-                          "runner": lambda: run_runner(code)},
+                          "runner": lambda: run_runner(code),
+                          "runner.py": lambda: run_runner(code, compiled=False)},
                          args.rounds, expected_exits=args.exits)
     print(f"{args.exits:,} port-I/O exits per run, {args.rounds} interleaved rounds (exits/s)")
     print_table(results, reference="unicorn")
-    for name in ("inline", "vcpu.run", "runner"):
+    for name in ("inline", "vcpu.run", "runner", "runner.py"):
         c = compare(results, name, "unicorn")
         print(f"tcg {name} against raw Unicorn: "
               f"{c.summary(TARGET if name == 'runner' else None)}")
