@@ -140,6 +140,9 @@ def _exit_path() -> tuple[str, str, str]:
         tcg_hooks = ("; tcg's port-I/O hooks: compiled (vlab.accel.tcg._insnhooks)" if tcg_built
                      else "; tcg's port-I/O hooks: not built, so Unicorn calls Python through "
                           "ctypes (about 1 us more per port access)")
+        if tcg_built and runloop_module._runloop is not None:
+            tcg_hooks += (", the run loop's C handling the debug console, unclaimed ports and "
+                          "the 16550's polling inside emulation")
     fix = ("; install gcc and Python's headers (python3-dev), then `pip install -e .` again"
            if None in (vcpu_module._exitpath, runloop_module._runloop) or not tcg_built else "")
     return ("ok" if not fix else "python", "exit path",

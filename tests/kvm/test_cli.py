@@ -123,10 +123,15 @@ def test_doctor_says_which_run_loop_runs(capsys, monkeypatch):
 
 def test_doctor_says_how_tcg_hooks_are_called(capsys, monkeypatch):
     engine = pytest.importorskip("vlab.accel.tcg.engine", reason="no Unicorn: no tcg")
+    if engine._insnhooks is not None and runloop_module._runloop is not None:
+        cli.main(["doctor"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "the run loop's C handling the debug console" in out
     monkeypatch.setattr(engine, "_insnhooks", None)
     cli.main(["doctor"])
     out = " ".join(capsys.readouterr().out.split())
     assert "python exit path" in out and "through ctypes" in out and "python3-dev" in out
+    assert "the run loop's C handling" not in out
 
 
 def test_doctor_fails_when_neither_kvm_nor_tcg_can_run(no_kvm, capsys, monkeypatch):
