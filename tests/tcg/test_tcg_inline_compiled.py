@@ -1,7 +1,9 @@
 """Port I/O inside tcg's emulation handled in C (_runloop.c's InlinePortIo, called by the C
-hooks of _insnhooks.c) against the Python handling it stands in for (`VcpuRunner._on_port_io`):
-each guest runs once each way, on fresh boards, and both must leave the same records (tcg's
-counters are exact, so they are compared too), device effects and stop reasons."""
+hooks of _insnhooks.c) against the Python handling it stands in for (`VcpuRunner._on_port_io`),
+reached from the C hooks without the compiled loop, or from the ctypes trampolines of a vlab
+built without a compiler: each guest runs once each way, on fresh boards, and all must leave
+the same records (tcg's counters are exact, so they are compared too), device effects and
+stop reasons."""
 from __future__ import annotations
 
 import threading
@@ -14,7 +16,7 @@ from vlab.accel.tcg import engine
 from vlab.kvm import Debug, ExitReason, Hlt, Interrupted, IoIn, IoOut
 from vlab.machine import runloop
 
-PATHS = ("python", "compiled")
+PATHS = ("python", "ctypes", "compiled")
 
 pytestmark = pytest.mark.skipif(runloop._runloop is None or engine._insnhooks is None, reason=(
     "vlab.machine._runloop or vlab.accel.tcg._insnhooks is not built here: no compiled port "
@@ -28,6 +30,8 @@ def run_guest(monkeypatch, path: str, source: str, mode: str = "real", prepare=N
     with monkeypatch.context() as patch:
         if path == "python":
             patch.setattr(runloop, "_runloop", None)
+        if path == "ctypes":
+            patch.setattr(engine, "_C_HOOKS", {})
         boards = _boards("tcg")
         make = next(boards)
         try:
@@ -62,9 +66,10 @@ def observe(guest, result, heard: list) -> dict:
 
 
 def assert_same(monkeypatch, source: str, handed: int | None = None, **kwargs) -> dict:
-    """Both paths leave the same; the compiled one left `handed` accesses to Python."""
-    (python, on_python), (compiled, to_python) = (run_guest(monkeypatch, path, source, **kwargs)
-                                                  for path in PATHS)
+    """Every path leaves the same; the compiled one left `handed` accesses to Python."""
+    (python, on_python), (ctypes, on_ctypes), (compiled, to_python) = (
+        run_guest(monkeypatch, path, source, **kwargs) for path in PATHS)
+    assert ctypes == python and on_ctypes == on_python
     assert compiled == python
     if handed is not None:
         assert to_python == handed
@@ -216,7 +221,7 @@ def test_console_listener_fed_byte_by_byte(monkeypatch):
         loop again
         hlt
     """, prepare=listen, handed=4)   # each OUT's first time: then its RIP past it is known
-    assert seen["console"] == b"oo\n\n" * 2 and streamed == [b"oo\n\n" * 2] * 2
+    assert seen["console"] == b"oo\n\n" * 2 and streamed == [b"oo\n\n" * 2] * len(PATHS)
     assert [type(r[2]) for r in seen["records"]] == [IoOut] * 8 + [Hlt]
 
 

@@ -25,7 +25,8 @@ before every instruction, where without one it would finish the whole translated
   there (x86's RF flag). An exit from a stepped instruction comes first, its `Debug` next.
 - `dispatch_port_io(handler)` handles port I/O inside emulation instead, as QEMU's TCG
   does: the hook calls `handler(exit)` and the guest runs on, so `run()` returns only for
-  other exits or when the handler asks to stop (see its docstring).
+  other exits or when the handler asks to stop (see its docstring). Given the run loop's
+  compiled handling too, the C hooks offer each access to it first, without Python.
 - `kick()` stops a running vCPU from any thread (`uc_emu_stop` needs no signal);
   `immediate_exit` behaves as kvm_run's; `time_limit` makes `run()` return `Interrupted`
   after that long without an exit; the watchdog's time slices let Python handle signals.
