@@ -392,17 +392,20 @@ class ExitLog:
     def _newest_first(self, stop: int = 0) -> Iterator[ExitRecord]:
         """The kept records from the newest back to seq `stop` (the oldest kept if 0), each
         vCPU's counters summed back from its latest reading."""
-        while True:   # the vCPU thread may append meanwhile: a consistent start
+        return (self._make(*each) for each in self._back_from(*self._reading(), stop))
+
+    def _reading(self) -> tuple[int, dict]:
+        """The last seq and each vCPU's counters after its last record, read together."""
+        while True:   # the vCPU thread may append meanwhile: a consistent reading
             total = self.total
             after = {vcpu: tuple(latest) for vcpu, latest in self._latest.items()}
             if total == self.total:
-                break
-        return self._back_from(total, after, stop)
+                return total, after
 
-    def _back_from(self, start: int, after: dict, stop: int) -> Iterator[ExitRecord]:
-        """The kept records from seq `start` back to `stop` (the oldest kept if 0), `after`
-        holding each vCPU's counters after its last record up to `start`; the checkpoints
-        passed on the way are kept."""
+    def _back_from(self, start: int, after: dict, stop: int) -> Iterator[tuple]:
+        """(seq, row, counters before, counters after) of each kept record from seq `start`
+        back to `stop` (the oldest kept if 0), `after` holding each vCPU's counters after
+        its last record up to `start`; the checkpoints passed on the way are kept."""
         first = max(1, self.total - self.keep + 1, stop)
         breaks, checkpoints = self._breaks, self._checkpoints
         if len(checkpoints) > self.keep // CHECKPOINT + 1:   # drop those before the window
@@ -424,7 +427,7 @@ class ExitLog:
                               else row[9:9 + len(counters)])
                     before = tuple(map(int.__sub__, counters, deltas))
                     after[vcpu] = breaks[seq] if seq in breaks else before
-            yield self._make(seq, row, before, counters)
+            yield seq, row, before, counters
 
     def _record(self, seq: int) -> ExitRecord:
         """Record `seq`, its counters summed back from the first checkpoint after it (from
@@ -432,12 +435,11 @@ class ExitLog:
         checkpoints = self._checkpoints
         start, after = next(((c, after) for c in range(-(-seq // CHECKPOINT) * CHECKPOINT,
                                                        self.total + 1, CHECKPOINT)
-                             if (after := checkpoints.get(c)) is not None), (None, None))
-        records = (self._newest_first(seq) if start is None
-                   else self._back_from(start, dict(after), seq))
-        for record in records:
-            if record.seq == seq:
-                return record
+                             if (after := checkpoints.get(c)) is not None), None) \
+            or self._reading()
+        for each in self._back_from(start, dict(after), seq):
+            if each[0] == seq:
+                return self._make(*each)
         raise IndexError(f"exit {seq} is no longer kept")
 
     def histogram(self) -> dict[str, int]:
