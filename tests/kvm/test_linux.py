@@ -9,8 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -274,38 +272,3 @@ def test_lab_boots_linux_to_init_and_powers_off(make_lab, debian_kernel):
     result = lab.run(timeout=BOOT_TIMEOUT)
     assert MARKER in lab.console, f"{result}\n{lab.console[-3000:]}"
     assert "the guest powered off" in result.stop_reason, result
-
-
-@pytest.mark.skipif(detect_backend().emulates_kernel_mode,
-                    reason="this KVM backend emulates guest kernel code (kvm_pvm): Linux stops "
-                           "in KVM's emulator, which the tests above check")
-def test_the_interactive_initramfs_runs_what_is_typed(kvm, debian_kernel):
-    """`vlab initramfs --shell`: a shell on ttyS0 that `vlab run --linux` types into from
-    stdin; once it is up, a command line's output comes back and `exit` powers off."""
-    shell = build_initramfs("shell", log=lambda msg: None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vlab.cli", "run", "--linux", str(debian_kernel), "--initrd",
-         str(shell), "--append", "console=ttyS0 quiet", "--timeout", str(BOOT_TIMEOUT)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
-    seen = bytearray()
-    ready = threading.Event()
-
-    def read() -> None:
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
-            seen.extend(chunk)
-            if b"exit powers off" in seen:
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert ready.wait(BOOT_TIMEOUT), seen.decode(errors="replace")[-3000:]
-        time.sleep(1)   # the shell opens the console after its banner line
-        proc.stdin.write(b"echo typed-$((6 * 7))\nexit\n")
-        proc.stdin.flush()
-        assert proc.wait(BOOT_TIMEOUT) == 0, seen.decode(errors="replace")[-3000:]
-    finally:
-        proc.kill()
-        reader.join(10)
-    assert b"typed-42" in seen and b"the guest powered off" in seen, seen.decode()[-3000:]
