@@ -443,13 +443,14 @@ class ExitLog:
         raise IndexError(f"exit {seq} is no longer kept")
 
     def histogram(self) -> dict[str, int]:
-        """Userspace exits by reason, most frequent first (over every exit, not just kept ones)."""
+        """Userspace exits by reason, most frequent first, ties by name (over every exit, not
+        just kept ones)."""
         counts: Counter = Counter()
         kinds = self._counts.tolist()
         for kind, key in enumerate(self._keys[1:], 1):   # never GENERATION: _new_kind stops
             if kinds[kind]:
                 counts[_key_label(key)] += kinds[kind]
-        return dict(counts.most_common())
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
     def kernel_delta(self, record: ExitRecord) -> dict[str, int]:
         """KVM's counters that moved between the previous userspace exit and this one."""
