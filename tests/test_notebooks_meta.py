@@ -20,7 +20,7 @@ EXPECTED = [
     "00-index", "01-accel-init", "02-cpu-realize-and-cpuid", "03-vcpu-create-and-kvm-run",
     "04-set-cpuid2-tsc-msrs", "05-memory-and-loading", "06-run-loop-and-exits",
     "07-vm-entry-exit-step-by-step", "08-cpu-modes", "09-kvm-vs-tcg", "10-multiboot-kernels",
-    "11-inside-kvm-run",
+    "11-inside-kvm-run", "12-booting-linux",
 ]
 LINK = re.compile(r"\[(?P<text>[^\]]+)\]\((?P<target>[^)\s]+)\)")
 
