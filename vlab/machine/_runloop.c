@@ -35,6 +35,7 @@
 #define MAX_COUNTERS 14
 #define DELTA_MAX 0xFFFF
 #define GENERATION 255   /* ExitLog._counts[255]: bumped when _rows or _latest are replaced */
+#define FIRST_SEEN 256   /* ExitLog._counts[256 + kind]: the seq of that kind's first exit */
 
 /* exitlog.py: ROW = struct.Struct("<QQQfHHBBBx14H") */
 #pragma pack(push, 1)
@@ -147,6 +148,8 @@ static struct row *log_next(struct log_view *lv, long vcpu, unsigned long long *
 
 static void log_commit(struct log_view *lv, unsigned long long seq, int kind) {
     uint64_t *counts = lv->counts.buf;
+    if (counts[kind] == 0)
+        counts[FIRST_SEEN + kind] = seq;
     counts[kind] += 1;
     counts[0] = seq;
 }

@@ -79,6 +79,7 @@ _FIXED_KINDS = {IoOut: IO_OUT, IoIn: IO_IN, MmioRead: MMIO_READ, MmioWrite: MMIO
 CLAIMED, HAS_COUNTERS, SIDE_EXIT, SIDE_DELTAS, SIDE_EVENTS = 1, 2, 4, 8, 16
 _KINDS = 256          # counts: [0] the total, [kind] per histogram key, [GENERATION] below
 GENERATION = _KINDS - 1   # bumped when the rows or the latest counters are replaced
+FIRST_SEEN = _KINDS   # counts[FIRST_SEEN + kind]: the seq of that kind's first exit
 _FIRST_ROWS = 1024    # rows allocated at first; doubled up to `keep`
 CHECKPOINT = 512      # seqs between two checkpoints of the vCPUs' counters (a million
 #                       records: 2,000 checkpoints, about 1.5 MiB beside their 61 MiB of rows)
@@ -186,7 +187,7 @@ class ExitLog:
         self._rows = bytearray(ROW.size * min(keep, _FIRST_ROWS))
         # [0]: every exit appended since the last clear(); [kind]: those of each kind. Written
         # in place by the vCPU thread (and _runloop.c) while views read it from others.
-        self._counts = array("Q", bytes(8 * _KINDS))
+        self._counts = array("Q", bytes(16 * _KINDS))
         self._keys: list = [None, IoOut, IoIn, MmioRead, MmioWrite, Hlt, Interrupted]
         self._kind_of: dict = {key: kind for kind, key in enumerate(self._keys) if kind}
         self._devices: list[str | None] = [None]     # device number -> name
@@ -267,6 +268,8 @@ class ExitLog:
             ROW.pack_into(self._rows, index * ROW.size, *head, flags, *_NO_DELTAS)
         if flags & (SIDE_EXIT | SIDE_DELTAS | SIDE_EVENTS):
             self._keep_aside(seq, (side_exit, side_deltas, events or ()))
+        if not counts[kind]:
+            counts[FIRST_SEEN + kind] = seq
         counts[kind] += 1
         counts[0] = seq
 
@@ -317,7 +320,7 @@ class ExitLog:
 
     def clear(self) -> None:
         generation = self._counts[GENERATION]
-        self._counts[:] = array("Q", bytes(8 * _KINDS))
+        self._counts[:] = array("Q", bytes(16 * _KINDS))
         self._counts[GENERATION] = generation + 1
         self._latest.clear()
         self._breaks.clear()
@@ -443,14 +446,15 @@ class ExitLog:
         raise IndexError(f"exit {seq} is no longer kept")
 
     def histogram(self) -> dict[str, int]:
-        """Userspace exits by reason, most frequent first, ties by name (over every exit, not
-        just kept ones)."""
+        """Userspace exits by reason, most frequent first, ties in the order they first
+        happened (over every exit, not just kept ones)."""
         counts: Counter = Counter()
         kinds = self._counts.tolist()
-        for kind, key in enumerate(self._keys[1:], 1):   # never GENERATION: _new_kind stops
-            if kinds[kind]:
-                counts[_key_label(key)] += kinds[kind]
-        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+        seen = sorted((kinds[FIRST_SEEN + kind], kind) for kind in range(1, len(self._keys))
+                      if kinds[kind])   # never GENERATION: _new_kind stops before it
+        for _, kind in seen:
+            counts[_key_label(self._keys[kind])] += kinds[kind]
+        return dict(counts.most_common())
 
     def kernel_delta(self, record: ExitRecord) -> dict[str, int]:
         """KVM's counters that moved between the previous userspace exit and this one."""
