@@ -57,12 +57,17 @@ def hub_cgroups() -> dict[str, str]:
 
 
 def unreachable_parents(paths: list[str]) -> dict[str, list[str]]:
-    """Each topmost directory that other users cannot enter (no o+x), with the paths below it."""
+    """Each topmost directory that other users cannot enter (no o+x), with the paths below it
+    to bind back. A path that is itself such a directory (a checkout in a 0700 folder) has
+    its entries bound back, since a bind keeps the directory's own mode."""
     plan: dict[str, list[str]] = {}
     for path in sorted({os.path.realpath(p) for p in paths}):   # a directory before its subdirectories
-        for parent in reversed(Path(path).parents):
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                plan.setdefault(str(parent), []).append(path)
+        target = Path(path)
+        for directory in (*reversed(target.parents), target):
+            if directory.is_dir() and not os.stat(directory).st_mode & stat.S_IXOTH:
+                below = sorted(map(str, target.iterdir())) if directory == target else [path]
+                bound = plan.setdefault(str(directory), [])
+                bound += [p for p in below if p not in bound]
                 break
     return plan
 
@@ -167,10 +172,15 @@ def bind_into_tmpfs(libc, mounts: dict[str, list[str]]) -> None:
     _check(libc.unshare(CLONE_NEWNS))
     _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None))
     for parent, paths in mounts.items():
-        held = [(path, os.open(path, os.O_PATH), os.statvfs(path).f_flag) for path in paths]
+        held = [(path, os.open(path, os.O_PATH), os.statvfs(path).f_flag, os.path.isdir(path))
+                for path in paths]
         _check(libc.mount(b"tmpfs", parent.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755"))
-        for path, fd, flags in held:
-            os.makedirs(path, exist_ok=True)
+        for path, fd, flags, is_dir in held:
+            if is_dir:
+                os.makedirs(path, exist_ok=True)
+            else:   # a file is bound onto a file
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                open(path, "a").close()
             _check(libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None,
                               MS_BIND | MS_REC, None))
             _check(libc.mount(b"none", path.encode(), None,

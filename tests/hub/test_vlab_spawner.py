@@ -74,3 +74,30 @@ def test_a_student_sees_only_the_bound_paths_read_only(tree):
     assert found["module"] == "VALUE = 1\n"
     assert found["write"] == "Read-only file system"
     assert (locked / "secret").exists() and not (locked / "env" / "lib" / "new.py").exists()
+
+
+def test_a_directory_others_cannot_enter_given_itself_has_its_entries_bound(tree):
+    locked = tree / "locked"   # as a checkout cloned into a 0700 temporary folder
+    plan = vlab_spawner.unreachable_parents([str(locked), str(locked / "env")])
+    assert plan == {str(locked): [str(locked / "env"), str(locked / "secret")]}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a mount namespace and setuid need root")
+def test_a_student_reads_the_files_and_directories_of_a_directory_bound_entry_by_entry(tree):
+    locked = tree / "locked"
+    plan = vlab_spawner.unreachable_parents([str(locked), sys.base_prefix, sys.prefix])
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def as_student():
+        vlab_spawner.bind_into_tmpfs(libc, plan)
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    probe = ("import sys\n"
+             "print(open(sys.argv[1] + '/env/lib/module.py').read() + open(sys.argv[1] + '/secret').read())\n")
+    (locked / "secret").chmod(0o644)
+    run = subprocess.run([sys.executable, "-c", probe, str(locked)], preexec_fn=as_student,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "VALUE = 1\nroot's\n\n"
