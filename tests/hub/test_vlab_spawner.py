@@ -36,6 +36,18 @@ def tree():
         yield root
 
 
+def as_student(plan):
+    """A preexec_fn: the spawner's mounts, then nobody's identity."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec():
+        vlab_spawner.bind_into_tmpfs(libc, plan)
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    return preexec
+
+
 def test_paths_below_a_directory_others_cannot_enter_are_grouped_under_it(tree):
     locked = tree / "locked"
     plan = vlab_spawner.unreachable_parents(
@@ -48,13 +60,6 @@ def test_a_student_sees_only_the_bound_paths_read_only(tree):
     locked = tree / "locked"
     # the probe's interpreter may lie below a directory nobody cannot enter too (pyenv's)
     plan = vlab_spawner.unreachable_parents([str(locked / "env"), sys.base_prefix, sys.prefix])
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def as_student():
-        vlab_spawner.bind_into_tmpfs(libc, plan)
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
 
     probe = (
         "import json, os, sys\n"
@@ -66,7 +71,7 @@ def test_a_student_sees_only_the_bound_paths_read_only(tree):
         "except OSError as error:\n"
         "    found['write'] = error.strerror\n"
         "print(json.dumps(found))\n")
-    run = subprocess.run([sys.executable, "-c", probe, str(locked)], preexec_fn=as_student,
+    run = subprocess.run([sys.executable, "-c", probe, str(locked)], preexec_fn=as_student(plan),
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     found = json.loads(run.stdout)
@@ -86,18 +91,11 @@ def test_a_directory_others_cannot_enter_given_itself_has_its_entries_bound(tree
 def test_a_student_reads_the_files_and_directories_of_a_directory_bound_entry_by_entry(tree):
     locked = tree / "locked"
     plan = vlab_spawner.unreachable_parents([str(locked), sys.base_prefix, sys.prefix])
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def as_student():
-        vlab_spawner.bind_into_tmpfs(libc, plan)
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
 
     probe = ("import sys\n"
              "print(open(sys.argv[1] + '/env/lib/module.py').read() + open(sys.argv[1] + '/secret').read())\n")
     (locked / "secret").chmod(0o644)
-    run = subprocess.run([sys.executable, "-c", probe, str(locked)], preexec_fn=as_student,
+    run = subprocess.run([sys.executable, "-c", probe, str(locked)], preexec_fn=as_student(plan),
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "VALUE = 1\nroot's\n\n"
