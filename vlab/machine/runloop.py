@@ -463,8 +463,13 @@ class VcpuRunner:
     def _compilable(self) -> bool:
         """Whether the compiled loop can run this vCPU while nobody records its ioctls."""
         from ..kvm.vcpu import VcpuFd
-        return (_runloop is not None and isinstance(self.vcpu, VcpuFd)
-                and self.kernel_trace is None and self.log.counter_names == self.counter_names
+        return self._c_records() and isinstance(self.vcpu, VcpuFd)
+
+    def _c_records(self) -> bool:
+        """Whether _runloop.c can write this runner's records: it is built, no kernel trace
+        is taken per exit, and the log keeps this runner's counters, as many as a row holds."""
+        return (_runloop is not None and self.kernel_trace is None
+                and self.log.counter_names == self.counter_names
                 and len(self.counter_names) <= MAX_COUNTERS)
 
     def _hand_over(self) -> Sequence:
@@ -491,6 +496,19 @@ class VcpuRunner:
                 handled[type(device)] = (base, device)
         return bytes(table), handled
 
+    def _fast_devices(self) -> tuple:
+        """The arguments _runloop.c's run() and InlinePortIo share, after their own: the port
+        table, the debug console's buffer and sink, the 16550, its sink and base port, and
+        the log's numbers for the debug console, unclaimed ports and the 16550."""
+        ports, handled = self._fast_ports()
+        _, debugcon = handled.get(DebugConsole, (0, None))
+        uart_base, uart = handled.get(Uart16550, (0, None))
+        number = self.log.device_number
+        return (ports, debugcon._data if debugcon else bytearray(), _sink(debugcon),
+                uart, _sink(uart), uart_base,
+                (number(debugcon.name if debugcon else None), number(self.pio.unassigned),
+                 number(uart.name if uart else None)))
+
     def _inline_port_io(self):
         """`_on_port_io` in C for the devices the compiled loop handles (_runloop.c's
         InlinePortIo), which tcg's C hooks call first; None where this run needs Python for
@@ -498,21 +516,13 @@ class VcpuRunner:
         counters, counters a vCPU's list does not hold (KVM's)."""
         indices = getattr(self._stats, "indices", None)
         until, predicate, max_exits = self._conditions
-        if (_runloop is None or predicate is not None or self.kernel_trace is not None
-                or self.log.counter_names != self.counter_names
-                or len(self.counter_names) > MAX_COUNTERS
+        if (not self._c_records() or predicate is not None
                 or (self._counters is not None and indices is None)):
             return None
-        log = self.log
-        ports, handled = self._fast_ports()
-        _, debugcon = handled.get(DebugConsole, (0, None))
-        uart_base, uart = handled.get(Uart16550, (0, None))
+        *devices, numbers = self._fast_devices()
         return _runloop.InlinePortIo(
             self, bytes(indices(self.counter_names) if self._counters is not None else ()),
-            ports, debugcon._data if debugcon else bytearray(), _sink(debugcon), uart, _sink(uart),
-            uart_base, log, max_exits or 0, _until_kinds(until), self.vcpu.id,
-            log.device_number(debugcon.name if debugcon else None),
-            log.device_number(self.pio.unassigned), log.device_number(uart.name if uart else None))
+            *devices, self.log, max_exits or 0, _until_kinds(until), self.vcpu.id, *numbers)
 
     def _run_compiled(self, exit: Exit | None) -> tuple[Exit | None, str]:
         """`_run_python`'s loop in C (_runloop.c); exits it does not handle itself come to
@@ -523,10 +533,7 @@ class VcpuRunner:
         until, predicate, max_exits = self._conditions
         offsets, stats_fd, data_offset, length = stats.layout(self.counter_names) \
             if self._counters is not None else ((), -1, 0, 0)
-        ports, handled = self._fast_ports()
-        _, debugcon = handled.get(DebugConsole, (0, None))
-        uart_base, uart = handled.get(Uart16550, (0, None))
-        until_kinds = _until_kinds(until)
+        *devices, numbers = self._fast_devices()
         self._slow_exit = exit
         first_slow = (self._counters is not None
                       and not log.continues(vcpu.id, self._previous_counters))
@@ -535,14 +542,9 @@ class VcpuRunner:
             code, value, self._exits, last_seq, counters = _runloop.run(
                 vcpu.fd, int(ffi.cast("uintptr_t", vcpu.kvm_run)), vcpu.mmap_size, stats_fd,
                 data_offset, length, struct.pack(f"{len(offsets)}I", *offsets),
-                self._previous_counters, ports,
-                debugcon._data if debugcon else bytearray(), _sink(debugcon),
-                uart, _sink(uart), uart_base,
-                log, self.stop_requested, max_exits or 0, until_kinds, predicate,
-                self._exit_from_compiled, self._exits, vcpu.id,
-                log.device_number(debugcon.name if debugcon else None),
-                log.device_number(self.pio.unassigned),
-                log.device_number(uart.name if uart else None), first_slow)
+                self._previous_counters, *devices,
+                log, self.stop_requested, max_exits or 0, _until_kinds(until), predicate,
+                self._exit_from_compiled, self._exits, vcpu.id, *numbers, first_slow)
         except ExitDecodeError as e:   # raised by _exit_from_compiled, the exit before it kept
             self._count_runs(log.total - appended + 1)
             return self._slow_exit, _undecodable(e)
