@@ -6,6 +6,7 @@ what must hold in both: each record's counters continue the vCPU's previous ones
 deltas add up to what the stats fd says the run did."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -256,3 +257,58 @@ def test_listeners_and_readers_see_every_record(kvm, monkeypatch):
     for loop in LOOPS:
         seen, _ = run_guest(kvm, monkeypatch, loop, DEBUGCON)
         assert seen["heard"], f"{loop}: a listener missed a record"
+
+
+UNCLAIMED_FOR_EVER = """
+    again:
+        out 0x80, al
+        jmp again
+"""
+
+
+def test_a_reader_thread_sees_whole_rows_during_a_run(kvm, monkeypatch):
+    """Exits to a port nobody claims run on without the GIL in the compiled loop; a thread
+    reading the log meanwhile sees every record it reaches complete, and gets to run."""
+    seen, torn = [], []
+
+    def read_while_running(guest):
+        log = guest.runner.log
+
+        def read():
+            while len(seen) < 200:
+                total = log.total
+                if total > 1:
+                    record = log.record(total)
+                    if record.seq != total or not isinstance(record.exit, IoOut) \
+                            or record.exit.port != 0x80:
+                        torn.append(record)
+                    seen.append(total)
+            guest.runner.stop()
+        threading.Thread(target=read, daemon=True).start()
+
+    for loop in LOOPS:
+        seen.clear()
+        result, _ = run_guest(kvm, monkeypatch, loop, UNCLAIMED_FOR_EVER,
+                              prepare=read_while_running, timeout=30)
+        assert result["stop_reason"] == "stopped", f"{loop}: {result['stop_reason']}"
+        assert torn == [] and len(seen) == 200
+        assert seen == sorted(seen)
+
+
+def test_ctrl_c_during_a_run_of_unclaimed_exits(kvm, monkeypatch):
+    """SIGINT reaches run() whether it lands inside KVM_RUN (EINTR) or between two, where
+    the compiled loop may hold no GIL: it checks signals at least every millisecond."""
+    main = threading.main_thread().ident
+
+    def press_ctrl_c(guest):
+        def press():
+            while guest.runner.log.total < 1000:
+                time.sleep(0.001)
+            signal.pthread_kill(main, signal.SIGINT)
+        threading.Thread(target=press, daemon=True).start()
+
+    for loop in LOOPS:
+        seen, _ = run_guest(kvm, monkeypatch, loop, UNCLAIMED_FOR_EVER, prepare=press_ctrl_c,
+                            timeout=30)
+        assert seen["stop_reason"] == "interrupted by Ctrl-C", f"{loop}: {seen['stop_reason']}"
+        assert seen["histogram"]["IO out"] >= 1000

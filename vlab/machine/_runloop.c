@@ -3,8 +3,9 @@
  * runloop.py's `VcpuRunner._run_python` is the reference a learner reads; this file does the
  * same per exit without entering Python for the common exits, and
  * tests/kvm/test_runloop_compiled.py holds the two to the same records, device effects and
- * stop reasons. Per exit: KVM_RUN (the GIL released), its duration, KVM's counters from the
- * binary stats fd (one pread), then
+ * stop reasons. Per exit: KVM_RUN (the GIL released, and taken back only by an exit that
+ * needs a Python object), its duration, KVM's counters from the binary stats fd (one
+ * pread), then
  *   - port I/O to a port no device claims, an OUT to the debug console, and the 16550's
  *     polling (an LSR read, a THR write) while it has no interrupt, loopback or divisor
  *     latch on: handled here, a row written to the log (exitlog.py's ROW layout), the stop
@@ -61,7 +62,7 @@ enum { STOP_REQUESTED = 1, STOP_SLOW = 2, STOP_UNTIL = 3, STOP_PREDICATE = 4,
        STOP_MAX_EXITS = 5, STOP_ERRNO = 6 };
 
 static PyTypeObject *cls[7];   /* indexed by kind: IoOut .. Interrupted */
-static PyObject *s_rows, *s_counts, *s_keep, *s_latest, *s_device_number, *s_grow, *s_set,
+static PyObject *s_rows, *s_counts, *s_keep, *s_latest, *s_device_number, *s_grow, *s_cell,
                 *s_seq, *s_vcpu, *s_exit, *s_rip, *s_device, *s_claimed, *s_duration_s,
                 *s_counters_before, *s_counters_after, *s_kernel_events, *s_port, *s_size,
                 *s_count, *s_data, *s_data_offset, *s_address, *s_length, *s_last,
@@ -151,7 +152,9 @@ static void log_commit(struct log_view *lv, unsigned long long seq, int kind) {
     if (counts[kind] == 0)
         counts[FIRST_SEEN + kind] = seq;
     counts[kind] += 1;
-    counts[0] = seq;
+    /* the row is written before the total that shows it: a thread holding the GIL may be
+     * reading the log while run() writes it without */
+    __atomic_store_n(&counts[0], seq, __ATOMIC_RELEASE);
 }
 
 /* -- append(log, record) ---------------------------------------------------------------- */
@@ -342,13 +345,32 @@ struct loop {
     PyObject *uart;                    /* the 16550 handled here */
     unsigned uart_base;
     struct sink { PyObject *write, *chunks, *listeners; } debugcon_out, uart_out;
-    PyObject *stop_flag, *predicate, *slow, *listeners;
+    PyObject *predicate, *slow, *listeners;
+    Py_buffer stop_cell;               /* StopFlag.cell: nonzero once stop() was asked */
+    PyThreadState *released;           /* while the loop runs without the GIL */
+    double signals_checked;
     unsigned long long max_exits, exits;
     unsigned until_kinds;              /* bit per kind: `until` matches it */
     long vcpu;
     uint16_t debugcon_number, unassigned_number, uart_number;
     struct log_view lv;
 };
+
+/* The GIL: let go for KVM_RUN and kept away after it for as long as the exits need no
+ * Python object (a port nobody claims: its row is plain memory in buffers this loop holds);
+ * taken back by `hold` before anything that does. Other threads (a widget's poller, the
+ * thread waiting on the vCPUs) then run without taking it from the loop at every exit. */
+static void let_go(struct loop *l) {
+    if (l->released == NULL)
+        l->released = PyEval_SaveThread();
+}
+
+static void hold(struct loop *l) {
+    if (l->released != NULL) {
+        PyEval_RestoreThread(l->released);
+        l->released = NULL;
+    }
+}
 
 static double now(void) {
     struct timespec t;
@@ -498,6 +520,9 @@ static int read_counters(struct loop *l, uint16_t deltas[MAX_COUNTERS]) {
         return 1;
     ssize_t got = pread(l->stats_fd, l->stats_block, l->stats_length, l->stats_offset);
     if (got != l->stats_length) {
+        int error = got < 0 ? errno : EIO;   /* EIO: the stats fd read short */
+        hold(l);
+        errno = error;
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -519,8 +544,14 @@ static int record_row(struct loop *l, uint64_t rip, double duration, int kind,
                       unsigned long long address, unsigned long long value, unsigned size,
                       uint16_t device, int claimed, const uint16_t deltas[MAX_COUNTERS],
                       unsigned long long *seq) {
-    if (((uint64_t *)l->lv.counts.buf)[GENERATION] != l->lv.generation && back(l) < 0)
-        return -1;   /* another vCPU's thread grew or cleared the log meanwhile */
+    if (((uint64_t *)l->lv.counts.buf)[GENERATION] != l->lv.generation) {
+        hold(l);   /* another thread grew or cleared the log meanwhile */
+        if (back(l) < 0)
+            return -1;
+    }
+    unsigned long long index = ((uint64_t *)l->lv.counts.buf)[0] % l->lv.keep;
+    if ((index + 1) * sizeof(struct row) > (unsigned long long)l->lv.rows.len)
+        hold(l);   /* log_next grows the rows */
     struct row *row = log_next(&l->lv, l->ncounters ? l->vcpu : -1, seq);
     if (row == NULL)
         return -1;
@@ -578,6 +609,7 @@ static PyObject *call_slow(struct loop *l, double duration, int interrupted) {
  * order (`until`, the predicate, max_exits). 0: go on; a STOP_* code; -1: error. */
 static int after_fast_exit(struct loop *l, int kind) {
     if (PyList_GET_SIZE(l->listeners)) {
+        hold(l);
         if (leave(l) < 0)
             return -1;
         PyObject *done = PyObject_CallMethodNoArgs(l->lv.log, s_announce);
@@ -593,6 +625,7 @@ static int after_fast_exit(struct loop *l, int kind) {
     if (l->until_kinds & (1u << kind))
         return STOP_UNTIL;
     if (l->predicate != Py_None) {
+        hold(l);
         if (leave(l) < 0)
             return -1;
         PyObject *last = PyObject_GetAttr(l->lv.log, s_last);
@@ -610,37 +643,30 @@ static int after_fast_exit(struct loop *l, int kind) {
     return 0;
 }
 
-static int stop_requested(struct loop *l) {
-    PyObject *set = PyObject_GetAttr(l->stop_flag, s_set);
-    if (set == NULL)
-        return -1;
-    int truth = PyObject_IsTrue(set);
-    Py_DECREF(set);
-    return truth;
-}
-
-/* The loop; its result tuple's first two items in *code and *value (a new reference). */
-static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
-                unsigned long long *last_seq) {
+/* The loop; its result tuple's first two items in *code and *value (a new reference). It
+ * returns with the GIL however it ends. */
+static int loop_exits(struct loop *l, int first_slow, int *code, PyObject **value,
+                      unsigned long long *last_seq) {
     uint16_t deltas[MAX_COUNTERS] = {0};
     *value = NULL;
     for (;;) {
-        /* a signal that came between two KVM_RUNs: its Python handler (Ctrl-C's stops the
-         * run) runs now, as it would between two bytecodes of the Python loop */
-        if (PyErr_CheckSignals() < 0)
-            return -1;
-        int stop = stop_requested(l);
-        if (stop)
-            return stop < 0 ? -1 : (*code = STOP_REQUESTED, 0);
         double started = now();
-        int status, error = 0;
-        Py_BEGIN_ALLOW_THREADS
-        status = ioctl(l->fd, KVM_RUN, 0);
-        if (status < 0)
-            error = errno;
-        Py_END_ALLOW_THREADS
+        /* a signal that came between two KVM_RUNs: its Python handler (Ctrl-C's stops the
+         * run) runs now, as it would between two bytecodes of the Python loop; while the loop
+         * runs without the GIL, within a millisecond */
+        if (l->released == NULL || started - l->signals_checked > 1e-3) {
+            hold(l);
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            l->signals_checked = started;
+        }
+        if (((volatile const unsigned char *)l->stop_cell.buf)[0])
+            return *code = STOP_REQUESTED, 0;
+        let_go(l);
+        int status = ioctl(l->fd, KVM_RUN, 0), error = status < 0 ? errno : 0;
         double duration = now() - started;
         if (status < 0 && error != EINTR && error != EAGAIN) {
+            hold(l);
             *code = STOP_ERRNO;
             *value = PyLong_FromLong(error);
             return *value ? 0 : -1;
@@ -654,6 +680,7 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
         const struct kvm_run *run = l->run;
         if (status < 0) {
             l->run->immediate_exit = 0;
+            hold(l);
             if (leave(l) < 0 || PyErr_CheckSignals() < 0 || back(l) < 0)
                 return -1;
             kind = INTR;
@@ -675,6 +702,8 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
         }
         uint16_t device = 0;
         int claimed = 1, fast = fits && !first_slow && kind != 0;
+        if (fast && kind != INTR && port_code != PORT_UNCLAIMED)
+            hold(l);   /* the device is a Python object */
         if (fast && kind != INTR)
             fast = port_io(l, port_code, kind, run->io.port, size, data,
                            (unsigned char *)l->run + run->io.data_offset, &device, &claimed);
@@ -682,6 +711,7 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
             return -1;
         first_slow = 0;
         if (!fast) {
+            hold(l);
             PyObject *reason = call_slow(l, duration, status < 0);
             if (reason == NULL)
                 return -1;
@@ -701,6 +731,13 @@ static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
         if (ended)
             return ended < 0 ? -1 : (*code = ended, 0);
     }
+}
+
+static int loop(struct loop *l, int first_slow, int *code, PyObject **value,
+                unsigned long long *last_seq) {
+    int status = loop_exits(l, first_slow, code, value, last_seq);
+    hold(l);
+    return status;
 }
 
 static int u64_arg(PyObject *obj, unsigned long long *value) {
@@ -787,7 +824,15 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
         goto out;
     l->uart_base = (unsigned)uart_base;
     l->uart_number = (uint16_t)uart_number;
-    l->stop_flag = args[STOP_FLAG];
+    PyObject *cell = PyObject_GetAttr(args[STOP_FLAG], s_cell);
+    int have_cell = cell != NULL && PyObject_GetBuffer(cell, &l->stop_cell, PyBUF_SIMPLE) == 0;
+    Py_XDECREF(cell);   /* the buffer holds the bytearray */
+    if (!have_cell)
+        goto out;
+    if (l->stop_cell.len != 1) {
+        PyErr_SetString(PyExc_ValueError, "run(): the stop flag's cell must be one byte");
+        goto out;
+    }
     l->predicate = args[PREDICATE];
     l->slow = args[SLOW];
     l->until_kinds = (unsigned)until;
@@ -807,6 +852,8 @@ static PyObject *runloop_run(PyObject *module, PyObject *const *args, Py_ssize_t
         result = Py_BuildValue("(iOKKN)", code, value ? value : Py_None, l->exits, last_seq, counters);
 out:
     log_release(&l->lv);
+    if (l->stop_cell.obj != NULL)
+        PyBuffer_Release(&l->stop_cell);
     Py_XDECREF(value);
     Py_XDECREF(l->listeners);
     PyMem_Free(l->stats_block);
@@ -1083,7 +1130,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_runloop",
 PyMODINIT_FUNC PyInit__runloop(void) {
     if (!INTERN(s_rows, "_rows") || !INTERN(s_counts, "_counts") || !INTERN(s_keep, "keep")
             || !INTERN(s_latest, "_latest") || !INTERN(s_device_number, "_device_number")
-            || !INTERN(s_grow, "grow") || !INTERN(s_set, "_set") || !INTERN(s_seq, "seq")
+            || !INTERN(s_grow, "grow") || !INTERN(s_cell, "cell") || !INTERN(s_seq, "seq")
             || !INTERN(s_vcpu, "vcpu") || !INTERN(s_exit, "exit") || !INTERN(s_rip, "rip")
             || !INTERN(s_device, "device") || !INTERN(s_claimed, "claimed")
             || !INTERN(s_duration_s, "duration_s") || !INTERN(s_counters_before, "counters_before")

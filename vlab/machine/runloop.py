@@ -9,7 +9,9 @@ the same dispatch, records and stop conditions, without leaving Unicorn for each
 
 On KVM the loop runs compiled where setup.py built `_runloop.c`: the same steps per exit,
 with the debug console and unclaimed ports handled in C and every other exit handed to this
-module's own handling (`_exit_from_compiled`). `_run_python` is the loop to read; a
+module's own handling (`_exit_from_compiled`); a run of exits to unclaimed ports goes on
+without the GIL, which other threads (a widget's poller, the vCPUs' waiter) then hold
+without taking it from the loop at every exit. `_run_python` is the loop to read; a
 differential test (tests/kvm/test_runloop_compiled.py) holds the compiled one to it.
 """
 from __future__ import annotations
@@ -121,21 +123,22 @@ def _undecodable(error: ExitDecodeError) -> str:
 class StopFlag:
     """`threading.Event`'s set, clear and is_set without its lock: the Ctrl-C handler sets
     it in the main thread, possibly while the code it interrupted is inside set() or
-    clear() of the same flag, where an Event's lock would deadlock."""
+    clear() of the same flag, where an Event's lock would deadlock. The flag is the one
+    byte of `cell`, which the compiled loop reads between two KVM_RUNs without a call."""
 
-    __slots__ = ("_set",)
+    __slots__ = ("cell",)
 
     def __init__(self):
-        self._set = False
+        self.cell = bytearray(1)
 
     def set(self) -> None:
-        self._set = True
+        self.cell[0] = 1
 
     def clear(self) -> None:
-        self._set = False
+        self.cell[0] = 0
 
     def is_set(self) -> bool:
-        return self._set
+        return self.cell[0] == 1
 
 
 class VcpuBusy(RuntimeError):
