@@ -135,18 +135,29 @@ def _open_kvm(accel: str):
     return KvmAccelerator("this PC needs the in-kernel irqchip")
 
 
+def host_cpu_model(host: list) -> list:
+    """QEMU's `-cpu host`: all of KVM's supported CPUID table, with the hypervisor bit that
+    QEMU always adds (vlab.lab.cpuid.CpuidTable.for_model). Through it Linux finds KVM's
+    signature leaf and trusts the platform's timer (kvm.c: `no_timer_check`); without it,
+    it times the IO-APIC's timer interrupt against the TSC (timer_irq_works: 10 PIT ticks
+    in 40 ms) and panics with "IO-APIC + timer doesn't work!" on a host too slow or busy to
+    deliver them (seen on the SVM test host under load)."""
+    from ..lab.cpuid import CpuidTable
+    return CpuidTable.for_model("host", host).entries
+
+
 def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1,
               cpu_model: Callable[[list], list] | None = None) -> Machine:
     """Steps 1-5 above: a VM with the in-kernel irqchip and PIT, `smp` vCPUs (the APs
     waiting for INIT/SIPI), RAM and the devices. `cpu_model` turns KVM's supported CPUID
-    table into the vCPUs' (QEMU's -cpu; default: all of it, as -cpu host)."""
+    table into the vCPUs' (QEMU's -cpu; default: `host_cpu_model`)."""
     ram_size = parse_size(memory)
     if ram_size > TESTDEV_BASE:
         raise ValueError(f"memory {ram_size:#x}: this board keeps RAM in one slot below "
                          f"0x{TESTDEV_BASE:x} (QEMU would split it around the PCI hole)")
     if not 1 <= smp <= MAX_CPUS:
         raise ValueError(f"smp={smp}: give 1 to {MAX_CPUS} vCPUs")
-    cpuid = cpu_model(accel.get_supported_cpuid()) if cpu_model is not None else None
+    cpuid = (cpu_model or host_cpu_model)(accel.get_supported_cpuid())
     machine = build_board(accel, memory=ram_size, smp=smp, irqchip=True, cpuid=cpuid)
     try:
         add_pc_devices(machine)
