@@ -22,11 +22,13 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -34,8 +36,8 @@ sys.path.insert(0, str(CHECKOUT))   # vlab's apt and initramfs helpers: standard
 from vlab.machine.debian_kernel import (KernelPackageError, cache_dir,  # noqa: E402
                                         extract_vmlinux, install_packages, kernel_package,
                                         linux_kernel, run, store_bzimage, unpack_package, unzstd)
-from vlab.machine.initramfs import (DATA, DIR, FILE, LINK, build_initramfs,  # noqa: E402
-                                    cpio_newc)
+from vlab.machine.initramfs import (DATA, DIR, FILE, INIT_SCRIPTS, LINK,  # noqa: E402
+                                    build_initramfs, cpio_newc)
 
 CACHE = CHECKOUT / ".cache" / "svm-host"
 INIT = Path(__file__).with_name("init")
@@ -44,6 +46,19 @@ APT_PACKAGES = ("qemu-system-x86", "busybox-static")   # busybox-static: /bin/bu
 MODULES = ("kvm_amd", "virtio_pci", "9pnet_virtio", "9p")
 # Seconds allowed for each phase the guest announces; pytest's comes from VLAB_SVM_TIMEOUT.
 PHASE_TIMEOUTS = {"boot": 240, "modules": 180, "kvm": 30, "mount": 120, "done": 60}
+# From the pytest phase on, /init writes a heartbeat file every 5 s. QEMU 7.2's TCG can lose
+# an interrupt request of the emulated CPU: its SVM #VMEXIT clears a bit of the CPU's
+# `interrupt_request` without the lock under which QEMU's main loop sets them (fixed upstream
+# in 2025: "treewide: clear bits of cs->interrupt_request with cpu_reset_interrupt()"). The
+# local APIC timer's interrupt then waits in the IRR of a CPU that never takes it, and a
+# guest kernel idle on that timer stops (its heartbeat with it). Any other interrupt makes
+# QEMU look at the APIC again: HEARTBEAT_LATE seconds without a heartbeat, the host presses
+# a key (the i8042's IRQ 1, which nothing in the guest reads); HEARTBEAT_LOST seconds, the
+# guest's kernel no longer runs, no timeout inside it can fire, and the host ends the run.
+HEARTBEAT_LATE = 15
+HEARTBEAT_LOST = 120
+REPORT_WAIT = 60      # seconds a live guest has to print its stall report
+CONSOLE_TAIL = 15     # console lines repeated when a run stalls
 HARNESS_ERROR = 125   # not a test result: the host could not be prepared or booted
 TIMED_OUT = 124
 
@@ -151,11 +166,12 @@ def prepare() -> Path:
 
 
 def linux_assets() -> str:
-    """vlab's cache folder, with the Debian bzImage and the busybox initramfs that the
-    Linux boot tests use fetched or built there: the guest reads it (VLAB_CACHE) from the
-    read-only root, where it could build neither."""
+    """vlab's cache folder, with the Debian bzImage and the busybox initramfs (each variant)
+    that the Linux boot tests use fetched or built there: the guest reads it (VLAB_CACHE)
+    from the read-only root, where it could build neither."""
     linux_kernel(log=log)
-    build_initramfs("check", log=log)
+    for variant in INIT_SCRIPTS:
+        build_initramfs(variant, log=log)
     return str(cache_dir())
 
 
@@ -168,6 +184,8 @@ def write_job(results: Path, args: list[str], cache: str) -> None:
     env = {"HOME": "/dev/shm/home", "TMPDIR": "/dev/shm/tmp", "VLAB_CACHE": cache,
            "PATH": "/usr/local/bin:/usr/bin:/bin",
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+           # the stall report's SIGABRT makes each Python process print its threads' stacks
+           "PYTHONFAULTHANDLER": "1",
            "PY_COLORS": "1" if sys.stdout.isatty() else "0",
            "COLUMNS": str(shutil.get_terminal_size().columns), **forwarded}
     python = CHECKOUT / ".venv" / "bin" / "python"
@@ -198,12 +216,84 @@ def qemu_command(kernel: Path, results: Path, cpu: str) -> list[str]:
     return [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", cpu,
         "-smp", os.environ.get("VLAB_SVM_SMP", "1"), "-m", "2G",
-        "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+        "-display", "none", "-monitor", f"unix:{results / 'monitor'},server=on,wait=off",
+        "-serial", "stdio", "-no-reboot",
         "-kernel", str(kernel / "vmlinux"), "-initrd", str(initrd(kernel, results)),
         "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 svm_host.results={results}",
         "-virtfs", f"{share},path=/,mount_tag=hostroot,readonly=on",
         "-virtfs", f"{share},path={results},mount_tag=results",
     ]
+
+
+def monitor(results: Path, command: str) -> str:
+    """QEMU's answer to a human monitor `command` (the guest CPU's state, when the guest's
+    own kernel cannot report it)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(results / "monitor"))
+
+        def until_prompt() -> bytes:
+            data = b""
+            while not data.endswith(b"(qemu) "):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+        until_prompt()
+        sock.sendall(command.encode() + b"\n")
+        answer = until_prompt().decode(errors="replace")
+    answer = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", answer).removesuffix("(qemu) ")
+    return answer.split("\n", 1)[-1]   # past the echoed command
+
+
+def heartbeat_age(results: Path) -> float | None:
+    """Seconds since the guest last wrote its heartbeat; None before its first."""
+    try:
+        return time.time() - (results / "alive").stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def wake(results: Path, age: float) -> None:
+    """Press and release a key on the guest's PS/2 keyboard (see HEARTBEAT_LATE)."""
+    try:
+        monitor(results, "sendkey shift")
+    except OSError as err:
+        log(f"no heartbeat for {age:.0f} s, and QEMU's monitor did not answer: {err}")
+        return
+    log(f"no heartbeat for {age:.0f} s: a key press (IRQ 1) for QEMU's emulated CPU, whose "
+        "timer interrupt may be lost")
+
+
+def report_stall(qemu: subprocess.Popen, results: Path, why: str, tail: deque) -> None:
+    """Say why the run stops and where: the last console lines, then from a guest whose
+    kernel still runs its stall report (processes, kernel stacks, KVM events, Python stacks:
+    /init's stall_report), else the emulated CPU's state from QEMU's monitor."""
+    log(f"{why}; the console's last lines:")
+    for line in tail:
+        print(f"    {line.rstrip()}", flush=True)
+    age = heartbeat_age(results)
+    if age is not None and age < HEARTBEAT_LOST:
+        log(f"the guest's kernel runs (heartbeat {age:.0f} s ago): its stall report follows")
+        request = results / "dump"
+        request.touch()
+        deadline = time.monotonic() + REPORT_WAIT
+        while request.exists() and qemu.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)   # the SIGABRTed processes' Python stacks
+        return
+    silence = f"no heartbeat for {age:.0f} s" if age is not None else "no heartbeat yet"
+    log(f"the guest's kernel has stopped ({silence}): the emulated CPU's state from QEMU's "
+        "monitor")
+    try:
+        for command in ("info registers", "x/4i $pc", "info lapic"):
+            answer = monitor(results, command)
+            print("".join(line for line in answer.splitlines(keepends=True)
+                          if not re.match(r"(FPR|XMM|YMM)\d", line)), end="", flush=True)
+    except OSError as err:
+        log(f"QEMU's monitor did not answer: {err}")
 
 
 def boot(results: Path, pytest_timeout: float) -> int:
@@ -214,6 +304,7 @@ def boot(results: Path, pytest_timeout: float) -> int:
     cmd = qemu_command(kernel, results, cpu)
     timeouts = {**PHASE_TIMEOUTS, "pytest": pytest_timeout}
     state = {"phase": "boot", "since": time.monotonic(), "error": None, "line_open": False}
+    tail: deque = deque(maxlen=CONSOLE_TAIL)
     started = state["since"]
     log(f"booting {os.readlink(kernel)} under QEMU TCG (-cpu {cpu}, SVM emulated)")
     try:
@@ -239,22 +330,40 @@ def boot(results: Path, pytest_timeout: float) -> int:
                 continue
             sys.stdout.write(line)
             sys.stdout.flush()
+            tail.append(line)
             state["line_open"] = not line.endswith("\n")
 
     reader = threading.Thread(target=console, daemon=True)
     reader.start()
+    woken = 0.0   # the heartbeat's time when the host last pressed a key
+    pressed = None   # when it did, until the heartbeat is back
     while qemu.poll() is None:
         phase = state["phase"]
+        age = heartbeat_age(results) if phase == "pytest" else None
         if time.monotonic() - state["since"] > timeouts[phase]:
-            qemu.kill()
-            qemu.wait()
-            reader.join(5)
-            if state["line_open"]:
-                print(flush=True)
-            log(f"timed out in phase '{phase}' after {timeouts[phase]:.0f} s"
-                f"{' (VLAB_SVM_TIMEOUT)' if phase == 'pytest' else ''}; QEMU stopped")
-            return TIMED_OUT
-        time.sleep(0.5)
+            why = (f"timed out in phase '{phase}' after {timeouts[phase]:.0f} s"
+                   f"{' (VLAB_SVM_TIMEOUT)' if phase == 'pytest' else ''}")
+        elif age is not None and age > HEARTBEAT_LOST:
+            why = f"the guest stopped in phase '{phase}': no heartbeat for {age:.0f} s"
+        else:
+            if age is not None and age > HEARTBEAT_LATE:
+                beat = (results / "alive").stat().st_mtime
+                if beat != woken:   # once per silence: a second key changes nothing
+                    woken, pressed = beat, time.monotonic()
+                    wake(results, age)
+            elif pressed is not None and age is not None:
+                log(f"heartbeat back {time.monotonic() - pressed:.0f} s after the key press")
+                pressed = None
+            time.sleep(0.5)
+            continue
+        report_stall(qemu, results, why, tail)
+        qemu.kill()
+        qemu.wait()
+        reader.join(5)
+        if state["line_open"]:
+            print(flush=True)
+        log(f"{why}; QEMU stopped")
+        return TIMED_OUT
     reader.join(5)
     elapsed = time.monotonic() - started
     status = results / "status"
