@@ -41,6 +41,19 @@ MSR_IA32_ARCH_CAPABILITIES = 0x10A
 MSR_IA32_SYSENTER_CS = 0x174
 MSR_EFER = 0xC0000080
 
+# CPUID.1:ECX bit 31, which no CPU sets and every hypervisor offers: how a guest knows it is
+# one, and looks for the hypervisor's signature leaf (0x40000000).
+CPUID_HYPERVISOR = (1, 0, "ecx", 31)   # (leaf, subleaf, register, bit)
+
+
+def with_hypervisor_bit(entries: list) -> list:
+    """KVM_GET_SUPPORTED_CPUID's entries with the hypervisor bit, which KVM does not report
+    but QEMU always offers (kvm_arch_get_supported_cpuid, target/i386/kvm.c)."""
+    leaf, subleaf, reg, bit = CPUID_HYPERVISOR
+    return [e.replace(**{reg: getattr(e, reg) | 1 << bit})
+            if (e.function, e.index) == (leaf, subleaf) else e for e in entries]
+
+
 PAGE_SIZE = 4096
 HW_BREAKPOINTS = 4       # DR0-DR3
 MAX_INSN = 15            # bytes in the longest instruction

@@ -11,6 +11,7 @@ import difflib
 from dataclasses import dataclass
 
 from ..kvm.state import CpuidEntry
+from ..x86 import with_hypervisor_bit
 from .observable import Observable
 
 # (leaf, subleaf, register) -> {bit: name}
@@ -156,9 +157,7 @@ class CpuidTable(Observable):
         (kvm_arch_get_supported_cpuid, target/i386/kvm.c), so that guests know they are one."""
         if model not in CPU_MODELS:
             raise ValueError(f"unknown CPU model {model!r}; choose one of {', '.join(CPU_MODELS)}")
-        leaf, subleaf, reg, bit = FEATURES["hypervisor"]
-        host = [e.replace(**{reg: getattr(e, reg) | 1 << bit})
-                if (e.function, e.index) == (leaf, subleaf) else e for e in host]
+        host = with_hypervisor_bit(host)
         table = cls(host, host, model)
         if model == "qemu64":
             for (leaf, subleaf, reg), bits in FEATURE_BITS.items():

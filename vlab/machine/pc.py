@@ -47,7 +47,7 @@ from ..kvm.abi import MpState
 from ..devices import (AcpiPm, CmosRtc, Hpet, HpetTicker, I8042, PcTestdev, Port92,
                        ResetControl)
 from ..devices.hpet import BASE as HPET_BASE, SIZE as HPET_SIZE
-from ..x86 import CR0_ET, CR0_PE
+from ..x86 import CR0_ET, CR0_PE, with_hypervisor_bit
 from .board import TESTDEV_BASE, Machine, parse_size
 from .acpi import BASE as ACPI_BASE, build_tables as build_acpi_tables
 from .builder import build_board
@@ -137,13 +137,12 @@ def _open_kvm(accel: str):
 
 def host_cpu_model(host: list) -> list:
     """QEMU's `-cpu host`: all of KVM's supported CPUID table, with the hypervisor bit that
-    QEMU always adds (vlab.lab.cpuid.CpuidTable.for_model). Through it Linux finds KVM's
-    signature leaf and trusts the platform's timer (kvm.c: `no_timer_check`); without it,
-    it times the IO-APIC's timer interrupt against the TSC (timer_irq_works: 10 PIT ticks
-    in 40 ms) and panics with "IO-APIC + timer doesn't work!" on a host too slow or busy to
-    deliver them (seen on the SVM test host under load)."""
-    from ..lab.cpuid import CpuidTable
-    return CpuidTable.for_model("host", host).entries
+    QEMU always adds (vlab.x86.with_hypervisor_bit, as vlab.lab.cpuid's models). Through it
+    Linux finds KVM's signature leaf and trusts the platform's timer (kvm.c:
+    `no_timer_check`); without it, it times the IO-APIC's timer interrupt against the TSC
+    (timer_irq_works: 10 PIT ticks in 40 ms) and panics with "IO-APIC + timer doesn't
+    work!" on a host too slow or busy to deliver them (seen on the SVM test host under load)."""
+    return with_hypervisor_bit(host)
 
 
 def create_pc(accel, *, memory: int | str = DEFAULT_MEMORY, smp: int = 1,
