@@ -7,6 +7,7 @@ import time
 import pytest
 
 from vlab import Lab
+from vlab.widgets.base import POLLER
 from vlab.widgets import (CpuidExplorer, Dashboard, Disassembly, ExitHistogram, KvmStatsView,
                           MemoryView, RegisterView, SerialConsole, StageStepper)
 
@@ -342,6 +343,7 @@ def test_a_step_draws_each_dashboard_view_once():
         lab.bring_up()
         drawn.clear()
         lab.step()
+        time.sleep(3 * POLLER.TICK)   # the poller, too, saw the log and console move
         assert sorted(drawn) == sorted(type(view).__name__ for view in dashboard.views
                                        if type(view).__name__ != "CpuidExplorer")
         assert "RIP=0x8000" not in dashboard.registers.summary()

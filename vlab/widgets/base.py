@@ -165,6 +165,24 @@ class LabView(widgets.VBox):
             self._detachers.append(model.subscribe(lambda model, **change: callback()))
         return bool(models)
 
+    def _redraw_on(self, version: Callable[[], object], interval: float,
+                   vcpu: int | None) -> bool:
+        """Redraw when `version()` moves (the POLLER looks, at most every `interval`
+        seconds) and when the registers change (a step or run ended). The poller skips a
+        version a registers change drew already: a step draws the view once."""
+        drawn = [object()]
+
+        def draw() -> None:
+            drawn[0] = version()
+            self.render()
+
+        def draw_if_moved() -> None:
+            if version() != drawn[0]:
+                draw()
+
+        self._detachers.append(POLLER.watch(version, draw_if_moved, interval))
+        return self._on_registers(vcpu, draw)
+
     def close(self) -> None:
         """Stop listening to the models and being polled (a closed view must not redraw)."""
         for detach in self._detachers:
@@ -196,5 +214,4 @@ class ExitLogView(LabView):
         log = self.exit_log
         if log is None:
             return False
-        self._detachers.append(POLLER.watch(lambda: log.total, self.render, self.interval))
-        return self._on_registers(self.vcpu, self.render)
+        return self._redraw_on(lambda: log.total, self.interval, self.vcpu)

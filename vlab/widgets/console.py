@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 
-from .base import MONO, POLLER, LabView, escape, message
+from .base import MONO, LabView, escape, message
 
 TAIL = 16_384          # characters of output shown (the Console keeps all of it)
 STREAM_INTERVAL = 0.1  # seconds between output updates while the guest prints
@@ -32,8 +32,7 @@ class SerialConsole(LabView):
         if machine is None or not self.lab.registers:
             return False
         console = machine.console
-        self._detachers.append(POLLER.watch(lambda: console.writes, self.render, self.interval))
-        return self._on_registers(None, self.render)
+        return self._redraw_on(lambda: console.writes, self.interval, None)
 
     @property
     def text(self) -> str:
