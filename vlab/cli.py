@@ -372,10 +372,9 @@ def _stdin_to_serial(machine):
                 pending = os.read(0, 4096)
                 if not pending:
                     return
-            room = serial.can_receive()
-            if room:
-                pending = pending[serial.feed(pending[:room]):]
-            else:
+            taken = serial.feed_what_fits(pending)
+            pending = pending[taken:]
+            if not taken:
                 closed.wait(0.01)
 
     threading.Thread(target=pump, name="stdin to COM1", daemon=True).start()

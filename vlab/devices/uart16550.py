@@ -292,6 +292,12 @@ class Uart16550:
             self._update_irq()
             return kept
 
+    def feed_what_fits(self, data: bytes) -> int:
+        """Feed as much of `data` as the receiver takes without overrun, as QEMU's chardev
+        does by asking `serial_can_receive` first; returns how many bytes it took."""
+        with self._lock:
+            return self.feed(data[:self.can_receive()])
+
     def can_receive(self) -> int:
         """Bytes the receiver can take without overrun (QEMU's `serial_can_receive`)."""
         with self._lock:

@@ -170,14 +170,15 @@ class LabView(widgets.VBox):
         """Redraw when `version()` moves (the POLLER looks, at most every `interval`
         seconds) and when the registers change (a step or run ended). The poller skips a
         version a registers change drew already: a step draws the view once."""
-        drawn = [object()]
+        drawn = object()
 
         def draw() -> None:
-            drawn[0] = version()
+            nonlocal drawn
+            drawn = version()
             self.render()
 
         def draw_if_moved() -> None:
-            if version() != drawn[0]:
+            if version() != drawn:
                 draw()
 
         self._detachers.append(POLLER.watch(version, draw_if_moved, interval))

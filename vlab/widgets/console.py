@@ -84,7 +84,7 @@ class SerialConsole(LabView):
         with self._pending_lock:
             if not self._pending:
                 return 0
-            sent = serial.feed(self._pending[:serial.can_receive()])
+            sent = serial.feed_what_fits(self._pending)
             self._pending = self._pending[sent:]
         if not self._pending and "follow as the guest reads" in self.status.value:
             self.status.value = message("the guest has read all that was typed")
